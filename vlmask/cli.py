@@ -1,0 +1,163 @@
+"""The ``vlmask`` command line (contract: shared/specs/contract.md, "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vlmask.config import RecipeError, load_recipe
+from vlmask.plugins import PluginError, Plugins, default_plugins
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _plugins() -> Plugins:
+    plugins = default_plugins()
+    for failure in plugins.failures:
+        console.print(f"[yellow]warning:[/] {failure}")
+    return plugins
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = _plugins()
+    table = Table(title="vlmask plugins")
+    for column in ("kind", "name", "provided by", "summary"):
+        table.add_column(column)
+    for entry in plugins.registry.entries():
+        table.add_row(entry.kind, entry.name, entry.provider, entry.summary)
+    out.print(table)
+    if plugins.blocked:
+        out.print(f"blocked: {', '.join(plugins.blocked)}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vlmask.schema import validate
+
+    plugins = _plugins()
+    recipe = load_recipe(args.recipe, args.overrides)
+    problems = validate(recipe, plugins.registry)
+    if problems:
+        console.print(f"[red]{args.recipe}: {len(problems)} problem(s)[/]")
+        for p in problems:
+            console.print(f"- {p}", markup=False, highlight=False)
+        return 1
+    out.print(f"{args.recipe}: valid")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vlmask.engine import Trainer, is_finished
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = recipe.get("run.dir")
+    if run_dir and is_finished(Path(run_dir)):
+        out.print(f"{run_dir}: already finished (summary.json exists); nothing to do")
+        return 0
+    trainer = Trainer(recipe, _plugins(), console=console)
+    rank0 = trainer.rank == 0
+    if rank0:
+        out.print(f"run directory: {trainer.run_dir}")
+        console.print(trainer.describe(), markup=False, highlight=False)
+        skipped = getattr(trainer.train_set, "skipped", [])
+        if skipped:
+            console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + "; ".join(str(s) for s in list(skipped)[:5]), highlight=False)
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} clips/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not rank0) as bar:
+        task = bar.add_task("train", total=trainer.total_steps, completed=trainer.start_step, loss="-", rate="-")
+
+        def progress(step: int, metrics: dict[str, Any]) -> None:
+            fields = {}
+            if metrics:
+                fields = {"loss": f"{metrics['loss']:.4f}", "rate": f"{metrics['clips_per_s']:.1f}"}
+            bar.update(task, completed=step, **fields)
+
+        try:
+            summary = trainer.train(progress)
+        finally:
+            trainer.close()
+    if rank0:
+        out.print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips")}))
+        out.print(f"run directory: {trainer.run_dir}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from vlmask_plugins.data import synthetic
+
+    train, val = synthetic.generate(Path(args.out), clips=args.clips, seed=args.seed)
+    out.print(f"wrote {train} and {val}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmask", description="masked video-language self-supervised pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a recipe (resumes an unfinished run.dir)")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="KEY=VALUE or ~KEY")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a recipe without building anything")
+    val.add_argument("recipe")
+    val.add_argument("overrides", nargs="*")
+    val.set_defaults(func=cmd_validate)
+
+    plug = sub.add_parser("plugins", help="list every registered plugin")
+    plug.set_defaults(func=cmd_plugins)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic video-caption dataset")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--clips", type=int, default=400)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as exc:
+        console.print(f"[red]recipe error[/] ({len(exc.problems)}):")
+        for problem in exc.problems:
+            console.print(f"- {problem}", markup=False, highlight=False)
+        return 2
+    except PluginError as exc:
+        console.print(f"[red]plugin error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; the last checkpoint is kept and `vlmask run` with the same run.dir resumes it")
+        return 130
+    except Exception as exc:  # user-facing errors (bad files, checkpoints) without a traceback wall
+        if os.environ.get("VLMASK_DEBUG"):
+            raise
+        name = type(exc).__name__
+        console.print(f"[red]{name}:[/] {exc}", highlight=False)
+        console.print("(set VLMASK_DEBUG=1 for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

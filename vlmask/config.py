@@ -1,0 +1,195 @@
+"""Recipes: YAML files composed from bases, overridden on the command line, with provenance.
+
+A recipe is plain YAML. ``base: [other.yaml, ...]`` (paths relative to the file) are merged left
+to right, then the file itself, then ``KEY=VALUE`` / ``~KEY`` command-line overrides. OmegaConf
+``${...}`` interpolation resolves at the end. Every leaf remembers where it was set
+(``recipes/mae.yaml:14`` or ``command line: masker.ratio=0.8``), so every error names the file
+and key that set the offending value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """One or more problems with a recipe; ``problems`` lists each with file and key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"- {p}" for p in problems))
+
+
+@dataclass
+class Recipe:
+    """A resolved recipe and where each of its values came from."""
+
+    path: Path
+    config: DictConfig
+    provenance: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def where(self, key: str) -> str:
+        """The source of ``key`` (or of its nearest parent that has one)."""
+        probe = key
+        while probe:
+            if probe in self.provenance:
+                return self.provenance[probe]
+            probe = probe.rpartition(".")[0]
+        return str(self.path)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = OmegaConf.select(self.config, key, default=default)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _key_lines(path: Path, text: str) -> dict[str, int]:
+    """Line number (1-based) of every mapping key in a YAML document, by dotted path."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                key = f"{prefix}.{i}"
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a container's leaves and of every node (so parents have provenance)."""
+    keys = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            keys += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            keys += _leaves(v, f"{prefix}.{i}")
+    return keys
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _load_file(path: Path, provenance: dict[str, str], chain: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain, path))
+        raise RecipeError([f"{_display(path)}: base recipes form a cycle: {cycle}"])
+    if not path.is_file():
+        where = f" (named in {_display(chain[-1])}, key base)" if chain else ""
+        raise RecipeError([f"{_display(path)}: recipe file not found{where}"])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{_display(path)}: not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{_display(path)}: a recipe must be a mapping of keys, got {type(raw).__name__}"])
+    lines = _key_lines(path, text)
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError([f"{_display(path)}:{lines.get('base', '?')}: key base must be a list of recipe paths"])
+    merged = OmegaConf.create({})
+    for base in bases:
+        merged = OmegaConf.merge(merged, _load_file(path.parent / base, provenance, (*chain, path)))
+    try:
+        own = OmegaConf.create(raw)
+    except OmegaConfBaseException as exc:
+        raise RecipeError([f"{_display(path)}: {exc}"]) from None
+    for key in _leaves(raw):
+        provenance[key] = f"{_display(path)}:{lines.get(key, '?')}"
+    return OmegaConf.merge(merged, own)
+
+
+def parse_override(text: str) -> tuple[str, Any, bool]:
+    """``key=value`` -> (key, YAML-parsed value, False); ``~key`` -> (key, None, True)."""
+    if text.startswith("~"):
+        key = text[1:].split("=", 1)[0]
+        if not key:
+            raise RecipeError([f"command line: {text!r}: expected ~KEY"])
+        return key, None, True
+    if "=" not in text:
+        raise RecipeError([f"command line: {text!r}: expected KEY=VALUE or ~KEY"])
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise RecipeError([f"command line: {text!r}: empty key"])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed, False
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file with its bases and apply command-line overrides.
+
+    Interpolations are resolved; every problem raises ``RecipeError`` naming file and key.
+    """
+    provenance: dict[str, str] = {}
+    path = Path(path)
+    config = _load_file(path, provenance, ())
+    problems: list[str] = []
+    for text in overrides:
+        key, value, delete = parse_override(text)
+        source = f"command line: {text}"
+        if delete:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(config, parent_key) if parent_key else config
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                problems.append(f"{source}: key {key} is not in the recipe, nothing to remove")
+                continue
+            del parent[leaf]
+            continue
+        try:
+            OmegaConf.update(config, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as exc:
+            problems.append(f"{source}: cannot set {key}: {exc}")
+            continue
+        for leaf in _leaves(value, key):
+            provenance[leaf] = source
+        provenance[key] = source
+    if problems:
+        raise RecipeError(problems)
+    recipe = Recipe(path=path, config=config, provenance=provenance, overrides=list(overrides))
+    try:
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or "?"
+        raise RecipeError([f"{recipe.where(key)}: key {key}: cannot resolve interpolation: {exc.msg if hasattr(exc, 'msg') else exc}"]) from None
+    return recipe
+
+
+def to_yaml(config: DictConfig | dict) -> str:
+    if isinstance(config, dict):
+        config = OmegaConf.create(config)
+    return OmegaConf.to_yaml(config, resolve=True)

@@ -1,0 +1,82 @@
+"""Deterministic, resumable data order for the engine.
+
+Each epoch's order is a permutation drawn from (seed, epoch); every sample also gets its own
+seed drawn from (seed, epoch, position), which the worker installs before loading it. So the
+augmentations of a sample do not depend on which worker loads it or on where a run was
+resumed: stopping and resuming a run replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so ``dataset[(index, seed)]`` loads item ``index`` under RNG seed ``seed``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, sample seed) for one rank; set ``epoch`` and ``start_batch`` before iterating.
+
+    The permutation of an epoch is shared by all ranks (same seed) and each rank takes every
+    ``world``-th batch-sized slice, so ranks never see the same clip in an epoch. Incomplete
+    final batches are dropped (equal shapes for every step and rank).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if size < batch_size * world:
+            raise ValueError(
+                f"{size} training clips cannot fill one step of {batch_size} clips x {world} processes; "
+                "lower train.batch_size or add data"
+            )
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return self.size // (self.batch_size * self.world) - self.start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // (self.batch_size * self.world)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.size,), generator=g).tolist()
+        step_clips = self.batch_size * self.world
+        for b in range(self.start_batch, self.batches_per_epoch):
+            lo = b * step_clips + self.rank * self.batch_size
+            yield [(order[i], seeds[i]) for i in range(lo, lo + self.batch_size)]
+
+
+def worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def infinite(loader: Any, sampler: EpochBatches, epoch: int, start_batch: int, on_epoch: Callable[[int], None] | None = None) -> Iterator[Any]:
+    """Batches forever, epoch after epoch, starting at (epoch, start_batch)."""
+    sampler.epoch, sampler.start_batch = epoch, start_batch
+    while True:
+        if on_epoch is not None:
+            on_epoch(sampler.epoch)
+        yield from loader
+        sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0

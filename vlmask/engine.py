@@ -1,0 +1,527 @@
+"""The engine: build a run from a recipe, train it, checkpoint and resume it.
+
+The algorithm a reader looks for is in two short places: ``Student.forward`` (encode the
+visible tokens, predict the masked ones, ask the teacher, compute every loss term) and
+``Trainer.train_step`` (mask, forward, weighted sum, backward, clip, optimizer step, teacher
+update). Everything else here is plumbing: devices, data, checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import vlmask
+from vlmask import checkpoint as ckpt
+from vlmask.config import Recipe, RecipeError
+from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
+from vlmask.paths import cache_dir
+from vlmask.plugins import Plugins, default_plugins
+from vlmask.schema import build, settings, validate
+from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
+
+LossTerm = Tensor | tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass
+class RunInfo:
+    """What lifecycle hooks learn about the run."""
+
+    dir: Path
+    recipe: Recipe
+    device: torch.device
+    rank: int
+    world_size: int
+    start_step: int
+    total_steps: int
+    attention: str = "sdpa"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Student(nn.Module):
+    """Everything the optimizer trains: encoder, predictor, video-to-text projection and the
+    parameters of targets and heads (e.g. a contrastive head's temperature)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        predictor: nn.Module | None,
+        projection: nn.Module | None,
+        objectives: dict[str, Callable[[StepOutputs], LossTerm]],
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.projection = projection
+        self.objectives = objectives  # plain dict: the call order, kept outside the module tree
+        self.objective_modules = nn.ModuleDict({k: v for k, v in objectives.items() if isinstance(v, nn.Module)})
+
+    def forward(self, batch: Batch, mask: Mask, grid: TokenGrid, teacher: nn.Module | None) -> dict[str, LossTerm]:
+        """Encode the visible tokens, predict the masked ones, get the targets, score every term."""
+        visible_features = self.encoder(batch.video, mask.visible)
+        predictions = self.predictor(visible_features, mask) if self.predictor is not None else None
+        teacher_features = teacher(batch.video) if teacher is not None else None
+        out = StepOutputs(
+            batch=batch,
+            grid=grid,
+            mask=mask,
+            visible_features=visible_features,
+            predictions=predictions,
+            teacher_features=teacher_features,
+            projection=self.projection,
+            teacher_projection=teacher.module("projection") if hasattr(teacher, "module") else None,
+        )
+        return {name: objective(out) for name, objective in self.objectives.items()}
+
+
+def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum(weight[name] * loss[name])``; a term without a weight, or a weight without a term, is an error.
+
+    Returns the total and the flat dict of detached values to log (terms and their statistics).
+    """
+    if set(terms) != set(weights):
+        missing, extra = sorted(set(terms) - set(weights)), sorted(set(weights) - set(terms))
+        raise RecipeError([f"loss terms without a weight: {missing}; weights without a loss term: {extra}"])
+    total: Tensor | None = None
+    logged: dict[str, Tensor] = {}
+    for name, term in terms.items():
+        loss, stats = term if isinstance(term, tuple) else (term, {})
+        total = weights[name] * loss if total is None else total + weights[name] * loss
+        logged[name] = loss.detach()
+        logged.update({f"{name}/{k}": v.detach() for k, v in stats.items()})
+    assert total is not None
+    return total, logged
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_lr: float) -> float:
+    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup`` steps, then cosine to ``min_lr``."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _no_weight_decay(name: str, param: Tensor) -> bool:
+    return param.ndim <= 1 or any(k in name for k in ("pos_embed", "mask_token", "cls_token", "logit_scale"))
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(["key device: 'cuda' was asked for but torch sees no CUDA device"])
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank)
+
+
+def _count(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def versions(plugins: Plugins) -> dict[str, Any]:
+    return {
+        "vlmask": vlmask.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "plugins": dict(sorted(plugins.distributions.items())),
+    }
+
+
+class Trainer:
+    """Builds every component of a recipe and trains it. ``Trainer(recipe).train()``."""
+
+    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None) -> None:
+        self.recipe = recipe
+        self.plugins = plugins or default_plugins()
+        self.console = console
+        problems = validate(recipe, self.plugins.registry)
+        if problems:
+            raise RecipeError(problems)
+        self.train_cfg = settings(recipe, "train")
+        self.optim_cfg = settings(recipe, "optim")
+        self.data_cfg = settings(recipe, "data")
+        self.seed = int(recipe.get("seed", 0))
+        self._setup_distributed()
+        torch.manual_seed(self.seed + self.rank)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_run_dir()
+
+    # ---------------------------------------------------------------- setup
+    def _setup_distributed(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.device = resolve_device(str(self.recipe.get("device", "auto")))
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+        precision = self.train_cfg.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision == "fp16" and self.device.type != "cuda":
+            raise RecipeError([f"{self.recipe.where('train.precision')}: key train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU"])
+        self.precision = precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    def _setup_data(self) -> None:
+        from vlmask_plugins.data import synthetic  # the built-in set is a first-party plugin's data
+
+        train_path = self.data_cfg.train
+        self.data_source = train_path or "built-in synthetic"
+        if train_path is None:
+            if self.rank == 0:
+                paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic)
+            if self.world_size > 1:
+                dist.barrier()
+            paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic)
+            train_path = str(paths[0])
+        self.train_manifest = Path(train_path)
+        self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(train_path), train=True)
+        self.collate = getattr(self.train_set, "collate", None) or getattr(sys.modules[type(self.train_set).__module__], "collate")
+        self.batches = EpochBatches(len(self.train_set), self.train_cfg.batch_size, self.seed, self.rank, self.world_size)
+        workers = self.data_cfg.num_workers
+        self.loader = DataLoader(
+            SeededItems(self.train_set),
+            batch_sampler=self.batches,
+            num_workers=workers,
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=worker_init,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        steps_per_epoch = self.batches.batches_per_epoch
+        if self.train_cfg.max_steps is not None:
+            self.total_steps = int(self.train_cfg.max_steps)
+        elif self.train_cfg.epochs is not None:
+            self.total_steps = max(1, round(self.train_cfg.epochs * steps_per_epoch))
+        else:
+            raise RecipeError([f"{self.recipe.path}: set train.max_steps or train.epochs"])
+        self.steps_per_epoch = steps_per_epoch
+
+    def _setup_model(self) -> None:
+        registry, recipe = self.plugins.registry, self.recipe
+        self.text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if recipe.get("text_encoder") else None
+        self.text_table: Tensor | None = None
+        if self.text_encoder is not None:
+            from vlmask_plugins.text.cache import CaptionEmbeddingCache
+
+            cache = CaptionEmbeddingCache(cache_dir() / "text")
+            self.text_table = cache.embed(self.text_encoder, list(self.train_set.captions), progress=self.rank == 0).to(self.device)
+        encoder = build(registry, recipe, "model.encoder", "encoder")
+        grid: TokenGrid = encoder.grid
+        injected: dict[str, Any] = {
+            "grid": grid,
+            "encoder_dim": encoder.embed_dim,
+            "total_steps": self.total_steps,
+            "num_classes": len(getattr(self.train_set, "classes", []) or []),
+        }
+        projection = None
+        if recipe.get("model.projection"):
+            if self.text_encoder is None:
+                raise RecipeError([f"{recipe.where('model.projection')}: key model.projection needs a text_encoder"])
+            projection = nn.Linear(encoder.embed_dim, self.text_encoder.dim, bias=False)
+            nn.init.normal_(projection.weight, std=encoder.embed_dim**-0.5)
+        if self.text_encoder is not None:
+            injected["text_dim"] = self.text_encoder.dim
+        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
+        objectives: dict[str, Any] = {}
+        for section, kind in (("targets", "target"), ("heads", "head")):
+            for name in recipe.get(section) or {}:
+                objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
+        self.grid = grid
+        self.student = Student(encoder, predictor, projection, objectives).to(self.device)
+        injected["student"] = self.student
+        self.teacher = build(registry, recipe, "teacher", "teacher", injected).to(self.device) if recipe.get("teacher") else None
+        self.masker = build(registry, recipe, "masker", "masker", injected)
+        self.loggers = {name: build(registry, recipe, f"loggers.{name}", "logger", injected) for name in recipe.get("loggers") or {}}
+        self.loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items()}
+        self.attention = "sdpa"
+        self.attention_reason = ""
+        for module in (encoder, predictor, self.teacher):
+            if module is not None and hasattr(module, "set_attention_backend"):
+                requested = getattr(module, "requested_attention", "auto")
+                self.attention, self.attention_reason = module.set_attention_backend(requested, self.device)
+        self.ddp_student: nn.Module = self.student
+        if self.world_size > 1 and any(p.requires_grad for p in self.student.parameters()):
+            self.ddp_student = DistributedDataParallel(
+                self.student,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.train_cfg.find_unused_parameters,
+            )
+
+    def _setup_optimizer(self) -> None:
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_weight_decay(name, p) else decay).append(p)
+        cfg = self.optim_cfg
+        effective_batch = self.train_cfg.batch_size * self.world_size
+        scale = effective_batch / cfg.base_batch_size if cfg.lr_scaling == "linear" else 1.0
+        self.lr, self.min_lr, self.warmup_lr = cfg.lr * scale, cfg.min_lr * scale, cfg.warmup_lr * scale
+        if cfg.warmup_steps is not None:
+            self.warmup_steps = cfg.warmup_steps
+        else:
+            self.warmup_steps = round((cfg.warmup_epochs or 0) * self.steps_per_epoch)
+        self.effective = {"batch_size": effective_batch, "lr": self.lr, "lr_scale": scale, "warmup_steps": self.warmup_steps}
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.warmup_lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            fused=self.device.type == "cuda",
+        )
+
+    def _setup_run_dir(self) -> None:
+        run = settings(self.recipe, "run")
+        if run.dir:
+            run_dir = Path(run.dir)
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(run.root) / f"{run.name or self.recipe.name}-{stamp}"
+        self.run_dir = run_dir
+        self.start_step = 0
+        self.resumed_from: Path | None = None
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if latest is not None:
+            self._resume(latest)
+        self.run = RunInfo(
+            dir=run_dir,
+            recipe=self.recipe,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            start_step=self.start_step,
+            total_steps=self.total_steps,
+            attention=self.attention,
+        )
+        self.hooks = self.plugins.manager.hook
+        for name, component in self._components().items():
+            if not self.plugins.manager.is_registered(component):
+                self.plugins.manager.register(component, name=f"run:{name}:{id(component)}")
+
+    def _components(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"masker": self.masker, **self.student.objectives, **{f"logger.{k}": v for k, v in self.loggers.items()}}
+        if self.teacher is not None:
+            parts["teacher"] = self.teacher
+        return parts
+
+    def close(self) -> None:
+        """Unregister this run's components from the plugin manager."""
+        for component in self._components().values():
+            if self.plugins.manager.is_registered(component):
+                self.plugins.manager.unregister(component)
+
+    # ---------------------------------------------------------------- the step
+    def mask_generator(self, step: int) -> torch.Generator:
+        """Masks depend only on (seed, rank, step): identical after a resume, different per rank."""
+        return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        """One optimizer step: mask, forward (encode, predict, teacher, losses), weighted sum,
+        backward, clip, AdamW, EMA teacher update. Returns detached values to log."""
+        mask = self.masker(batch, self.grid, self.mask_generator(step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+        with self.autocast():
+            terms = self.ddp_student(batch, mask, self.grid, self.teacher)
+            total, logged = weighted_sum(terms, self.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.train_cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.teacher is not None:
+            self.teacher.update(self.student, step + 1)
+        self.hooks.vlmask_after_optimizer_step(step=step + 1, run=self.run)
+        logged["loss"] = total.detach()
+        return logged
+
+    # ---------------------------------------------------------------- the loop
+    def _prepare(self, batch: Batch) -> Batch:
+        batch = batch.to(self.device)
+        if self.text_table is not None and batch.index is not None:
+            batch.text_embedding = self.text_table[batch.index]
+        return batch
+
+    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        """Train to ``total_steps``; returns the summary (also written to ``summary.json``)."""
+        main = self.rank == 0
+        if main:
+            self._write_config()
+        self.hooks.vlmask_train_start(run=self.run)
+        self.student.train()
+        step = self.start_step
+        epoch, start_batch = divmod(step, self.steps_per_epoch)
+        batches: Iterator[Batch] = infinite(self.loader, self.batches, epoch, start_batch)
+        sums: dict[str, Tensor] = {}
+        count, t_log, t0 = 0, time.perf_counter(), time.perf_counter()
+        clips_per_step = self.train_cfg.batch_size * self.world_size
+        last: dict[str, float] = {}
+        rates: list[float] = []
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        try:
+            while step < self.total_steps:
+                batch = self._prepare(next(batches))
+                logged = self.train_step(batch, step)
+                step += 1
+                for k, v in logged.items():
+                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+                count += 1
+                if step % self.train_cfg.log_every == 0 or step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = count * clips_per_step / (now - t_log)
+                    rates.append(rate)
+                    last = {"step": step, **{k: (v / count).item() for k, v in sums.items()}}
+                    last["lr"] = self.optimizer.param_groups[0]["lr"]
+                    last["clips_per_s"] = rate
+                    if not math.isfinite(last["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {last['loss']} at step {step}: terms "
+                            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in self.loss_weights)
+                            + "; try precision fp32/bf16, a lower optim.lr or train.grad_clip"
+                        )
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(last) + "\n")
+                        metrics_file.flush()
+                        self.hooks.vlmask_step_end(step=step, metrics=last, run=self.run)
+                    sums, count, t_log = {}, 0, time.perf_counter()
+                if step % self.train_cfg.ckpt_every == 0 or step == self.total_steps:
+                    self.save(step)
+                if progress is not None and main:
+                    progress(step, last)
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+        wall = time.perf_counter() - t0
+        summary = {
+            "steps": step,
+            "wall_s": round(wall, 3),
+            "final_loss": last.get("loss"),
+            "clips_per_s": (sorted(rates)[len(rates) // 2] if rates else 0.0),
+            "peak_mem_mb": round(peak_memory_mb(self.device), 1),
+            "skipped_clips": len(getattr(self.train_set, "skipped", [])),
+            "skipped": [s if isinstance(s, dict) else getattr(s, "__dict__", str(s)) for s in list(getattr(self.train_set, "skipped", []))[:10]],
+            "resumed_from_step": self.start_step or None,
+            "device": str(self.device),
+            "world_size": self.world_size,
+        }
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            self.hooks.vlmask_train_end(summary=summary, run=self.run)
+        return summary
+
+    # ---------------------------------------------------------------- checkpoints
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = OmegaConf.to_container(self.recipe.config, resolve=True)
+        assert isinstance(config, dict)
+        config["record"] = {
+            "recipe": str(self.recipe.path),
+            "overrides": self.recipe.overrides,
+            "versions": versions(self.plugins),
+            "device": str(self.device),
+            "precision": self.precision,
+            "attention": self.attention,
+            "world_size": self.world_size,
+            "effective": self.effective,
+            "total_steps": self.total_steps,
+            "data": {"train": str(self.train_manifest), "clips": len(self.train_set)},
+        }
+        tmp = self.run_dir / ".config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        os.replace(tmp, self.run_dir / "config.yaml")
+
+    def save(self, step: int) -> Path | None:
+        if self.rank != 0:
+            return None
+        modules = {"student": self.student.state_dict()}
+        if self.teacher is not None:
+            modules["teacher"] = self.teacher.state_dict()
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "total_steps": self.total_steps,
+        }
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", step, modules, state, keep=self.train_cfg.keep_checkpoints)
+        self.hooks.vlmask_checkpoint_saved(step=step, path=path, run=self.run)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        ckpt.load_strict(self.student, ckpt.load_tensors(path / "student.safetensors"), path / "student.safetensors")
+        if self.teacher is not None:
+            ckpt.load_strict(self.teacher, ckpt.load_tensors(path / "teacher.safetensors"), path / "teacher.safetensors")
+        state = ckpt.load_state(path / "state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.start_step = int(state["step"])
+        self.resumed_from = path
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists() and self.rank == 0:  # drop lines logged after the checkpoint
+            kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.start_step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def describe(self) -> str:
+        """The first line of a run: what runs on what."""
+        enc = self.student.encoder
+        parts = [
+            f"vlmask {self.recipe.name}",
+            f"device {self.device} ({self.precision}, world {self.world_size})",
+            f"attention {self.attention}" + (f" ({self.attention_reason})" if self.attention_reason else ""),
+            f"data {self.data_source}: {len(self.train_set)} clips, {len(getattr(self.train_set, 'skipped', []))} skipped",
+            f"encoder {_human(_count(enc))} params, grid {self.grid.t}x{self.grid.h}x{self.grid.w}, "
+            f"predictor {_human(_count(self.student.predictor))}",
+            f"{self.total_steps} steps x {self.train_cfg.batch_size * self.world_size} clips",
+        ]
+        if self.resumed_from is not None:
+            parts.append(f"resumed at step {self.start_step}")
+        return " | ".join(parts)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def remove_run(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)

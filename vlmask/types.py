@@ -1,0 +1,152 @@
+"""The data that flows through one training step.
+
+Every plugin kind speaks these types, so a masker, an encoder, a target and a head written by
+different people fit together. They are plain dataclasses: no behaviour beyond shape helpers.
+
+Shapes use B (clips in the batch), C (channels), T/H/W (frames, height, width in pixels),
+N (tokens of the whole clip), Nv (visible tokens), Np (tokens to predict), D (feature width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The token grid of a clip cut into tubelets of ``tubelet x patch x patch`` pixels.
+
+    Tokens are ordered (t, h, w), row-major (VideoMAE): token ``i`` sits at
+    ``t = i // (h*w)``, ``y = (i // w) % h``, ``x = i % w``.
+    """
+
+    t: int
+    h: int
+    w: int
+    tubelet: int = 2
+    patch: int = 16
+
+    @property
+    def spatial(self) -> int:
+        """Positions per temporal slot (h * w)."""
+        return self.h * self.w
+
+    @property
+    def num_tokens(self) -> int:
+        return self.t * self.h * self.w
+
+    @classmethod
+    def for_clip(cls, frames: int, height: int, width: int, tubelet: int = 2, patch: int = 16) -> "TokenGrid":
+        if frames % tubelet or height % patch or width % patch:
+            raise ValueError(
+                f"clip {frames}x{height}x{width} is not divisible into tubelets {tubelet}x{patch}x{patch}"
+            )
+        return cls(frames // tubelet, height // patch, width // patch, tubelet, patch)
+
+
+@dataclass
+class Batch:
+    """A batch of clips as the data loader delivers it (already on the training device).
+
+    ``video`` is normalised (ImageNet mean/std) with shape (B, C, T, H, W). The optional fields
+    are present when the manifest carries them: ``text_embedding`` (B, D_text) are the frozen
+    text encoder's embeddings of the captions (computed once and cached, never in the step),
+    ``action_box`` (B, 4) holds [x0, y0, x1, y1] as fractions of width and height (after the
+    same crop and flip as the pixels), ``label`` (B,) class indices, ``index`` (B,) the rows of
+    the manifest.
+    """
+
+    video: Tensor
+    index: Tensor | None = None
+    text_embedding: Tensor | None = None
+    action_box: Tensor | None = None
+    label: Tensor | None = None
+    caption: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.video.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        def move(x: Any) -> Any:
+            return x.to(device, non_blocking=non_blocking) if isinstance(x, Tensor) else x
+
+        return replace(
+            self,
+            video=move(self.video),
+            index=move(self.index),
+            text_embedding=move(self.text_embedding),
+            action_box=move(self.action_box),
+            label=move(self.label),
+        )
+
+
+@dataclass
+class Mask:
+    """Which tokens the student sees and which it must predict.
+
+    ``visible`` (B, Nv) and ``predict`` (B, Np) are token indices into the (t, h, w)-ordered
+    grid, each row sorted ascending, with the same counts in every row. For MAE-style masking,
+    ``predict`` is every masked token; for partial masking (Turbo training) it is a subset of
+    the dropped tokens; for future-block prediction (DPC) it is the last temporal slots.
+    """
+
+    visible: Tensor
+    predict: Tensor
+
+    @property
+    def num_visible(self) -> int:
+        return self.visible.shape[1]
+
+    @property
+    def num_predict(self) -> int:
+        return self.predict.shape[1]
+
+    def to(self, device: torch.device | str) -> "Mask":
+        return Mask(self.visible.to(device), self.predict.to(device))
+
+
+@dataclass
+class StepOutputs:
+    """What targets and heads may read in one training step.
+
+    ``visible_features``: the student encoder's output for ``mask.visible`` (B, Nv, D).
+    ``predictions``: the predictor's output at ``mask.predict`` (B, Np, D_out), or None when
+    the recipe has no predictor. ``teacher_features``: the teacher's features of every token
+    (B, N, D), computed without gradient, or None without a teacher. ``projection`` is the
+    student's video-to-text projection (None when the recipe has no text space) and
+    ``teacher_projection`` the teacher's copy of it (EMA teacher) or None.
+    """
+
+    batch: Batch
+    grid: TokenGrid
+    mask: Mask
+    visible_features: Tensor
+    predictions: Tensor | None = None
+    teacher_features: Tensor | None = None
+    projection: torch.nn.Module | None = None
+    teacher_projection: torch.nn.Module | None = None
+
+
+@runtime_checkable
+class Masker(Protocol):
+    """kind ``masker``: chooses visible and predicted tokens for a batch."""
+
+    def __call__(self, batch: Batch, grid: TokenGrid, generator: torch.Generator | None = None) -> Mask: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """kinds ``target`` and ``head``: one loss term.
+
+    Returns the scalar loss, or ``(loss, stats)`` where ``stats`` maps names to scalar tensors
+    logged as ``<term>/<stat>`` (e.g. how often ActCLIP fell back to all visible tokens).
+    Targets and heads that hold parameters are ``nn.Module``s and are trained with the student.
+    """
+
+    def __call__(self, out: StepOutputs) -> Tensor | tuple[Tensor, dict[str, Tensor]]: ...
