@@ -23,7 +23,7 @@ out = Console()
 def _plugins() -> Plugins:
     plugins = default_plugins()
     for failure in plugins.failures:
-        console.print(f"[yellow]warning:[/] {failure}")
+        console.print(f"[yellow]warning:[/] {failure}", soft_wrap=True, highlight=False)
     return plugins
 
 
@@ -49,7 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if problems:
         console.print(f"[red]{args.recipe}: {len(problems)} problem(s)[/]")
         for p in problems:
-            console.print(f"- {p}", markup=False, highlight=False)
+            console.print(f"- {p}", markup=False, highlight=False, soft_wrap=True)
         return 1
     out.print(f"{args.recipe}: valid")
     return 0
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rank0 = trainer.rank == 0
     if rank0:
         out.print(f"run directory: {trainer.run_dir}")
-        console.print(trainer.describe(), markup=False, highlight=False)
+        console.print(trainer.describe(), markup=False, highlight=False, soft_wrap=True)
         skipped = getattr(trainer.train_set, "skipped", [])
         if skipped:
             console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + "; ".join(str(s) for s in list(skipped)[:5]), highlight=False)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         console.print(f"[red]recipe error[/] ({len(exc.problems)}):")
         for problem in exc.problems:
-            console.print(f"- {problem}", markup=False, highlight=False)
+            console.print(f"- {problem}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except PluginError as exc:
         console.print(f"[red]plugin error:[/] {exc}", highlight=False)

@@ -121,6 +121,7 @@ def _load_file(path: Path, provenance: dict[str, str], chain: tuple[Path, ...]) 
     merged = OmegaConf.create({})
     for base in bases:
         merged = OmegaConf.merge(merged, _load_file(path.parent / base, provenance, (*chain, path)))
+    _drop_replaced_plugins(merged, raw, "", provenance)
     try:
         own = OmegaConf.create(raw)
     except OmegaConfBaseException as exc:
@@ -128,6 +129,22 @@ def _load_file(path: Path, provenance: dict[str, str], chain: tuple[Path, ...]) 
     for key in _leaves(raw):
         provenance[key] = f"{_display(path)}:{lines.get(key, '?')}"
     return OmegaConf.merge(merged, own)
+
+
+def _drop_replaced_plugins(merged: DictConfig, raw: dict[str, Any], prefix: str, provenance: dict[str, str]) -> None:
+    """A mapping that names a different plugin (``name:``) replaces the inherited one instead of
+    merging into it: the base plugin's arguments would not fit the new plugin."""
+    for key, value in raw.items():
+        if not isinstance(value, dict) or not isinstance(merged, DictConfig) or key not in merged:
+            continue
+        inherited = merged[key]
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(inherited, DictConfig) and "name" in value and inherited.get("name") != value["name"]:
+            del merged[key]
+            for k in [k for k in provenance if k == dotted or k.startswith(dotted + ".")]:
+                del provenance[k]
+        elif isinstance(inherited, DictConfig):
+            _drop_replaced_plugins(inherited, value, dotted, provenance)
 
 
 def parse_override(text: str) -> tuple[str, Any, bool]:

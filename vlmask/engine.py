@@ -153,7 +153,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def versions(plugins: Plugins) -> dict[str, Any]:
     return {
         "vlmask": vlmask.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "plugins": dict(sorted(plugins.distributions.items())),
     }
@@ -244,9 +244,23 @@ class Trainer:
             from vlmask_plugins.text.cache import CaptionEmbeddingCache
 
             cache = CaptionEmbeddingCache(cache_dir() / "text")
-            self.text_table = cache.embed(self.text_encoder, list(self.train_set.captions), progress=self.rank == 0).to(self.device)
+            captions = list(self.train_set.captions)
+            if self.rank == 0:  # rank 0 fills the cache; the others then read it
+                self.text_table = cache.embed(self.text_encoder, captions, progress=True)
+            if self.world_size > 1:
+                dist.barrier()
+            if self.rank != 0:
+                self.text_table = cache.embed(self.text_encoder, captions, progress=False)
+            self.text_table = self.text_table.to(self.device)
         encoder = build(registry, recipe, "model.encoder", "encoder")
         grid: TokenGrid = encoder.grid
+        clip_shape = tuple(self.train_set[0]["video"].shape[1:])  # (T, H, W) of one decoded clip
+        expected = (grid.t * grid.tubelet, grid.h * grid.patch, grid.w * grid.patch)
+        if clip_shape != expected:
+            raise RecipeError([
+                f"{recipe.where('data.dataset')}: the dataset gives clips of {clip_shape} (frames, height, width) "
+                f"but the encoder ({recipe.where('model.encoder')}) expects {expected}"
+            ])
         injected: dict[str, Any] = {
             "grid": grid,
             "encoder_dim": encoder.embed_dim,
@@ -275,10 +289,10 @@ class Trainer:
         self.loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items()}
         self.attention = "sdpa"
         self.attention_reason = ""
-        for module in (encoder, predictor, self.teacher):
-            if module is not None and hasattr(module, "set_attention_backend"):
-                requested = getattr(module, "requested_attention", "auto")
-                self.attention, self.attention_reason = module.set_attention_backend(requested, self.device)
+        for part in (self.student, self.teacher):
+            for module in part.modules() if part is not None else ():
+                if hasattr(module, "set_attention_backend"):
+                    self.attention, self.attention_reason = module.set_attention_backend(device=self.device)
         self.ddp_student: nn.Module = self.student
         if self.world_size > 1 and any(p.requires_grad for p in self.student.parameters()):
             self.ddp_student = DistributedDataParallel(

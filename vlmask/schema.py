@@ -97,11 +97,12 @@ TOP_LEVEL: dict[str, Any] = {
     "loss_weights": dict,
     "loggers": typing.Optional[dict],
     "evaluation": typing.Optional[dict],
+    "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
 }
 
 #: Where plugins sit in a recipe: dotted key (``*``: every entry of a mapping) -> (kind, required).
 PLUGIN_SLOTS: dict[str, tuple[str, bool]] = {
-    "data.dataset": ("dataset", True),
+    "data.dataset": ("dataset", True),  # the engine passes manifest= and train= (SLOT_PROVIDED)
     "model.encoder": ("encoder", True),
     "model.predictor": ("predictor", False),
     "masker": ("masker", True),
@@ -110,6 +111,11 @@ PLUGIN_SLOTS: dict[str, tuple[str, bool]] = {
     "targets.*": ("target", False),
     "heads.*": ("head", False),
     "loggers.*": ("logger", False),
+}
+
+#: Arguments the engine passes to the plugin of a slot itself; a recipe must not set them.
+SLOT_PROVIDED: dict[str, dict[str, str]] = {
+    "data.dataset": {"manifest": "set data.train / data.val instead", "train": "the engine sets it per split"},
 }
 
 #: Constructor arguments the engine fills when a factory declares them and the recipe does not.
@@ -221,9 +227,13 @@ def check_plugin_node(registry: Registry, key: str, kind: str, node: Any, where:
     except RegistryError as exc:
         return [f"{where(key + '.name')}: key {key}.name: {exc}"]
     params = factory_parameters(entry.factory)
+    provided = SLOT_PROVIDED.get(key, {})
     problems = []
     for arg, value in node.items():
         if arg == "name":
+            continue
+        if arg in provided:
+            problems.append(f"{where(f'{key}.{arg}')}: key {key}.{arg}: not a recipe setting ({provided[arg]})")
             continue
         if arg not in params:
             if "**" in params:
@@ -241,7 +251,7 @@ def check_plugin_node(registry: Registry, key: str, kind: str, node: Any, where:
                 f"({kind} {name!r})"
             )
     for arg, (_, required) in params.items():
-        if required and arg not in node and arg not in INJECTED:
+        if required and arg not in node and arg not in INJECTED and arg not in provided:
             problems.append(f"{where(key)}: key {key}: {kind} {name!r} needs argument {arg!r}")
     return problems
 

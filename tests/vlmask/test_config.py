@@ -60,3 +60,12 @@ def test_bad_interpolation_names_key(tmp_path):
     r = write(tmp_path / "r.yaml", "a: 1\nb: ${nothere}\n")
     with pytest.raises(RecipeError, match=r"r.yaml:2: key b: cannot resolve"):
         load_recipe(r)
+
+
+def test_naming_another_plugin_replaces_the_inherited_node(tmp_path):
+    write(tmp_path / "a.yaml", "masker: {name: tube, ratio: 0.9}\nhead: {name: x, t: 1}\n")
+    r = write(tmp_path / "r.yaml", "base: [a.yaml]\nmasker: {name: grid, stride: 2}\nhead: {t: 2}\n")
+    recipe = load_recipe(r)
+    assert recipe.get("masker") == {"name": "grid", "stride": 2}
+    assert recipe.get("head") == {"name": "x", "t": 2}, "same plugin: arguments merge"
+    assert recipe.where("masker.ratio").endswith("r.yaml:2")

@@ -1,0 +1,57 @@
+"""The command line as users run it: real subprocesses, a real third-party plugin package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+def vlmask(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "vlmask", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_plugins_lists_third_party_and_reports_the_broken_one(plugin_site):
+    result = vlmask("plugins", env_extra={"PYTHONPATH": str(plugin_site), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "grid" in result.stdout and "vlmask-grid-masker 0.1.0" in result.stdout
+    assert "plugin 'broken' from vlmask-broken-plugin was skipped" in result.stderr
+    assert "vlmask_dependency_that_does_not_exist" in result.stderr
+
+
+def test_validate_exit_codes_and_every_error(tmp_path, plugin_site):
+    good = vlmask("validate", str(RECIPES / "mae.yaml"))
+    assert good.returncode == 0, good.stderr
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(f"base: [{RECIPES / 'mae.yaml'}]\nmasker: {{name: grid, stride: 2}}\n")
+    assert vlmask("validate", str(recipe), env_extra={"PYTHONPATH": str(plugin_site)}).returncode == 0
+    unknown = vlmask("validate", str(recipe))  # without the package installed
+    assert unknown.returncode != 0 and "grid.yaml:2: key masker.name: unknown masker 'grid'" in unknown.stderr
+    bad = vlmask("validate", str(RECIPES / "mae.yaml"), "masker.ratio=lots", "model.predictor.dept=1")
+    assert bad.returncode != 0
+    assert "command line: masker.ratio=lots: key masker.ratio" in bad.stderr
+    assert "command line: model.predictor.dept=1: key model.predictor.dept" in bad.stderr
+
+
+def test_run_with_a_third_party_masker(tmp_path, plugin_site, isolated_cache):
+    from vlmask_plugins.data.synthetic import generate
+
+    train, _ = generate(tmp_path / "data", clips=12, seed=2, frames=8, size=32, progress=False)
+    run_dir = tmp_path / "run"
+    result = vlmask(
+        "run", str(RECIPES / "mae.yaml"), f"data.train={train}", f"run.dir={run_dir}", "masker={name: grid, stride: 2}",
+        "train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.num_workers=0", "data.dataset.num_frames=4",
+        "data.dataset.size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
+        "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.num_heads=2", "device=cpu",
+        env_extra={"PYTHONPATH": str(plugin_site)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"run directory: {run_dir}" in result.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert "masker:\n  name: grid" in (run_dir / "config.yaml").read_text()

@@ -1,0 +1,171 @@
+"""The engine end to end at tiny scale: run directory contract, hooks, resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmask import hookimpl
+from vlmask.checkpoint import CheckpointError, latest_checkpoint
+from vlmask.config import RecipeError, load_recipe
+from vlmask.engine import Trainer, lr_at, weighted_sum
+from vlmask.plugins import load_plugins
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from vlmask_plugins.data.synthetic import generate
+
+    train, _ = generate(tmp_path_factory.mktemp("synth"), clips=24, seed=1, frames=8, size=32, progress=False)
+    return train
+
+
+def tiny_overrides(data: Path, run_dir: Path, steps: int = 6, workers: int = 0) -> list[str]:
+    return [
+        f"data.train={data}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={steps}",
+        "train.batch_size=4",
+        "train.log_every=2",
+        "train.ckpt_every=3",
+        f"data.num_workers={workers}",
+        "data.dataset.num_frames=4",
+        "data.dataset.size=32",
+        "model.encoder.embed_dim=32",
+        "model.encoder.depth=1",
+        "model.encoder.num_heads=2",
+        "model.predictor.dim=32",
+        "model.predictor.depth=1",
+        "model.predictor.num_heads=2",
+        "optim.warmup_steps=2",
+        "device=cpu",
+    ]
+
+
+def test_run_writes_the_contract_run_directory(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, run_dir)))
+    summary = trainer.train()
+    trainer.close()
+    config = (run_dir / "config.yaml").read_text()
+    assert "versions:" in config and "torch:" in config and "vlmask" in config
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4, 6]
+    assert {"step", "loss", "pixels", "lr", "clips_per_s"} <= set(lines[0])
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert {"steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips"} <= set(saved)
+    assert saved["steps"] == 6 and saved == json.loads(json.dumps(summary, default=str))
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step_00000006"
+    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "state.pt"}
+
+
+class StopAfterCheckpoint:
+    """Interrupts a run right after a given checkpoint, as a user's Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def vlmask_checkpoint_saved(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_to_the_same_final_loss(tiny_data, tmp_path):
+    def final_loss(run_dir: Path, stop_at: int | None = None) -> float:
+        extra = [("stopper", StopAfterCheckpoint(stop_at))] if stop_at else []
+        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, run_dir, steps=6, workers=2)), load_plugins(extra))
+        try:
+            return trainer.train()["final_loss"]
+        finally:
+            trainer.close()
+
+    uninterrupted = final_loss(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        final_loss(tmp_path / "b", stop_at=3)
+    assert not (tmp_path / "b" / "summary.json").exists()
+    resumed = final_loss(tmp_path / "b")
+    assert resumed == uninterrupted
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [2, 4, 6]
+    assert [m["loss"] for m in a[-1:]] == [m["loss"] for m in b[-1:]]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | None]] = []
+
+    @hookimpl
+    def vlmask_train_start(self, run):
+        self.calls.append(("train_start", run.start_step))
+
+    @hookimpl
+    def vlmask_after_optimizer_step(self, step):
+        self.calls.append(("after_optimizer_step", step))
+
+    @hookimpl
+    def vlmask_step_end(self, step, metrics):
+        assert metrics["step"] == step
+        self.calls.append(("step_end", step))
+
+    @hookimpl
+    def vlmask_checkpoint_saved(self, step, path):
+        assert (path / "state.pt").is_file()
+        self.calls.append(("checkpoint_saved", step))
+
+    @hookimpl
+    def vlmask_train_end(self, summary):
+        self.calls.append(("train_end", summary["steps"]))
+
+
+def test_lifecycle_hooks_fire_in_order(tiny_data, tmp_path):
+    recorder = Recorder()
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, tmp_path / "r", steps=4)), load_plugins([("recorder", recorder)]))
+    trainer.train()
+    trainer.close()
+    assert recorder.calls == [
+        ("train_start", 0),
+        ("after_optimizer_step", 1), ("after_optimizer_step", 2), ("step_end", 2),
+        ("after_optimizer_step", 3), ("checkpoint_saved", 3),
+        ("after_optimizer_step", 4), ("step_end", 4), ("checkpoint_saved", 4),
+        ("train_end", 4),
+    ]
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tiny_data, tmp_path):
+    run_dir = tmp_path / "r"
+    overrides = tiny_overrides(tiny_data, run_dir, steps=3)
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+    trainer.train()
+    trainer.close()
+    (run_dir / "summary.json").unlink()
+    weights = latest_checkpoint(run_dir / "checkpoints") / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"student.safetensors: cannot read weights"):
+        Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+
+
+def test_weighted_sum_requires_a_weight_for_every_term_and_a_term_for_every_weight():
+    one = torch.tensor(1.0)
+    total, logged = weighted_sum({"a": one, "b": (2 * one, {"rate": one})}, {"a": 0.5, "b": 2.0})
+    assert total.item() == 4.5 and set(logged) == {"a", "b", "b/rate"}
+    with pytest.raises(RecipeError, match=r"without a weight: \['b'\]"):
+        weighted_sum({"a": one, "b": one}, {"a": 1.0})
+    with pytest.raises(RecipeError, match=r"weights without a loss term: \['c'\]"):
+        weighted_sum({"a": one}, {"a": 1.0, "c": 1.0})
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(total=110, warmup=10, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6)
+    assert lr_at(0, **kw) == pytest.approx(1e-6)
+    assert lr_at(5, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(110, **kw) == pytest.approx(1e-5)

@@ -1,0 +1,69 @@
+"""``vlmask validate``: every name and argument checked against factory signatures, all errors at once."""
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from vlmask.config import load_recipe
+from vlmask.plugins import default_plugins
+from vlmask.schema import type_matches, validate
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(p for p in RECIPES.rglob("*.yaml") if "base" not in p.relative_to(RECIPES).parts)
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert validate(recipe, default_plugins().registry) == []
+
+
+def test_bad_recipe_lists_every_error_with_file_and_key(tmp_path):
+    recipe_file = tmp_path / "bad.yaml"
+    recipe_file.write_text(
+        f"base: [{RECIPES / 'mae.yaml'}]\n"
+        "masker: {name: tubes, ratio: 0.9}\n"          # unknown plugin name
+        "model:\n"
+        "  predictor: {name: transformer, dpeth: 2}\n"  # misspelt argument
+        "targets:\n"
+        "  pixels: {name: normalized_pixels, eps: fast}\n"  # wrong type
+        "train:\n"
+        "  batch_size: many\n"                           # wrong engine type
+        "  precison: bf16\n"                             # misspelt engine key
+    )
+    problems = validate(load_recipe(recipe_file), default_plugins().registry)
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    assert "bad.yaml:2: key masker.name: unknown masker 'tubes'. Did you mean 'tube'?" in text
+    assert "bad.yaml:4: key model.predictor.dpeth: predictor 'transformer' has no argument 'dpeth' (did you mean 'depth'?)" in text
+    assert "bad.yaml:6: key targets.pixels.eps: 'fast' is not of type float" in text
+    assert "bad.yaml:8: key train.batch_size: 'many' is not of type int" in text
+    assert "bad.yaml:9: unknown key train.precison (did you mean 'precision'?)" in text
+
+
+def test_command_line_errors_name_the_override():
+    problems = validate(load_recipe(RECIPES / "mae.yaml", ["masker.ratio=high"]), default_plugins().registry)
+    assert problems == ["command line: masker.ratio=high: key masker.ratio: 'high' is not of type float (masker 'tube')"]
+
+
+def test_loss_weights_must_match_loss_terms():
+    problems = validate(load_recipe(RECIPES / "mae.yaml", ["loss_weights.clip=1.0", "~loss_weights.pixels"]), default_plugins().registry)
+    text = "\n".join(problems)
+    assert "loss term 'pixels' has no weight" in text
+    assert "key loss_weights.clip: weight for a loss term that no target or head produces" in text
+
+
+@pytest.mark.parametrize(
+    "value, annotation, ok",
+    [
+        (1, int, True), (True, int, False), (1, float, True), ("a", float, False), (None, Optional[int], True),
+        ([0.5, 1.0], tuple[float, float], True), ([0.5], tuple[float, float], False), ([1, 2], list[int], True),
+        ("l1", Literal["l1", "mse"], True), ("l2", Literal["l1", "mse"], False), ("x", str | int, True),
+    ],
+)
+def test_type_matches(value, annotation, ok):
+    assert type_matches(value, annotation) is ok
