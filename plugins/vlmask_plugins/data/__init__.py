@@ -1,0 +1,16 @@
+"""Data plugins: manifests, decoding, the clip dataset and the built-in synthetic set.
+
+- ``manifest``: ``read_manifest`` (JSONL, bad lines skipped with line numbers and reasons).
+- ``decode``: ``decode_clip`` (decord, PyAV fallback), ``probe_video``, ``FrameSampler``.
+- ``dataset``: ``VideoManifestDataset`` (registered as dataset ``video_manifest``), ``collate``.
+- ``synthetic``: ``generate`` (``vlmask data synth``) and ``ensure_builtin`` (the default data).
+"""
+
+from vlmask.registry import Register
+
+
+def register_plugins(register: Register) -> None:
+    """Register this package's plugins (called from vlmask_plugins.builtin)."""
+    from vlmask_plugins.data.dataset import VideoManifestDataset
+
+    register("dataset", "video_manifest", VideoManifestDataset)
