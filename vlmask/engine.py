@@ -162,8 +162,11 @@ def versions(plugins: Plugins) -> dict[str, Any]:
 class Trainer:
     """Builds every component of a recipe and trains it. ``Trainer(recipe).train()``."""
 
-    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None) -> None:
+    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True) -> None:
+        """``with_data=False`` builds the model, optimizer and run settings without reading any
+        data (benchmarks, FLOP counts): ``train()`` is then unavailable."""
         self.recipe = recipe
+        self.with_data = with_data
         self.plugins = plugins or default_plugins()
         self.console = console
         problems = validate(recipe, self.plugins.registry)
@@ -175,10 +178,22 @@ class Trainer:
         self.seed = int(recipe.get("seed", 0))
         self._setup_distributed()
         torch.manual_seed(self.seed + self.rank)
-        self._setup_data()
+        if with_data:
+            self._setup_data()
+        else:
+            self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
+            self.total_steps = int(self.train_cfg.max_steps or 1)
         self._setup_model()
         self._setup_optimizer()
-        self._setup_run_dir()
+        if with_data:
+            self._setup_run_dir()
+        else:
+            self.run_dir, self.start_step, self.resumed_from = Path("."), 0, None
+            self.run = RunInfo(Path("."), recipe, self.device, self.rank, self.world_size, 0, self.total_steps, self.attention)
+        self.hooks = self.plugins.manager.hook
+        for name, component in self._components().items():  # components take part in lifecycle hooks
+            if not self.plugins.manager.is_registered(component):
+                self.plugins.manager.register(component, name=f"run:{name}:{id(component)}")
 
     # ---------------------------------------------------------------- setup
     def _setup_distributed(self) -> None:
@@ -244,7 +259,7 @@ class Trainer:
             from vlmask_plugins.text.cache import CaptionEmbeddingCache
 
             cache = CaptionEmbeddingCache(cache_dir() / "text")
-            captions = list(self.train_set.captions)
+            captions = list(self.train_set.captions) if self.train_set is not None else []
             if self.rank == 0:  # rank 0 fills the cache; the others then read it
                 self.text_table = cache.embed(self.text_encoder, captions, progress=True)
             if self.world_size > 1:
@@ -254,8 +269,8 @@ class Trainer:
             self.text_table = self.text_table.to(self.device)
         encoder = build(registry, recipe, "model.encoder", "encoder")
         grid: TokenGrid = encoder.grid
-        clip_shape = tuple(self.train_set[0]["video"].shape[1:])  # (T, H, W) of one decoded clip
         expected = (grid.t * grid.tubelet, grid.h * grid.patch, grid.w * grid.patch)
+        clip_shape = tuple(self.train_set[0]["video"].shape[1:]) if self.train_set is not None else expected
         if clip_shape != expected:
             raise RecipeError([
                 f"{recipe.where('data.dataset')}: the dataset gives clips of {clip_shape} (frames, height, width) "
@@ -346,10 +361,6 @@ class Trainer:
             total_steps=self.total_steps,
             attention=self.attention,
         )
-        self.hooks = self.plugins.manager.hook
-        for name, component in self._components().items():
-            if not self.plugins.manager.is_registered(component):
-                self.plugins.manager.register(component, name=f"run:{name}:{id(component)}")
 
     def _components(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"masker": self.masker, **self.student.objectives, **{f"logger.{k}": v for k, v in self.loggers.items()}}
