@@ -293,15 +293,20 @@ class Trainer:
         predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
         objectives: dict[str, Any] = {}
         for section, kind in (("targets", "target"), ("heads", "head")):
-            for name in recipe.get(section) or {}:
+            for name, node in (recipe.get(section) or {}).items():
+                if node is None:  # a derived recipe removes an inherited term by setting it to null
+                    continue
                 objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
         self.grid = grid
         self.student = Student(encoder, predictor, projection, objectives).to(self.device)
         injected["student"] = self.student
         self.teacher = build(registry, recipe, "teacher", "teacher", injected).to(self.device) if recipe.get("teacher") else None
         self.masker = build(registry, recipe, "masker", "masker", injected)
-        self.loggers = {name: build(registry, recipe, f"loggers.{name}", "logger", injected) for name in recipe.get("loggers") or {}}
-        self.loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items()}
+        self.loggers = {
+            name: build(registry, recipe, f"loggers.{name}", "logger", injected)
+            for name, node in (recipe.get("loggers") or {}).items() if node is not None
+        }
+        self.loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items() if v is not None}
         self.attention = "sdpa"
         self.attention_reason = ""
         for part in (self.student, self.teacher):

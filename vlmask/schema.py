@@ -302,10 +302,11 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
 
 
 def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
-    terms = set((config.get("targets") or {}).keys()) | set((config.get("heads") or {}).keys())
+    terms = {k for section in ("targets", "heads") for k, v in (config.get(section) or {}).items() if v is not None}
     weights = config.get("loss_weights") or {}
     if not isinstance(weights, dict):
         return []
+    weights = {k: v for k, v in weights.items() if v is not None}  # null removes an inherited weight
     problems = []
     if not terms:
         problems.append(f"{recipe.path}: a recipe needs at least one loss term under targets or heads")

@@ -23,12 +23,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return train
 
 
-def tiny(recipe_path: Path, data: Path, run_dir: Path, steps: int = 3) -> list[str]:
+def tiny(recipe_path: Path, data: Path, run_dir: Path, steps: int = 2) -> list[str]:
     """Overrides that shrink any shipped recipe to seconds on a CPU."""
     base = load_recipe(recipe_path)
     overrides = [
         f"data.train={data}", f"run.dir={run_dir}", f"train.max_steps={steps}", "train.batch_size=4",
-        "train.log_every=1", f"train.ckpt_every={steps}", "data.num_workers=0", "data.dataset.num_frames=4",
+        "train.log_every=1", f"train.ckpt_every={steps}", "data.num_workers=0", "data.dataset.num_frames=8",
         "data.dataset.size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
         "optim.warmup_steps=1", "device=cpu",
     ]
@@ -46,8 +46,8 @@ def test_recipe_trains_at_tiny_scale(recipe_path, tiny_data, tmp_path, isolated_
     finally:
         trainer.close()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    terms = set(recipe.get("loss_weights"))
-    assert len(metrics) == 3
+    terms = {k for k, v in recipe.get("loss_weights").items() if v is not None}
+    assert len(metrics) == 2
     for row in metrics:
         assert terms <= set(row), f"every loss term is logged: {sorted(terms - set(row))} missing"
         assert all(math.isfinite(row[t]) for t in terms | {"loss"})

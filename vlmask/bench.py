@@ -1,0 +1,537 @@
+"""Training throughput and FLOP counts of a recipe (``vlmask bench``).
+
+Two measurements, both of the step the engine trains with (``vlmask.engine.Trainer``):
+
+``count_flops(recipe)``
+    FLOPs of ONE training step per clip: student forward and backward plus the teacher's
+    forward, counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the ``meta``
+    device, so nothing is computed and a paper-scale ViT-B step costs only the time to build
+    the model. Conventions (those of shared/specs/reference-semantics.md): 2 FLOPs per
+    multiply-add; matmuls, linear layers, convolutions and attention are counted, elementwise
+    work (norms, softmax, GELU, losses, AdamW, the EMA update) is not; attention is counted as
+    its two matmuls (``QK^T`` and ``AV``), PyTorch's math formulation, so a trained part costs
+    3x its forward (a fused kernel's backward, as ``FlopCounterMode`` rates flash attention,
+    would add the recomputed ``QK^T``). The patch embedding's backward computes only its weight
+    gradient (the pixels need none), so it costs 2x its forward.
+
+``benchmark(recipe)``
+    Warm-up then timed ``Trainer.train_step`` calls on synthetic tensors shaped like the
+    recipe's clips (or, with ``loader=True``, batches from the recipe's real data loader);
+    median step time, clips/s, peak memory, model FLOP utilisation on known GPUs, and a
+    per-phase split of the step measured on separately instrumented steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.utils.flop_counter as flop_counter
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlmask.config import load_recipe
+from vlmask.engine import Trainer, lr_at, weighted_sum
+from vlmask.plugins import Plugins
+from vlmask.types import Batch, Mask, TokenGrid
+
+#: Keys every ``benchmark`` result has (the CLI contract's and this module's own).
+CONTRACT_KEYS: tuple[str, ...] = ("clips_per_s", "step_ms", "peak_mem_mb", "gflops_per_clip", "device")
+
+#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; matched as
+#: lower-case substrings of ``torch.cuda.get_device_name`` in this order (most specific first).
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("h200", 989.0),
+    ("a100", 312.0),
+)
+
+#: Clips used for FLOP counting (per-clip counts do not depend on it except for the B x B
+#: contrastive logits, a few kFLOPs).
+FLOP_COUNT_BATCH = 2
+
+#: Classes drawn for synthetic labels.
+SYNTHETIC_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------- batches
+def clip_shape(grid: TokenGrid) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of a clip that cuts into ``grid``."""
+    return (3, grid.t * grid.tubelet, grid.h * grid.patch, grid.w * grid.patch)
+
+
+def synthetic_batch(
+    trainer: Trainer, batch_size: int, device: torch.device | str, seed: int = 0, video: Tensor | None = None
+) -> Batch:
+    """A batch shaped like the recipe's clips: normal-noise pixels, a random unit text embedding
+    (when the recipe has a text encoder), centred action boxes covering 30-60% of each side,
+    labels over :data:`SYNTHETIC_CLASSES` classes and indices ``0..B-1``.
+
+    ``video`` replaces the pixels (e.g. an empty ``meta`` tensor for FLOP counting).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if video is None:
+        video = torch.randn((batch_size, *clip_shape(trainer.grid)), generator=generator)
+    side = 0.3 + 0.3 * torch.rand(batch_size, 2, generator=generator)  # box width, height in [0.3, 0.6]
+    centre = 0.5 + (torch.rand(batch_size, 2, generator=generator) - 0.5) * (1.0 - side)  # stays in [0, 1]
+    boxes = torch.cat([centre - side / 2, centre + side / 2], dim=1).clamp(0.0, 1.0)
+    text = None
+    if trainer.text_encoder is not None:
+        text = nn.functional.normalize(torch.randn(batch_size, trainer.text_encoder.dim, generator=generator), dim=-1)
+    batch = Batch(
+        video=video,
+        index=torch.arange(batch_size),
+        text_embedding=text,
+        action_box=boxes,
+        label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
+    )
+    return batch.to(device)
+
+
+# ---------------------------------------------------------------------------------------- FLOPs
+def _attention_math_convention() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for CPU flash attention, which ``FlopCounterMode`` does not rate: forward
+    as two matmuls, backward as twice that (the math convention used everywhere here)."""
+
+    def forward(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
+class _ForwardFlops:
+    """Forward FLOPs spent inside a set of modules, from the counter's running total
+    (pre/post forward hooks; nested and repeated calls are counted once each)."""
+
+    def __init__(self, counter: FlopCounterMode, modules: Sequence[nn.Module]) -> None:
+        self.counter = counter
+        self.flops = 0
+        self._depth = 0
+        self._start = 0
+        self._handles = [h for m in modules for h in (m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit))]
+
+    def _enter(self, *_: Any) -> None:
+        if self._depth == 0:
+            self._start = self.counter.get_total_flops()
+        self._depth += 1
+
+    def _exit(self, *_: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.flops += self.counter.get_total_flops() - self._start
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> dict[str, Any]:
+    """FLOPs per clip of one training step of ``trainer`` (see the module docstring).
+
+    Counts ``trainer.student(batch, mask, grid, teacher)`` (encoder on the visible tokens,
+    predictor, teacher forward, every loss term), the weighted sum and its backward, on the
+    ``meta`` device: the student and teacher are MOVED there, so ``trainer`` cannot train
+    afterwards. The mask is drawn by the recipe's masker on CPU. AdamW and the EMA update are
+    elementwise and count zero.
+
+    Returns ``gflops_per_clip``, ``breakdown`` (GFLOP per clip: ``student_forward``,
+    ``student_backward``, ``teacher``, and per student part ``encoder_forward`` ... with the
+    backward of each part as FlopCounterMode's module tracker attributes it), ``tokens`` and
+    ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    grid = trainer.grid
+    cpu_batch = synthetic_batch(trainer, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
+    mask: Mask = trainer.masker(cpu_batch, grid, torch.Generator().manual_seed(trainer.seed))
+    student, teacher = trainer.student, trainer.teacher
+    student.zero_grad(set_to_none=True)
+    for part in (student, teacher):
+        if part is None:
+            continue
+        part.to("meta")
+        for module in part.modules():  # xformers has no meta kernels; count SDPA's math formulation
+            if hasattr(module, "set_attention_backend"):
+                module.set_attention_backend("sdpa")
+    batch = cpu_batch.to("meta")
+    batch.video = torch.empty(cpu_batch.video.shape, device="meta")
+    mask = mask.to("meta")
+
+    named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}
+    named_parts = {name: module for name, module in named_parts.items() if module is not None}
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False, custom_mapping=_attention_math_convention()) as counter:
+        trackers = {name: _ForwardFlops(counter, [module]) for name, module in named_parts.items()}
+        if teacher is not None:
+            trackers["teacher"] = _ForwardFlops(counter, list(teacher.modules()))
+        try:
+            terms = student(batch, mask, grid, teacher)
+            total, _ = weighted_sum(terms, trainer.loss_weights)
+            forward_total = counter.get_total_flops()
+            forward_by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+            total.backward()
+            step_total = counter.get_total_flops()
+            after_by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        finally:
+            for tracker in trackers.values():
+                tracker.remove()
+
+    def per_clip(flops: float) -> float:
+        return flops / batch_size / 1e9
+
+    teacher_flops = trackers["teacher"].flops if teacher is not None else 0
+    root = type(student).__name__
+    breakdown: dict[str, float] = {
+        "student_forward": per_clip(forward_total - teacher_flops),
+        "student_backward": per_clip(step_total - forward_total),
+        "teacher": per_clip(teacher_flops),
+    }
+    parts_forward = 0
+    for name in named_parts:
+        breakdown[f"{name}_forward"] = per_clip(trackers[name].flops)
+        parts_forward += trackers[name].flops
+        key = f"{root}.{name}"
+        breakdown[f"{name}_backward"] = per_clip(after_by_module.get(key, 0) - forward_by_module.get(key, 0))
+    breakdown["other_forward"] = per_clip(forward_total - teacher_flops - parts_forward)  # heads, targets
+    return {
+        "gflops_per_clip": per_clip(step_total),
+        "breakdown": breakdown,
+        "tokens": {"total": grid.num_tokens, "visible": mask.num_visible, "predict": mask.num_predict},
+        "batch_size": batch_size,
+    }
+
+
+def _counting_overrides(overrides: Sequence[str]) -> list[str]:
+    """Build on the CPU in fp32 whatever the recipe says: counting needs no device or autocast."""
+    return [*overrides, "device=cpu", "train.precision=fp32"]
+
+
+def count_flops(
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    batch_size: int = FLOP_COUNT_BATCH,
+    plugins: Plugins | None = None,
+) -> dict[str, Any]:
+    """FLOPs of one training step per clip of a recipe (forward + backward + teacher), without
+    running it: see :func:`count_step_flops`. The model is built on the CPU and moved to the
+    ``meta`` device; no data is read. ``gflops_per_clip`` and ``breakdown`` are in GFLOP."""
+    recipe = load_recipe(recipe_path, _counting_overrides(overrides))
+    trainer = Trainer(recipe, plugins, with_data=False)
+    try:
+        result = count_step_flops(trainer, batch_size)
+    finally:
+        trainer.close()
+    breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
+    return {"recipe": str(recipe_path), "gflops_per_clip": round(result.pop("gflops_per_clip"), 3), "breakdown": breakdown, **result}
+
+
+# ---------------------------------------------------------------------------------------- timing
+class _Clock:
+    """Wall time that waits for the device first (CUDA kernels run asynchronously)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class _ForwardTime:
+    """Wall time spent inside ``module``'s forward calls (pre/post forward hooks)."""
+
+    def __init__(self, module: nn.Module, clock: _Clock) -> None:
+        self.clock = clock
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+
+    def _enter(self, *_: Any) -> None:
+        self._start = self.clock.now()
+
+    def _exit(self, *_: Any) -> None:
+        self.seconds += self.clock.now() - self._start
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def instrumented_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
+    """One training step with the same calls in the same order as ``Trainer.train_step``,
+    timed per phase (seconds): ``mask``, ``student_forward`` (encoder, predictor, losses; the
+    teacher excluded), ``teacher`` (the teacher's forward), ``student_backward``, ``optimizer``
+    (gradient clipping, AdamW, scaler), ``teacher_update`` (EMA) and ``hooks``
+    (``vlmask_after_optimizer_step``, e.g. clamping the logit scale)."""
+    clock = _Clock(trainer.device)
+    teacher_time = _ForwardTime(trainer.teacher, clock) if trainer.teacher is not None else None
+    try:
+        t0 = clock.now()
+        mask = trainer.masker(batch, trainer.grid, trainer.mask_generator(step))
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr_at(step, trainer.total_steps, trainer.warmup_steps, trainer.lr, trainer.min_lr, trainer.warmup_lr)
+        t1 = clock.now()
+        with trainer.autocast():
+            terms = trainer.ddp_student(batch, mask, trainer.grid, trainer.teacher)
+            total, _ = weighted_sum(terms, trainer.loss_weights)
+        t2 = clock.now()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.scaler.scale(total).backward()
+        t3 = clock.now()
+        if trainer.train_cfg.grad_clip:
+            trainer.scaler.unscale_(trainer.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.train_cfg.grad_clip)
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        t4 = clock.now()
+        if trainer.teacher is not None:
+            trainer.teacher.update(trainer.student, step + 1)
+        t5 = clock.now()
+        trainer.hooks.vlmask_after_optimizer_step(step=step + 1, run=trainer.run)
+        t6 = clock.now()
+    finally:
+        if teacher_time is not None:
+            teacher_time.remove()
+    teacher_s = teacher_time.seconds if teacher_time is not None else 0.0
+    return {
+        "mask": t1 - t0,
+        "student_forward": t2 - t1 - teacher_s,
+        "teacher": teacher_s,
+        "student_backward": t3 - t2,
+        "optimizer": t4 - t3,
+        "teacher_update": t5 - t4,
+        "hooks": t6 - t5,
+    }
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU from :data:`BF16_PEAK_TFLOPS`, or None when unknown.
+
+    >>> bf16_peak_tflops("NVIDIA H100 80GB HBM3"), bf16_peak_tflops("NVIDIA A100-SXM4-80GB"), bf16_peak_tflops("cpu")
+    (989.0, 312.0, None)
+    """
+    name = device_name.lower()
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median_ms(values: Sequence[float]) -> float:
+    return round(statistics.median(values) * 1e3, 3)
+
+
+def benchmark(
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    steps: int = 20,
+    warmup: int = 5,
+    loader: bool = False,
+    split_steps: int = 3,
+    threads: int | None = None,
+    plugins: Plugins | None = None,
+) -> dict[str, Any]:
+    """Time ``steps`` training steps of a recipe after ``warmup`` untimed ones.
+
+    Synthetic tensors by default (one batch of ``train.batch_size`` clips made once, so only
+    the step is timed); ``loader=True`` builds the recipe's data and fetches every batch from
+    its DataLoader inside the timed step (the fetch is also reported as ``data_ms``).
+    Then ``split_steps`` more steps are run through :func:`instrumented_step` (their median
+    per phase is ``split_ms``; ``split_total_ms`` should be close to ``step_ms``), and the
+    model is moved to ``meta`` to count ``gflops_per_clip`` (:func:`count_step_flops`).
+
+    ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` over warm-up and timed steps on
+    CUDA, the process's peak resident set (``ru_maxrss``, model building included) on CPU;
+    ``peak_mem_source`` says which. ``mfu`` (CUDA only, else None) is achieved model FLOP/s
+    over the device's dense bf16 peak (:data:`BF16_PEAK_TFLOPS`; None for unknown devices).
+    ``threads`` sets ``torch.set_num_threads`` first (None keeps torch's setting).
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("split_steps", split_steps, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    recipe = load_recipe(recipe_path, list(overrides))
+    trainer = Trainer(recipe, plugins, with_data=loader)
+    try:
+        return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps)
+    finally:
+        trainer.close()
+
+
+def _benchmark(trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int) -> dict[str, Any]:
+    device = trainer.device
+    clock = _Clock(device)
+    batch_size = int(trainer.train_cfg.batch_size)
+    trainer.student.train()
+    batches: Iterator[Batch] | None = None
+    fixed: Batch | None = None
+    if loader:
+        from vlmask.data_loading import infinite
+
+        batches = infinite(trainer.loader, trainer.batches, 0, 0)
+    else:
+        fixed = synthetic_batch(trainer, batch_size, device, seed=trainer.seed)
+
+    def next_batch() -> Batch:
+        if batches is None:
+            assert fixed is not None
+            return fixed
+        return trainer._prepare(next(batches))  # to the device, cached text embeddings attached
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = 0
+    for _ in range(warmup):
+        trainer.train_step(next_batch(), step)
+        step += 1
+    step_s: list[float] = []
+    data_s: list[float] = []
+    for _ in range(steps):
+        t0 = clock.now()
+        batch = next_batch()
+        t1 = clock.now()
+        trainer.train_step(batch, step)
+        t2 = clock.now()
+        step_s.append(t2 - t0)
+        data_s.append(t1 - t0)
+        step += 1
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    splits: list[dict[str, float]] = []
+    for _ in range(split_steps):
+        splits.append(instrumented_step(trainer, next_batch(), step))
+        step += 1
+
+    clips_per_s = batch_size * steps / sum(step_s)
+    flops = count_step_flops(trainer)  # moves the model to meta: last
+    name = device_name(device)
+    peak = bf16_peak_tflops(name) if device.type == "cuda" else None
+    achieved_tflops = flops["gflops_per_clip"] * clips_per_s / 1e3
+    result: dict[str, Any] = {
+        "recipe": recipe,
+        "clips_per_s": round(clips_per_s, 3),
+        "step_ms": _median_ms(step_s),
+        "peak_mem_mb": round(peak_mb, 1),
+        "peak_mem_source": "cuda_max_memory_allocated" if device.type == "cuda" else "ru_maxrss (process peak RSS)",
+        "gflops_per_clip": round(flops["gflops_per_clip"], 3),
+        "achieved_tflops": round(achieved_tflops, 4),
+        "mfu": round(achieved_tflops / peak, 4) if peak else None,
+        "peak_bf16_tflops": peak,
+        "device": str(device),
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "precision": trainer.precision,
+        "attention": trainer.attention,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "data": "loader" if loader else "synthetic tensors",
+        "split_ms": {k: _median_ms([s[k] for s in splits]) for k in splits[0]} if splits else {},
+        "flops_breakdown": {k: round(v, 3) for k, v in flops["breakdown"].items()},
+        "torch": str(torch.__version__),
+    }
+    if splits:
+        result["split_total_ms"] = round(sum(result["split_ms"].values()), 3)
+    if loader:
+        result["data_ms"] = _median_ms(data_s)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _add_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options of ``vlmask bench``; ``defaults=False`` leaves every default None (for merging)."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else None
+
+    parser.add_argument("--flops", action="store_true", help="only count the FLOPs of one step (no timing; cheap on a CPU)")
+    parser.add_argument("--steps", type=int, default=default(20), help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=default(5), help="untimed steps first (default 5)")
+    parser.add_argument("--loader", action="store_true", help="feed steps from the recipe's data loader, not synthetic tensors")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``vlmask bench RECIPE [KEY=VALUE ...] [--flops] [--out FILE] ...``.
+
+    The engine's CLI adds the sub-command and calls :func:`cmd_bench`. Options may come before
+    or after RECIPE and between overrides (``vlmask bench RECIPE --flops KEY=VALUE`` as in the
+    contract): everything after RECIPE is collected raw and parsed by :func:`cmd_bench`.
+    """
+    parser.add_argument("recipe")
+    _add_flags(parser, defaults=True)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
+
+
+def _late_arguments(rest: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vlmask bench RECIPE", description="measure training throughput or count FLOPs")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
+    _add_flags(parser, defaults=False)
+    return parser.parse_intermixed_args(list(rest))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Print one JSON object on stdout (and write it to ``--out``); logs go to stderr."""
+    late = _late_arguments(getattr(args, "rest", None) or [])
+    flops = args.flops or late.flops
+    loader = args.loader or late.loader
+    steps = late.steps if late.steps is not None else args.steps
+    warmup = late.warmup if late.warmup is not None else args.warmup
+    threads = late.threads if late.threads is not None else args.threads
+    out = late.out if late.out is not None else args.out
+    overrides = [*getattr(args, "overrides", []), *late.overrides]
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout one JSON object
+        if flops:
+            result = count_flops(args.recipe, overrides)
+        else:
+            result = benchmark(args.recipe, overrides, steps=steps, warmup=warmup, loader=loader, threads=threads)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlmask.bench RECIPE [KEY=VALUE ...] [--flops] ...`` (same as ``vlmask bench``)."""
+    parser = argparse.ArgumentParser(prog="python -m vlmask.bench", description="measure training throughput or count FLOPs")
+    add_bench_arguments(parser)
+    return cmd_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
