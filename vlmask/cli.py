@@ -100,6 +100,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """Recipes and overrides from one list: ``KEY=VALUE`` and ``~KEY`` are overrides."""
+    overrides = [i for i in items if "=" in i or i.startswith("~")]
+    return [i for i in items if i not in overrides], overrides
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlmask.evaluate import evaluate_run
+
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    result = evaluate_run(Path(args.run_dir), args.overrides, evaluators=only)
+    out.print_json(json.dumps(result, default=str))
+    out.print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from vlmask.evaluate import embed_manifest
+
+    path = embed_manifest(Path(args.run_dir), Path(args.manifest), Path(args.out), args.overrides, pooling=args.pooling)
+    out.print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlmask.evaluate import compare
+
+    recipes, overrides = _split_items(args.items)
+    if not recipes:
+        raise RecipeError(["vlmask compare needs at least one recipe"])
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None)
+    out.print((folder / "comparison.md").read_text())
+    out.print(f"comparison: {folder}")
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from vlmask_plugins.data import synthetic
 
@@ -124,6 +161,26 @@ def parser() -> argparse.ArgumentParser:
 
     plug = sub.add_parser("plugins", help="list every registered plugin")
     plug.set_defaults(func=cmd_plugins)
+
+    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint; writes RUN_DIR/eval.json")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. data.val=val.jsonl evaluation.evaluators.knn.k=10")
+    ev.add_argument("--only", help="comma-separated sections: linear_probe,knn,retrieval,zero_shot")
+    ev.set_defaults(func=cmd_eval)
+
+    emb = sub.add_parser("embed", help="one pooled encoder feature per manifest line (.npy)")
+    emb.add_argument("run_dir")
+    emb.add_argument("manifest")
+    emb.add_argument("overrides", nargs="*")
+    emb.add_argument("--out", required=True)
+    emb.add_argument("--pooling", default="mean", choices=["mean", "temporal"])
+    emb.set_defaults(func=cmd_embed)
+
+    cmp_ = sub.add_parser("compare", help="train and evaluate recipes with the same overrides; writes a table and a plot")
+    cmp_.add_argument("items", nargs="+", help="RECIPE ... [KEY=VALUE ...]")
+    cmp_.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: each recipe's seed)")
+    cmp_.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    cmp_.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)

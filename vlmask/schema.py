@@ -298,6 +298,13 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
             continue
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
+    if config.get("evaluation") is not None:
+        from vlmask.evaluate import evaluation_settings  # the evaluation section's own checker
+
+        try:
+            evaluation_settings(recipe, registry)
+        except RecipeError as exc:
+            problems += exc.problems
     return problems
 
 

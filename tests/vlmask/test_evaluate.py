@@ -1,0 +1,188 @@
+"""vlmask.evaluate end to end at tiny scale: eval.json, embed, compare (contract: "eval.json",
+"comparison.json", ``vlmask embed``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from vlmask.config import RecipeError, load_recipe
+from vlmask.engine import Trainer
+from vlmask.evaluate import compare, embed_manifest, evaluate_run
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+class OneThread:
+    """Tiny matrix products stall when two threads compete for two busy cores."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    with OneThread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    from vlmask_plugins.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), clips=24, seed=1, frames=8, size=32, progress=False)
+
+
+def tiny_overrides(data: tuple[Path, Path], steps: int = 3) -> list[str]:
+    """tests/vlmask/test_engine.py's tiny run, with a val manifest and without run.dir."""
+    train, val = data
+    return [
+        f"data.train={train}",
+        f"data.val={val}",
+        f"train.max_steps={steps}",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.ckpt_every=3",
+        "data.num_workers=0",
+        "data.dataset.num_frames=4",
+        "data.dataset.size=32",
+        "model.encoder.embed_dim=32",
+        "model.encoder.depth=1",
+        "model.encoder.num_heads=2",
+        "model.predictor.dim=32",
+        "model.predictor.depth=1",
+        "model.predictor.num_heads=2",
+        "optim.warmup_steps=2",
+        "device=cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def mae_run(tiny_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "mae"
+    with OneThread():
+        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tiny_data), f"run.dir={run_dir}"]))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    return run_dir
+
+
+def test_eval_writes_the_contract_eval_json_and_reuses_cached_features(mae_run):
+    result = evaluate_run(mae_run, progress=False)
+    saved = json.loads((mae_run / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["checkpoint"] == "checkpoints/step_00000003"
+    assert (mae_run / saved["checkpoint"]).is_dir()
+    assert saved["num_classes"] == 18  # 18 training clips, classes cycle: one clip per class
+    assert saved["chance_top1"] == pytest.approx(1 / 18)
+    for section in ("linear_probe", "linear_probe_temporal", "knn"):
+        assert 0.0 <= saved[section]["top1"] <= 1.0
+    # the synthetic manifests carry verb and noun
+    assert {"top1", "verb_top1", "noun_top1"} == set(saved["linear_probe"])
+    # mae.yaml has no text encoder and no projection: these sections cannot be computed
+    assert "retrieval" not in saved and "zero_shot" not in saved
+    assert saved["data"]["train_clips"] == 18 and saved["data"]["val_clips"] == 6
+    assert saved["evaluators"]["knn"] == {"name": "knn"}  # the settings behind each section
+    assert set(saved["evaluators"]) == {"linear_probe", "linear_probe_temporal", "knn"}
+
+    cached = sorted((mae_run / "features").glob("*.safetensors"))
+    assert len(cached) == 4  # (train, val) x (mean, temporal)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = evaluate_run(mae_run, progress=False)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not extracted again
+    assert again == result
+
+
+def test_eval_sections_and_evaluator_settings_come_from_the_recipe(mae_run):
+    dropped = evaluate_run(mae_run, ["evaluation.evaluators.linear_probe_temporal=null"], progress=False)
+    assert "linear_probe_temporal" not in dropped and {"linear_probe", "knn"} <= set(dropped)
+    only_knn = evaluate_run(mae_run, ["evaluation.evaluators.knn.k=1", "evaluation.evaluators.linear_probe=null"],
+                            evaluators=["knn"], progress=False)
+    assert only_knn["linear_probe"] == dropped["linear_probe"]  # kept from eval.json of the same checkpoint
+    assert only_knn["evaluators"]["knn"] == {"name": "knn", "k": 1}
+    assert only_knn["evaluators"]["linear_probe"] == {"name": "linear_probe"}
+    assert set(only_knn) == set(dropped)
+    assert json.loads((mae_run / "eval.json").read_text()) == json.loads(json.dumps(only_knn))
+    with pytest.raises(ValueError, match="unknown evaluation section"):
+        evaluate_run(mae_run, evaluators=["no_such_section"], progress=False)
+    with pytest.raises(RecipeError, match=r"evaluation\.evaluators\.knn\.kk.*has no argument 'kk'"):
+        evaluate_run(mae_run, ["evaluation.evaluators.knn.kk=3"], progress=False)
+    with pytest.raises(RecipeError, match="k must be >= 1"):
+        evaluate_run(mae_run, ["evaluation.evaluators.knn.k=0"], progress=False)
+
+
+def test_embed_writes_one_row_per_manifest_line_in_order(mae_run, tiny_data, tmp_path):
+    _, val = tiny_data
+    good = val.read_text().splitlines()
+    lines = good[:2] + ["{not json"] + good[2:4] + ['{"video": "videos/missing.mp4"}'] + good[4:]
+    manifest = val.with_name("with_bad_lines.jsonl")
+    manifest.write_text("\n".join(lines) + "\n")
+
+    reference = np.load(embed_manifest(mae_run, val, tmp_path / "val", progress=False))
+    assert reference.shape == (6, 32) and np.isfinite(reference).all()
+    out = embed_manifest(mae_run, manifest, tmp_path / "bad.npy", progress=False)
+    rows = np.load(out)
+    assert out == tmp_path / "bad.npy" and rows.shape == (8, 32) and rows.dtype == np.float32
+    bad = [2, 5]  # 0-based rows of lines 3 and 6
+    assert np.isnan(rows[bad]).all()
+    assert np.allclose(np.delete(rows, bad, axis=0), reference, atol=1e-5)  # good lines, in manifest order
+    info = json.loads((tmp_path / "bad.json").read_text())
+    assert [r["line"] for r in info["nan_rows"]] == [3, 6]
+    assert "invalid JSON" in info["nan_rows"][0]["reason"] and "not found" in info["nan_rows"][1]["reason"]
+
+
+def test_compare_writes_the_table_and_reuses_finished_runs(tiny_data, tmp_path):
+    out_dir = tmp_path / "cmp"
+    overrides = tiny_overrides(tiny_data, steps=2)
+    out = compare([str(RECIPES / "mae.yaml")], overrides, seeds=[0, 1], out_dir=out_dir, progress=False)
+    assert out == out_dir
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["overrides"] == overrides
+    runs = comparison["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [("mae", 0), ("mae", 1)]
+    for run in runs:
+        assert run["recipe"] == str(RECIPES / "mae.yaml")
+        assert run["summary"]["steps"] == 2 and "knn" in run["eval"]
+        assert run["eval"] == json.loads((Path(run["run_dir"]) / "eval.json").read_text())
+    table = (out / "comparison.md").read_text()
+    assert "| mae | 2 |" in table and "knn.top1" in table and "±" in table and "clips/s" in table
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    watched = [Path(r["run_dir"]) / name for r in runs for name in ("summary.json", "eval.json")]
+    stamps = [p.stat().st_mtime_ns for p in watched]
+    compare([str(RECIPES / "mae.yaml")], overrides, seeds=[0, 1], out_dir=out_dir, progress=False)
+    assert [p.stat().st_mtime_ns for p in watched] == stamps  # neither retrained nor re-evaluated
+    assert json.loads((out / "comparison.json").read_text())["runs"] == runs
+
+    with pytest.raises(ValueError, match="trained with other overrides"):
+        compare([str(RECIPES / "mae.yaml")], [*overrides, "masker.ratio=0.8"], seeds=[0], out_dir=out_dir, progress=False)
+
+
+@pytest.mark.gpu
+def test_eval_on_cuda_gives_the_same_sections(tiny_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    run_dir = tmp_path / "cuda"
+    overrides = [o for o in tiny_overrides(tiny_data) if o != "device=cpu"] + ["device=cuda", f"run.dir={run_dir}"]
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    on_cuda = evaluate_run(run_dir, progress=False)  # bf16 autocast extraction, probes on CUDA
+    on_cpu = evaluate_run(run_dir, ["device=cpu"], progress=False)
+    assert set(on_cuda) == set(on_cpu)
+    for section in ("linear_probe", "knn"):
+        assert 0.0 <= on_cuda[section]["top1"] <= 1.0
+    assert len(list((run_dir / "features").glob("*.safetensors"))) == 8  # cached per device
