@@ -58,6 +58,9 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("a100", 312.0),
 )
 
+#: One line for ``--help``.
+DESCRIPTION = "measure training throughput of a recipe, or count the FLOPs of one training step"
+
 #: Clips used for FLOP counting (per-clip counts do not depend on it except for the B x B
 #: contrastive logits, a few kFLOPs).
 FLOP_COUNT_BATCH = 2
@@ -127,7 +130,11 @@ class _ForwardFlops:
         self.flops = 0
         self._depth = 0
         self._start = 0
-        self._handles = [h for m in modules for h in (m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit))]
+        self._handles = [
+            handle
+            for module in modules
+            for handle in (module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit))
+        ]
 
     def _enter(self, *_: Any) -> None:
         if self._depth == 0:
@@ -178,7 +185,8 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
 
     named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}
     named_parts = {name: module for name, module in named_parts.items() if module is not None}
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False, custom_mapping=_attention_math_convention()) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_attention_math_convention())
+    with sdpa_kernel([SDPBackend.MATH]), counter:
         trackers = {name: _ForwardFlops(counter, [module]) for name, module in named_parts.items()}
         if teacher is not None:
             trackers["teacher"] = _ForwardFlops(counter, list(teacher.modules()))
@@ -240,7 +248,8 @@ def count_flops(
     finally:
         trainer.close()
     breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
-    return {"recipe": str(recipe_path), "gflops_per_clip": round(result.pop("gflops_per_clip"), 3), "breakdown": breakdown, **result}
+    gflops = round(result.pop("gflops_per_clip"), 3)
+    return {"recipe": str(recipe_path), "gflops_per_clip": gflops, "breakdown": breakdown, **result}
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -288,7 +297,9 @@ def instrumented_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, fl
         t0 = clock.now()
         mask = trainer.masker(batch, trainer.grid, trainer.mask_generator(step))
         for group in trainer.optimizer.param_groups:
-            group["lr"] = lr_at(step, trainer.total_steps, trainer.warmup_steps, trainer.lr, trainer.min_lr, trainer.warmup_lr)
+            group["lr"] = lr_at(
+                step, trainer.total_steps, trainer.warmup_steps, trainer.lr, trainer.min_lr, trainer.warmup_lr
+            )
         t1 = clock.now()
         with trainer.autocast():
             terms = trainer.ddp_student(batch, mask, trainer.grid, trainer.teacher)
@@ -392,7 +403,9 @@ def benchmark(
         trainer.close()
 
 
-def _benchmark(trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int) -> dict[str, Any]:
+def _benchmark(
+    trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int
+) -> dict[str, Any]:
     device = trainer.device
     clock = _Clock(device)
     batch_size = int(trainer.train_cfg.batch_size)
@@ -410,7 +423,7 @@ def _benchmark(trainer: Trainer, recipe: str, steps: int, warmup: int, loader: b
         if batches is None:
             assert fixed is not None
             return fixed
-        return trainer._prepare(next(batches))  # to the device, cached text embeddings attached
+        return trainer.prepare(next(batches))  # to the device, cached text embeddings attached
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -429,7 +442,10 @@ def _benchmark(trainer: Trainer, recipe: str, steps: int, warmup: int, loader: b
         step_s.append(t2 - t0)
         data_s.append(t1 - t0)
         step += 1
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     splits: list[dict[str, float]] = []
     for _ in range(split_steps):
         splits.append(instrumented_step(trainer, next_batch(), step))
@@ -477,10 +493,10 @@ def _add_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     def default(value: Any) -> Any:
         return value if defaults else None
 
-    parser.add_argument("--flops", action="store_true", help="only count the FLOPs of one step (no timing; cheap on a CPU)")
+    parser.add_argument("--flops", action="store_true", help="only count the FLOPs of one step (no timing)")
     parser.add_argument("--steps", type=int, default=default(20), help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=default(5), help="untimed steps first (default 5)")
-    parser.add_argument("--loader", action="store_true", help="feed steps from the recipe's data loader, not synthetic tensors")
+    parser.add_argument("--loader", action="store_true", help="feed steps from the recipe's data loader")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")
 
@@ -498,7 +514,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _late_arguments(rest: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vlmask bench RECIPE", description="measure training throughput or count FLOPs")
+    parser = argparse.ArgumentParser(prog="vlmask bench RECIPE", description=DESCRIPTION)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
     _add_flags(parser, defaults=False)
     return parser.parse_intermixed_args(list(rest))
@@ -528,7 +544,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vlmask.bench RECIPE [KEY=VALUE ...] [--flops] ...`` (same as ``vlmask bench``)."""
-    parser = argparse.ArgumentParser(prog="python -m vlmask.bench", description="measure training throughput or count FLOPs")
+    parser = argparse.ArgumentParser(prog="python -m vlmask.bench", description=DESCRIPTION)
     add_bench_arguments(parser)
     return cmd_bench(parser.parse_args(argv))
 

@@ -182,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", help="output folder (default: a new folder under runs/)")
     cmp_.set_defaults(func=cmd_compare)
 
+    from vlmask.bench import add_bench_arguments, cmd_bench
+
+    bench = sub.add_parser("bench", help="measure training throughput, or count one step's FLOPs (--flops)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the synthetic video-caption dataset")

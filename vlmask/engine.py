@@ -407,7 +407,8 @@ class Trainer:
         return logged
 
     # ---------------------------------------------------------------- the loop
-    def _prepare(self, batch: Batch) -> Batch:
+    def prepare(self, batch: Batch) -> Batch:
+        """Move a loader batch to the device and attach its cached caption embeddings."""
         batch = batch.to(self.device)
         if self.text_table is not None and batch.index is not None:
             batch.text_embedding = self.text_table[batch.index]
@@ -431,7 +432,7 @@ class Trainer:
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
         try:
             while step < self.total_steps:
-                batch = self._prepare(next(batches))
+                batch = self.prepare(next(batches))
                 logged = self.train_step(batch, step)
                 step += 1
                 for k, v in logged.items():

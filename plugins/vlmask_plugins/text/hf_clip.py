@@ -37,6 +37,9 @@ class HFCLIPTextEncoder:
             )
         self.device = check_device(device)
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a frozen tower loads quietly
 
         self.path = folder.resolve()
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.path), local_files_only=True)

