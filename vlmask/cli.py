@@ -145,6 +145,28 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_boxes(args: argparse.Namespace) -> int:
+    from vlmask_plugins.action_area.boxes import fill_boxes
+
+    plugins = _plugins()
+    entry = plugins.registry.get("action_area", args.detector)
+    stats = fill_boxes(Path(args.manifest), Path(args.out), entry.factory(), workers=args.workers)
+    out.print(stats.summary(), highlight=False)
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmask.interop import export_hf_videomae
+
+    if args.to != "hf-videomae":
+        raise RecipeError([f"--to {args.to!r}: supported formats: hf-videomae"])
+    folder = export_hf_videomae(Path(args.run_dir), Path(args.out))
+    out.print(f"wrote {folder} (transformers.VideoMAEModel.from_pretrained loads it; encoder.safetensors is timm-style)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmask", description="masked video-language self-supervised pretraining")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,6 +217,19 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--clips", type=int, default=400)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+    boxes = data_sub.add_parser("boxes", help="detect the action area of every clip; write the manifest with action_box")
+    boxes.add_argument("manifest")
+    boxes.add_argument("--out", required=True)
+    boxes.add_argument("--detector", default="flow", help="a registered action_area plugin (default: flow)")
+    boxes.add_argument("--workers", type=int, default=2)
+    boxes.add_argument("--stats", help="also write the detection statistics as JSON here")
+    boxes.set_defaults(func=cmd_data_boxes)
+
+    export = sub.add_parser("export", help="write a run's encoder in another framework's format")
+    export.add_argument("run_dir")
+    export.add_argument("--to", required=True, choices=["hf-videomae"])
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
     return p
 
 

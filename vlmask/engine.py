@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 import vlmask
 from vlmask import checkpoint as ckpt
 from vlmask.config import Recipe, RecipeError
+from vlmask.interop import git_commit
 from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
@@ -488,6 +489,7 @@ class Trainer:
         assert isinstance(config, dict)
         config["record"] = {
             "recipe": str(self.recipe.path),
+            "git_commit": git_commit(self.recipe.path.parent),
             "overrides": self.recipe.overrides,
             "versions": versions(self.plugins),
             "device": str(self.device),

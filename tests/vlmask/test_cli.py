@@ -52,3 +52,23 @@ def test_run_with_a_third_party_masker(tmp_path, plugin_site, isolated_cache):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert "masker:\n  name: grid" in (run_dir / "config.yaml").read_text()
+
+
+def test_data_synth_then_boxes(tmp_path, isolated_cache):
+    synth = vlmask("data", "synth", "--out", str(tmp_path / "d"), "--clips", "8", "--seed", "5")
+    assert synth.returncode == 0, synth.stderr
+    rows = [json.loads(line) for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
+    truth = [row.pop("action_box") for row in rows]
+    (tmp_path / "d" / "nobox.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    boxes = vlmask("data", "boxes", str(tmp_path / "d" / "nobox.jsonl"), "--out", str(tmp_path / "d" / "boxes.jsonl"))
+    assert boxes.returncode == 0, boxes.stderr
+    detected = [json.loads(line)["action_box"] for line in (tmp_path / "d" / "boxes.jsonl").read_text().splitlines()]
+    assert len(detected) == len(truth) == len(rows)
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    assert sum(iou(a, b) for a, b in zip(detected, truth)) / len(truth) > 0.7
