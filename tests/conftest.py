@@ -35,3 +35,25 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("VLMASK_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+#: Overrides that shrink a demo recipe (tests/recipes adapts them per recipe) to seconds on a CPU.
+TINY_SCALE = (
+    "train.batch_size=4", "data.num_workers=0", "data.dataset.num_frames=4", "data.dataset.size=32",
+    "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
+    "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.num_heads=2",
+    "optim.warmup_steps=2", "device=cpu",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny built-in-style synthetic set (24 real H.264 clips of 8x32x32): (train, val) manifests."""
+    from vlmask_plugins.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("tiny-synth"), clips=24, seed=1, frames=8, size=32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_scale() -> list[str]:
+    return list(TINY_SCALE)

@@ -17,39 +17,18 @@ from vlmask.plugins import load_plugins
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    from vlmask_plugins.data.synthetic import generate
+@pytest.fixture
+def tiny_overrides(tiny_synth, tiny_scale):
+    def overrides(run_dir: Path, steps: int = 6, workers: int = 0) -> list[str]:
+        return [*tiny_scale, f"data.train={tiny_synth[0]}", f"run.dir={run_dir}", f"train.max_steps={steps}",
+                "train.log_every=2", "train.ckpt_every=3", f"data.num_workers={workers}"]
 
-    train, _ = generate(tmp_path_factory.mktemp("synth"), clips=24, seed=1, frames=8, size=32, progress=False)
-    return train
-
-
-def tiny_overrides(data: Path, run_dir: Path, steps: int = 6, workers: int = 0) -> list[str]:
-    return [
-        f"data.train={data}",
-        f"run.dir={run_dir}",
-        f"train.max_steps={steps}",
-        "train.batch_size=4",
-        "train.log_every=2",
-        "train.ckpt_every=3",
-        f"data.num_workers={workers}",
-        "data.dataset.num_frames=4",
-        "data.dataset.size=32",
-        "model.encoder.embed_dim=32",
-        "model.encoder.depth=1",
-        "model.encoder.num_heads=2",
-        "model.predictor.dim=32",
-        "model.predictor.depth=1",
-        "model.predictor.num_heads=2",
-        "optim.warmup_steps=2",
-        "device=cpu",
-    ]
+    return overrides
 
 
-def test_run_writes_the_contract_run_directory(tiny_data, tmp_path):
+def test_run_writes_the_contract_run_directory(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, run_dir)))
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir)))
     summary = trainer.train()
     trainer.close()
     config = (run_dir / "config.yaml").read_text()
@@ -77,10 +56,10 @@ class StopAfterCheckpoint:
             raise KeyboardInterrupt
 
 
-def test_resume_continues_to_the_same_final_loss(tiny_data, tmp_path):
+def test_resume_continues_to_the_same_final_loss(tiny_overrides, tmp_path):
     def final_loss(run_dir: Path, stop_at: int | None = None) -> float:
         extra = [("stopper", StopAfterCheckpoint(stop_at))] if stop_at else []
-        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, run_dir, steps=6, workers=2)), load_plugins(extra))
+        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir, steps=6, workers=2)), load_plugins(extra))
         try:
             return trainer.train()["final_loss"]
         finally:
@@ -125,9 +104,9 @@ class Recorder:
         self.calls.append(("train_end", summary["steps"]))
 
 
-def test_lifecycle_hooks_fire_in_order(tiny_data, tmp_path):
+def test_lifecycle_hooks_fire_in_order(tiny_overrides, tmp_path):
     recorder = Recorder()
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tiny_data, tmp_path / "r", steps=4)), load_plugins([("recorder", recorder)]))
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tmp_path / "r", steps=4)), load_plugins([("recorder", recorder)]))
     trainer.train()
     trainer.close()
     assert recorder.calls == [
@@ -139,9 +118,9 @@ def test_lifecycle_hooks_fire_in_order(tiny_data, tmp_path):
     ]
 
 
-def test_truncated_checkpoint_is_refused_naming_the_file(tiny_data, tmp_path):
+def test_truncated_checkpoint_is_refused_naming_the_file(tiny_overrides, tmp_path):
     run_dir = tmp_path / "r"
-    overrides = tiny_overrides(tiny_data, run_dir, steps=3)
+    overrides = tiny_overrides(run_dir, steps=3)
     trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
     trainer.train()
     trainer.close()

@@ -36,34 +36,16 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    from vlmask_plugins.data.synthetic import generate
+def tiny_data(tiny_synth, tiny_scale) -> tuple[Path, Path, list[str]]:
+    """(train, val, the shared tiny-scale overrides of tests/conftest.py)."""
+    return (*tiny_synth, tiny_scale)
 
-    return generate(tmp_path_factory.mktemp("synth"), clips=24, seed=1, frames=8, size=32, progress=False)
 
-
-def tiny_overrides(data: tuple[Path, Path], steps: int = 3) -> list[str]:
-    """tests/vlmask/test_engine.py's tiny run, with a val manifest and without run.dir."""
-    train, val = data
-    return [
-        f"data.train={train}",
-        f"data.val={val}",
-        f"train.max_steps={steps}",
-        "train.batch_size=4",
-        "train.log_every=1",
-        "train.ckpt_every=3",
-        "data.num_workers=0",
-        "data.dataset.num_frames=4",
-        "data.dataset.size=32",
-        "model.encoder.embed_dim=32",
-        "model.encoder.depth=1",
-        "model.encoder.num_heads=2",
-        "model.predictor.dim=32",
-        "model.predictor.depth=1",
-        "model.predictor.num_heads=2",
-        "optim.warmup_steps=2",
-        "device=cpu",
-    ]
+def tiny_overrides(data: tuple[Path, Path, list[str]], steps: int = 3) -> list[str]:
+    """The shared tiny scale with a val manifest and without run.dir."""
+    train, val, scale = data
+    return [*scale, f"data.train={train}", f"data.val={val}", f"train.max_steps={steps}",
+            "train.log_every=1", "train.ckpt_every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +105,7 @@ def test_eval_sections_and_evaluator_settings_come_from_the_recipe(mae_run):
 
 
 def test_embed_writes_one_row_per_manifest_line_in_order(mae_run, tiny_data, tmp_path):
-    _, val = tiny_data
+    _, val, _ = tiny_data
     good = val.read_text().splitlines()
     lines = good[:2] + ["{not json"] + good[2:4] + ['{"video": "videos/missing.mp4"}'] + good[4:]
     manifest = val.with_name("with_bad_lines.jsonl")

@@ -23,21 +23,14 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlmask_plugins.data.synthetic import generate
-
-    train, _ = generate(tmp_path_factory.mktemp("synth"), clips=8, seed=1, frames=8, size=32, progress=False)
-    return train
+def tiny_data(tiny_synth, tiny_scale) -> tuple[Path, list[str]]:
+    return tiny_synth[0], tiny_scale
 
 
-def tiny_overrides(data: Path, run_dir: Path, steps: int, loggers: str) -> list[str]:
-    return [
-        f"data.train={data}", f"run.dir={run_dir}", f"train.max_steps={steps}", "train.batch_size=4",
-        "train.log_every=1", "train.ckpt_every=2", "data.num_workers=0", "data.dataset.num_frames=4",
-        "data.dataset.size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
-        "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.num_heads=2",
-        "optim.warmup_steps=1", "device=cpu", f"loggers={loggers}",
-    ]
+def tiny_overrides(data: tuple[Path, list[str]], run_dir: Path, steps: int, loggers: str) -> list[str]:
+    train, scale = data
+    return [*scale, f"data.train={train}", f"run.dir={run_dir}", f"train.max_steps={steps}",
+            "train.log_every=1", "train.ckpt_every=2", "optim.warmup_steps=1", f"loggers={loggers}"]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
