@@ -148,3 +148,40 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(10, **kw) == pytest.approx(1e-3)
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(110, **kw) == pytest.approx(1e-5)
+
+
+class VarianceHead(torch.nn.Module):
+    """A third-party head: VICReg's variance term (Bardes et al., ICLR 2022) on the visible features."""
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, out):
+        std = out.visible_features.flatten(0, 1).float().std(dim=0)
+        return torch.relu(self.gamma - std).mean(), {"mean_std": std.mean().detach()}
+
+
+class VarianceHeadPlugin:
+    """What a third-party distribution's entry-point module would contain."""
+
+    @staticmethod
+    @hookimpl
+    def vlmask_register_plugins(register):
+        register("head", "variance", VarianceHead)
+
+
+def test_a_third_party_head_joins_a_recipe_without_editing_vlmask(tiny_overrides, tmp_path):
+    from vlmask.schema import validate
+
+    plugins = load_plugins([("vlmask-variance", VarianceHeadPlugin())])
+    extra = ["heads={var: {name: variance, gamma: 1.0}}", "loss_weights.var=0.5"]
+    recipe = load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tmp_path / "r", steps=2), *extra])
+    assert validate(recipe, plugins.registry) == []
+    assert validate(recipe, load_plugins().registry) != [], "without the plugin the name is unknown"
+    trainer = Trainer(recipe, plugins)
+    trainer.train()
+    trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {"pixels", "var", "var/mean_std"} <= set(rows[-1])
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["pixels"] + 0.5 * rows[-1]["var"], rel=1e-5)
