@@ -8,6 +8,7 @@ update). Everything else here is plumbing: devices, data, checkpoints, logging.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -143,6 +144,10 @@ def _count(module: nn.Module | None) -> int:
 
 def _human(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def _as_record(item: Any) -> Any:
+    return dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -431,9 +436,12 @@ class Trainer:
         last: dict[str, float] = {}
         rates: list[float] = []
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        load_failures: dict[int, tuple[int, str, str]] = {}  # clips that failed to decode while training
         try:
             while step < self.total_steps:
                 batch = self.prepare(next(batches))
+                for failure in batch.extra.get("load_failures", ()):
+                    load_failures[failure[0]] = tuple(failure)
                 logged = self.train_step(batch, step)
                 step += 1
                 for k, v in logged.items():
@@ -465,14 +473,17 @@ class Trainer:
             if metrics_file is not None:
                 metrics_file.close()
         wall = time.perf_counter() - t0
+        skipped = [_as_record(s) for s in getattr(self.train_set, "skipped", [])]
+        skipped += [{"line": line, "video": video, "reason": f"failed while training: {reason}"}
+                    for line, video, reason in load_failures.values()]
         summary = {
             "steps": step,
             "wall_s": round(wall, 3),
             "final_loss": last.get("loss"),
             "clips_per_s": (sorted(rates)[len(rates) // 2] if rates else 0.0),
             "peak_mem_mb": round(peak_memory_mb(self.device), 1),
-            "skipped_clips": len(getattr(self.train_set, "skipped", [])),
-            "skipped": [s if isinstance(s, dict) else getattr(s, "__dict__", str(s)) for s in list(getattr(self.train_set, "skipped", []))[:10]],
+            "skipped_clips": len(skipped),
+            "skipped": skipped[:10],
             "resumed_from_step": self.start_step or None,
             "device": str(self.device),
             "world_size": self.world_size,

@@ -185,3 +185,28 @@ def test_a_third_party_head_joins_a_recipe_without_editing_vlmask(tiny_overrides
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert {"pixels", "var", "var/mean_std"} <= set(rows[-1])
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["pixels"] + 0.5 * rows[-1]["var"], rel=1e-5)
+
+
+def test_a_manifest_with_bad_lines_trains_and_reports_exactly_those(tiny_synth, tiny_scale, tmp_path):
+    train = tiny_synth[0]
+    good = [json.loads(line) for line in train.read_text().splitlines()]
+    for row in good:
+        row["video"] = str(train.parent / row["video"])
+    first = Path(good[0]["video"])
+    (tmp_path / "truncated.mp4").write_bytes(first.read_bytes()[: first.stat().st_size // 3])
+    (tmp_path / "notes.mp4").write_text("this is not a video\n")
+    lines = [json.dumps(r) for r in good[:6]]
+    lines.insert(2, json.dumps({"video": str(tmp_path / "truncated.mp4"), "caption": "x"}))
+    lines.insert(4, json.dumps({"video": str(tmp_path / "missing.mp4")}))
+    lines.insert(5, json.dumps({"video": str(tmp_path / "notes.mp4")}))
+    lines.insert(7, "{not json")
+    lines += [json.dumps(r) for r in good[6:]]
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_scale, f"data.train={manifest}", f"run.dir={run_dir}", "train.max_steps=2"]))
+    trainer.train()
+    trainer.close()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["skipped_clips"] == 4
+    assert [s["line"] for s in summary["skipped"]] == [3, 5, 6, 8]
