@@ -188,6 +188,7 @@ class Trainer:
             self._setup_data()
         else:
             self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
+            self.accumulate = self.train_cfg.accumulate
             self.total_steps = int(self.train_cfg.max_steps or 1)
         self._setup_model()
         self._setup_optimizer()
@@ -248,7 +249,10 @@ class Trainer:
             worker_init_fn=worker_init,
             prefetch_factor=4 if workers > 0 else None,
         )
-        steps_per_epoch = self.batches.batches_per_epoch
+        self.accumulate = self.train_cfg.accumulate
+        if self.accumulate < 1:
+            raise RecipeError([f"{self.recipe.where('train.accumulate')}: key train.accumulate: must be >= 1, got {self.accumulate}"])
+        steps_per_epoch = max(1, self.batches.batches_per_epoch // self.accumulate)
         if self.train_cfg.max_steps is not None:
             self.total_steps = int(self.train_cfg.max_steps)
         elif self.train_cfg.epochs is not None:
@@ -333,7 +337,7 @@ class Trainer:
             if p.requires_grad:
                 (no_decay if _no_weight_decay(name, p) else decay).append(p)
         cfg = self.optim_cfg
-        effective_batch = self.train_cfg.batch_size * self.world_size
+        effective_batch = self.train_cfg.batch_size * self.world_size * self.train_cfg.accumulate
         scale = effective_batch / cfg.base_batch_size if cfg.lr_scaling == "linear" else 1.0
         self.lr, self.min_lr, self.warmup_lr = cfg.lr * scale, cfg.min_lr * scale, cfg.warmup_lr * scale
         if cfg.warmup_steps is not None:
@@ -390,17 +394,28 @@ class Trainer:
         """Masks depend only on (seed, rank, step): identical after a resume, different per rank."""
         return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+    def train_step(self, batch: Batch | list[Batch], step: int) -> dict[str, Tensor]:
         """One optimizer step: mask, forward (encode, predict, teacher, losses), weighted sum,
-        backward, clip, AdamW, EMA teacher update. Returns detached values to log."""
-        mask = self.masker(batch, self.grid, self.mask_generator(step))
+        backward, clip, AdamW, EMA teacher update. Returns detached values to log.
+
+        Given a list of micro-batches (``train.accumulate``), their gradients accumulate before
+        the one update (DDP synchronises only on the last); logged values are their means."""
+        micro = batch if isinstance(batch, list) else [batch]
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
-        with self.autocast():
-            terms = self.ddp_student(batch, mask, self.grid, self.teacher)
-            total, logged = weighted_sum(terms, self.loss_weights)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        logged: dict[str, Tensor] = {}
+        for i, part in enumerate(micro):
+            mask = self.masker(part, self.grid, self.mask_generator(step * len(micro) + i))
+            defer_sync = i < len(micro) - 1 and isinstance(self.ddp_student, DistributedDataParallel)
+            with self.ddp_student.no_sync() if defer_sync else nullcontext():
+                with self.autocast():
+                    terms = self.ddp_student(part, mask, self.grid, self.teacher)
+                    total, values = weighted_sum(terms, self.loss_weights)
+                self.scaler.scale(total / len(micro)).backward()
+            values["loss"] = total.detach()
+            for k, v in values.items():
+                logged[k] = logged[k] + v / len(micro) if k in logged else v / len(micro)
         if self.train_cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
@@ -409,7 +424,6 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.update(self.student, step + 1)
         self.hooks.vlmask_after_optimizer_step(step=step + 1, run=self.run)
-        logged["loss"] = total.detach()
         return logged
 
     # ---------------------------------------------------------------- the loop
@@ -428,21 +442,21 @@ class Trainer:
         self.hooks.vlmask_train_start(run=self.run)
         self.student.train()
         step = self.start_step
-        epoch, start_batch = divmod(step, self.steps_per_epoch)
+        epoch, start_batch = divmod(step * self.accumulate, self.batches.batches_per_epoch)
         batches: Iterator[Batch] = infinite(self.loader, self.batches, epoch, start_batch)
         sums: dict[str, Tensor] = {}
         count, t_log, t0 = 0, time.perf_counter(), time.perf_counter()
-        clips_per_step = self.train_cfg.batch_size * self.world_size
+        clips_per_step = self.train_cfg.batch_size * self.world_size * self.accumulate
         last: dict[str, float] = {}
         rates: list[float] = []
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
         load_failures: dict[int, tuple[int, str, str]] = {}  # clips that failed to decode while training
         try:
             while step < self.total_steps:
-                batch = self.prepare(next(batches))
-                for failure in batch.extra.get("load_failures", ()):
+                micro = [self.prepare(next(batches)) for _ in range(self.accumulate)]
+                for failure in (f for part in micro for f in part.extra.get("load_failures", ())):
                     load_failures[failure[0]] = tuple(failure)
-                logged = self.train_step(batch, step)
+                logged = self.train_step(micro if self.accumulate > 1 else micro[0], step)
                 step += 1
                 for k, v in logged.items():
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
@@ -556,7 +570,8 @@ class Trainer:
             f"data {self.data_source}: {len(self.train_set)} clips, {len(getattr(self.train_set, 'skipped', []))} skipped",
             f"encoder {_human(_count(enc))} params, grid {self.grid.t}x{self.grid.h}x{self.grid.w}, "
             f"predictor {_human(_count(self.student.predictor))}",
-            f"{self.total_steps} steps x {self.train_cfg.batch_size * self.world_size} clips",
+            f"{self.total_steps} steps x {self.train_cfg.batch_size * self.world_size * self.accumulate} clips"
+            + (f" ({self.accumulate} micro-batches)" if self.accumulate > 1 else ""),
         ]
         if self.resumed_from is not None:
             parts.append(f"resumed at step {self.start_step}")

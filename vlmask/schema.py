@@ -33,7 +33,8 @@ class RunSettings:
 
 @dataclass
 class TrainSettings:
-    batch_size: int = 8  # clips per step per process
+    batch_size: int = 8  # clips per micro-batch per process
+    accumulate: int = 1  # micro-batches whose gradients accumulate into one optimizer step
     max_steps: int | None = None  # optimizer steps; overrides epochs
     epochs: float | None = None
     log_every: int = 10

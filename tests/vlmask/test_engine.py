@@ -210,3 +210,23 @@ def test_a_manifest_with_bad_lines_trains_and_reports_exactly_those(tiny_synth, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["skipped_clips"] == 4
     assert [s["line"] for s in summary["skipped"]] == [3, 5, 6, 8]
+
+
+def test_gradient_accumulation_steps_over_micro_batches(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "acc"
+    overrides = [*tiny_overrides(run_dir, steps=2), "train.batch_size=2", "train.accumulate=2", "train.log_every=1"]
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+    assert trainer.effective["batch_size"] == 4
+    batches = [trainer.prepare(b) for b, _ in zip(trainer.loader, range(2))]
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    logged = trainer.train_step(batches, 0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
+    assert set(logged) >= {"loss", "pixels", "grad_norm"}
+    trainer.close()
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+    summary = trainer.train()
+    trainer.close()
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "batch_size: 4" in (run_dir / "config.yaml").read_text()

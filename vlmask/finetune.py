@@ -1,0 +1,669 @@
+"""Finetuning a pretrained run for action recognition: ``vlmask finetune RUN_DIR [KEY=VALUE ...]``.
+
+The protocol is VideoMAE's end-to-end finetuning (Tong et al., NeurIPS 2022, code
+``run_class_finetuning.py`` / ``modeling_finetune.py`` / ``optim_factory.py``), which FILS
+(Ahmadian et al., BMVC 2024) uses for its action-recognition results:
+
+* the run's latest checkpoint gives the encoder (loaded strictly, as ``vlmask eval`` does);
+  a new head is added: mean over all tokens, ``fc_norm`` LayerNorm, Linear to the classes.
+  As in VideoMAE's ``use_mean_pooling``, the encoder's own final norm is dropped (``fc_norm``
+  after pooling takes its place; ``keep_encoder_norm: true`` keeps it). The head is
+  ``trunc_normal(std=0.02)`` scaled by ``head_init_scale`` (VideoMAE ``--init_scale 0.001``,
+  so std 2e-5), bias zero; ``fc_norm`` starts at weight 1, bias 0;
+* every parameter is trained with AdamW, linear warmup then cosine (:func:`vlmask.engine.lr_at`)
+  scaled per parameter group by layer-wise lr decay: ``patch_embed``/``pos_embed`` are layer 0,
+  block ``i`` is layer ``i + 1``, everything else (head, ``fc_norm``) layer ``depth + 1``, and a
+  layer's lr is ``lr * layer_decay ** (depth + 1 - layer)`` (VideoMAE ``LayerDecayValueAssigner``).
+  No weight decay on biases, 1-D parameters and ``pos_embed``;
+* training clips use the train augmentation with ``crop_scale`` (0.08, 1.0) (VideoMAE's
+  finetuning RandomResizedCrop) and the recipe's ``hflip``; loss is cross-entropy on label-
+  smoothed targets (0.1), optionally on mixup / cutmix targets (VideoMAE: mixup 0.8, cutmix 1.0,
+  switch 0.5, one draw per batch). Mixup and cutmix are OFF by default here: at demo scale (a few
+  hundred clips, tens of steps) they slow convergence far more than they regularise;
+* stochastic depth ``drop_path`` (VideoMAE 0.1) is set on the encoder's blocks;
+* the validation manifest is classified with centre crops (one view; VideoMAE's multi-view
+  test is not done) after the last step, and also every ``eval_every`` steps when set: ``top1``
+  and, when the manifests carry ``verb`` and ``noun``, ``verb_top1`` / ``noun_top1``
+  marginalised from the action probabilities (EPIC-Kitchens, as FILS reports). The reported
+  numbers are the final model's: no checkpoint is picked on the validation set.
+
+Settings come from the recipe's optional ``finetune`` section (:class:`FinetuneSettings`,
+every key optional), overridable on the command line (``finetune.max_steps=20``). The result
+is ``RUN_DIR/finetune.json`` and the finetuned classifier ``RUN_DIR/finetune/model.safetensors``
+(both written atomically); :func:`load_finetuned` rebuilds the classifier from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from rich.console import Console
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlmask.checkpoint import load_strict, load_tensors
+from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
+from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
+from vlmask.engine import lr_at
+from vlmask.evaluate import class_parts, eval_dataset, val_manifest
+from vlmask.schema import _check_section, build, factory_parameters, type_matches
+from vlmask_plugins.evaluation.classification import group_top1, top1
+
+__all__ = [
+    "FINETUNE_FORMAT",
+    "FinetuneSettings",
+    "MixupCutmix",
+    "VideoClassifier",
+    "evaluate_classifier",
+    "finetune_run",
+    "finetune_settings",
+    "layer_decay_groups",
+    "layer_id",
+    "load_finetuned",
+    "set_group_lrs",
+    "smoothed_targets",
+    "soft_target_cross_entropy",
+]
+
+#: ``format`` of the finetuned weights' safetensors metadata.
+FINETUNE_FORMAT = "vlmask-finetune/1"
+
+console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class FinetuneSettings:
+    """The recipe's ``finetune`` section (VideoMAE finetuning defaults unless noted)."""
+
+    max_steps: int | None = None  # optimizer steps; takes precedence over epochs
+    epochs: float = 20.0  # VideoMAE: 30-100 epochs on real data; 20 suits the demo set
+    batch_size: int | None = None  # None: train.batch_size
+    lr: float = 1.0e-3  # peak lr of the last layer (absolute; VideoMAE: 1e-3 x batch / 256)
+    min_lr: float = 1.0e-6
+    warmup_lr: float = 1.0e-6
+    warmup_steps: int | None = None  # takes precedence over warmup_epochs
+    warmup_epochs: float = 2.0  # VideoMAE: 5 of 30-100 epochs
+    layer_decay: float = 0.75  # 1.0: the same lr for every layer
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    grad_clip: float | None = None  # VideoMAE: no clipping
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # mixup alpha; VideoMAE 0.8 (0: off)
+    cutmix: float = 0.0  # cutmix alpha; VideoMAE 1.0 (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    drop_path: float | None = 0.1  # stochastic depth of the encoder; None: as the run's encoder
+    head_init_scale: float = 1.0e-3  # head weight ~ trunc_normal(0.02) * this
+    keep_encoder_norm: bool = False  # False: VideoMAE mean pooling (encoder's final norm dropped)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area
+    hflip: bool | None = None  # None: as the recipe's data.dataset says
+    eval_every: int | None = None  # also validate every N steps; None: only after the last step
+    log_every: int = 10
+    num_workers: int | None = None  # None: data.num_workers
+    seed: int | None = None  # None: the recipe's seed
+
+
+FINETUNE_KEYS = tuple(f.name for f in fields(FinetuneSettings))
+
+
+def _range_problems(s: FinetuneSettings, valid: set[str]) -> dict[str, str]:
+    """key -> what is wrong with its value, for keys whose type was right."""
+    checks: dict[str, tuple[bool, str]] = {
+        "max_steps": (s.max_steps is None or s.max_steps >= 1, "an integer >= 1 or null"),
+        "epochs": (s.epochs > 0, "a number > 0"),
+        "batch_size": (s.batch_size is None or s.batch_size >= 1, "an integer >= 1 or null"),
+        "lr": (s.lr > 0, "a number > 0"),
+        "min_lr": (s.min_lr >= 0, "a number >= 0"),
+        "warmup_lr": (s.warmup_lr >= 0, "a number >= 0"),
+        "warmup_steps": (s.warmup_steps is None or s.warmup_steps >= 0, "an integer >= 0 or null"),
+        "warmup_epochs": (s.warmup_epochs >= 0, "a number >= 0"),
+        "layer_decay": (0 < s.layer_decay <= 1, "a number in (0, 1]"),
+        "weight_decay": (s.weight_decay >= 0, "a number >= 0"),
+        "betas": (len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), "two numbers in [0, 1)"),
+        "eps": (s.eps > 0, "a number > 0"),
+        "grad_clip": (s.grad_clip is None or s.grad_clip > 0, "a number > 0 or null"),
+        "label_smoothing": (0 <= s.label_smoothing < 1, "a number in [0, 1)"),
+        "mixup": (s.mixup >= 0, "a number >= 0 (0: off)"),
+        "cutmix": (s.cutmix >= 0, "a number >= 0 (0: off)"),
+        "mixup_prob": (0 <= s.mixup_prob <= 1, "a number in [0, 1]"),
+        "mixup_switch_prob": (0 <= s.mixup_switch_prob <= 1, "a number in [0, 1]"),
+        "drop_path": (s.drop_path is None or 0 <= s.drop_path < 1, "a number in [0, 1) or null"),
+        "head_init_scale": (s.head_init_scale >= 0, "a number >= 0"),
+        "crop_scale": (len(s.crop_scale) == 2 and 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1,
+                       "[low, high] with 0 < low <= high <= 1"),
+        "eval_every": (s.eval_every is None or s.eval_every >= 1, "an integer >= 1 or null"),
+        "log_every": (s.log_every >= 1, "an integer >= 1"),
+        "num_workers": (s.num_workers is None or s.num_workers >= 0, "an integer >= 0 or null"),
+    }
+    return {key: need for key, (ok, need) in checks.items() if key in valid and not ok}
+
+
+def finetune_settings(recipe: Recipe) -> FinetuneSettings:
+    """The recipe's ``finetune`` section with defaults filled in; every problem (unknown key,
+    wrong type, value out of range) is collected into one RecipeError naming file and key.
+    ``batch_size``, ``num_workers`` and ``seed`` stay None when unset (see :func:`finetune_run`)."""
+    section = recipe.get("finetune")
+    if section is None:
+        section = {}
+    problems = _check_section("finetune", section, FinetuneSettings, recipe.where)
+    if not isinstance(section, dict):
+        raise RecipeError(problems)
+    hints = typing.get_type_hints(FinetuneSettings)
+    valid = {k: v for k, v in section.items() if k in FINETUNE_KEYS and type_matches(v, hints[k])}
+    settings = FinetuneSettings(**valid)
+    for key, need in _range_problems(settings, set(valid)).items():
+        problems.append(f"{recipe.where('finetune.' + key)}: key finetune.{key}: {valid[key]!r} is not {need}")
+    if problems:
+        raise RecipeError(problems)
+    settings.betas = [float(b) for b in settings.betas]
+    settings.crop_scale = [float(c) for c in settings.crop_scale]
+    return settings
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class VideoClassifier(nn.Module):
+    """A pretrained video encoder with VideoMAE's finetuning head (Tong et al., NeurIPS 2022,
+    ``modeling_finetune.VisionTransformer`` with ``use_mean_pooling``): tokens (B, N, D) are
+    averaged, normalised by ``fc_norm`` (LayerNorm, eps 1e-6) and mapped to class logits by
+    ``head``. With ``keep_encoder_norm=False`` the encoder's final ``norm`` (when it has one)
+    is replaced by the identity, as in VideoMAE, where ``fc_norm`` after pooling replaces it.
+    ``head`` starts at ``trunc_normal(std=0.02) * head_init_scale`` with zero bias.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, head_init_scale: float = 1e-3,
+                 keep_encoder_norm: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        dim = int(getattr(encoder, "embed_dim"))
+        if not keep_encoder_norm and isinstance(getattr(encoder, "norm", None), nn.Module):
+            encoder.norm = nn.Identity()
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def depth(self) -> int:
+        """Transformer blocks of the encoder (0 when it has no ``blocks``)."""
+        blocks = getattr(self.encoder, "blocks", None)
+        return len(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else 0
+
+    def forward(self, video: Tensor) -> Tensor:
+        """(B, C, T, H, W) -> logits (B, num_classes)."""
+        tokens = self.encoder(video)
+        return self.head(self.fc_norm(tokens.mean(dim=1)))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """VideoMAE's ``get_num_layer_for_vit`` on a :class:`VideoClassifier` parameter name:
+    ``pos_embed`` / ``cls_token`` / ``mask_token`` / ``patch_embed.*`` of the encoder are layer 0,
+    ``encoder.blocks.i.*`` layer ``i + 1``, anything else (head, fc_norm) layer ``depth + 1``.
+
+    >>> [layer_id(n, 4) for n in ("encoder.patch_embed.weight", "encoder.blocks.2.mlp.fc1.bias", "head.weight")]
+    [0, 3, 5]
+    """
+    if name.startswith("encoder."):
+        local = name[len("encoder."):]
+        if local in ("cls_token", "mask_token", "pos_embed") or local.startswith("patch_embed"):
+            return 0
+        if local.startswith("blocks."):
+            return int(local.split(".")[1]) + 1
+    return depth + 1
+
+
+def _no_decay(name: str, param: Tensor) -> bool:
+    """VideoMAE ``get_parameter_groups``: 1-D parameters, biases and the skip list (pos_embed, cls_token)."""
+    local = name.rpartition(".")[2]
+    return param.ndim <= 1 or name.endswith(".bias") or local in ("pos_embed", "cls_token")
+
+
+def layer_decay_groups(model: VideoClassifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one per (layer, decay or not), each with ``lr_scale`` =
+    ``layer_decay ** (depth + 1 - layer)`` (VideoMAE ``LayerDecayValueAssigner``),
+    ``weight_decay``, ``layer`` and ``names``. ``layer_decay=1`` gives every group scale 1."""
+    depth = model.depth
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer, skip = layer_id(name, depth), _no_decay(name, param)
+        group = groups.setdefault((layer, skip), {
+            "params": [], "names": [], "layer": layer,
+            "weight_decay": 0.0 if skip else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - layer),
+        })
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = ``lr * group["lr_scale"]`` (VideoMAE's per-iteration schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def smoothed_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """One-hot targets with label smoothing: ``1 - smoothing + smoothing / C`` on the label,
+    ``smoothing / C`` elsewhere (timm / VideoMAE ``mixup_target``; the same distribution as
+    ``F.cross_entropy(..., label_smoothing=smoothing)``).
+
+    >>> smoothed_targets(torch.tensor([1]), 4, 0.2).tolist()
+    [[0.05000000074505806, 0.8500000238418579, 0.05000000074505806, 0.05000000074505806]]
+    """
+    off = smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (timm ``SoftTargetCrossEntropy``).
+
+    >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> loss = soft_target_cross_entropy(logits, smoothed_targets(torch.tensor([0]), 3, 0.1))
+    >>> bool(torch.isclose(loss, F.cross_entropy(logits, torch.tensor([0]), label_smoothing=0.1)))
+    True
+    """
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+class MixupCutmix:
+    """Mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) for video batches, as
+    VideoMAE's finetuning applies them (its ``mixup.py``, timm's ``Mixup`` in ``batch`` mode):
+    one draw per batch; with probability ``prob`` the batch is mixed with its reverse
+    (``x.flip(0)``): mixup blends whole clips with ``lam ~ Beta(mixup, mixup)``, cutmix pastes
+    one box of area about ``1 - lam`` (``lam ~ Beta(cutmix, cutmix)``) into every frame and
+    corrects ``lam`` to the kept area. With both on, cutmix is used with probability
+    ``switch_prob``. Targets are ``lam * y + (1 - lam) * y.flip(0)`` of label-smoothed one-hots.
+    """
+
+    def __init__(self, mixup: float = 0.8, cutmix: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
+                 smoothing: float = 0.1, num_classes: int = 1) -> None:
+        if mixup < 0 or cutmix < 0:
+            raise ValueError(f"mixup and cutmix must be >= 0, got {mixup} and {cutmix}")
+        if not 0 <= prob <= 1 or not 0 <= switch_prob <= 1:
+            raise ValueError(f"prob and switch_prob must be in [0, 1], got {prob} and {switch_prob}")
+        self.mixup, self.cutmix, self.prob, self.switch_prob = mixup, cutmix, prob, switch_prob
+        self.smoothing, self.num_classes = smoothing, num_classes
+
+    @property
+    def active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.prob > 0
+
+    def draw(self, generator: torch.Generator) -> tuple[float, bool]:
+        """(lam, use_cutmix) of one batch; lam 1.0 means no mixing."""
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or float(torch.rand((), generator=generator)) < self.switch_prob)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        if alpha <= 0 or float(torch.rand((), generator=generator)) >= self.prob:
+            return 1.0, False
+        beta = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator))).beta(alpha, alpha)
+        return float(beta), use_cutmix
+
+    def apply(self, video: Tensor, labels: Tensor, lam: float, use_cutmix: bool,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, float]:
+        """Mix ``video`` (B, C, T, H, W) with its reverse; returns (video, soft targets, lam used)."""
+        if lam < 1.0:
+            other = video.flip(0)
+            if use_cutmix:
+                height, width = video.shape[-2:]
+                top, bottom, left, right = cutmix_box(height, width, lam, generator)
+                video = video.clone()
+                video[..., top:bottom, left:right] = other[..., top:bottom, left:right]
+                lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+            else:
+                video = video * lam + other * (1.0 - lam)
+        y = smoothed_targets(labels, self.num_classes, self.smoothing)
+        return video, y * lam + y.flip(0) * (1.0 - lam), lam
+
+    def __call__(self, video: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+        lam, use_cutmix = self.draw(generator)
+        return self.apply(video, labels, lam, use_cutmix, generator)
+
+
+def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """timm's ``rand_bbox``: a box of side ``sqrt(1 - lam)`` of the frame around a uniform
+    centre, clipped to the frame; (top, bottom, left, right), bottom/right exclusive."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy = int(torch.randint(0, height, (), generator=generator))
+    cx = int(torch.randint(0, width, (), generator=generator))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return top, bottom, left, right
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _Rows(Dataset):
+    """``dataset`` restricted to ``rows`` (item ``i`` is ``dataset[rows[i]]``)."""
+
+    def __init__(self, dataset: Any, rows: list[int]) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.rows[index]]
+
+
+def _collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
+    return getattr(dataset, "collate", None) or getattr(sys.modules[type(dataset).__module__], "collate")
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], class_verbs: list[str | None],
+                        class_nouns: list[str | None], batch_size: int, num_workers: int = 0,
+                        device: torch.device | str = "cpu", autocast: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Centre-crop classification of ``dataset`` (built with ``classes``): ``top1`` over its
+    labelled clips (a label outside ``classes`` counts as an error), ``verb_top1`` /
+    ``noun_top1`` from marginalised action probabilities when every class has a verb and a
+    noun, and ``clips`` (clips that loaded). Empty when no clip is labelled."""
+    from contextlib import nullcontext
+
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    size = len(dataset)
+    probabilities = torch.full((size, len(classes)), float("nan"))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_of(dataset), pin_memory=torch.device(device).type == "cuda")
+    try:
+        for batch in loader:
+            with autocast():
+                logits = model(batch.video.to(device, non_blocking=True))
+            probabilities[batch.index] = logits.float().softmax(dim=-1).cpu()
+    finally:
+        model.train(was_training)
+    loaded = torch.isfinite(probabilities).all(dim=1)
+    rows = loaded.nonzero().flatten().tolist()
+    names = list(getattr(dataset, "labels", [None] * size))
+    labels = torch.tensor([list(getattr(dataset, "label_ids", [-1] * size))[i] for i in rows], dtype=torch.long)
+    labelled = torch.tensor([names[i] is not None for i in rows], dtype=torch.bool)
+    if not bool(labelled.any()):
+        return {}
+    kept = probabilities[loaded]
+    result = {"top1": top1(kept, labels, labelled), "clips": float(len(rows))}
+    for key, class_groups, truth in (("verb_top1", class_verbs, getattr(dataset, "verbs", None)),
+                                     ("noun_top1", class_nouns, getattr(dataset, "nouns", None))):
+        if truth is None:
+            continue
+        truth_rows = [truth[i] if names[i] is not None else None for i in rows]
+        accuracy = group_top1(kept, class_groups, truth_rows)
+        if accuracy is not None:
+            result[key] = accuracy
+    return result
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(finetune.* overrides, the others)."""
+    ours, others = [], []
+    for text in overrides:
+        key = parse_override(text)[0]
+        (ours if key == "finetune" or key.startswith("finetune.") else others).append(text)
+    return ours, others
+
+
+def _load_pretrained(run_dir: Path, overrides: list[str], drop_path: float | None) -> Any:
+    """``load_run`` without the ``finetune`` section (the engine does not read it), with the
+    encoder's ``drop_path`` set when asked."""
+    from vlmask.runs import load_run
+
+    extra = []
+    if (run_dir / "config.yaml").is_file() and "finetune" in OmegaConf.load(run_dir / "config.yaml"):
+        extra.append("~finetune")
+    if drop_path is not None:
+        extra.append(f"model.encoder.drop_path={drop_path}")
+    return load_run(run_dir, [*overrides, *extra])
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return os.path.relpath(path, root)
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def _save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("val top1 {task.fields[top1]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+    )
+
+
+def finetune_run(run_dir: Path | str, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Finetune the latest checkpoint of ``run_dir`` for action recognition (module docstring)
+    and write ``RUN_DIR/finetune.json`` and ``RUN_DIR/finetune/model.safetensors``; returns the json.
+
+    ``overrides`` are KEY=VALUE on the run's ``config.yaml``: ``finetune.*`` settings
+    (:class:`FinetuneSettings`) and any other key (``data.val=...``, ``device=cpu``).
+    The classes are the training manifest's labels; training uses its labelled clips.
+    """
+    run_dir = Path(run_dir)
+    ours, others = _split_overrides(list(overrides))
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    settings = finetune_settings(load_recipe(config, [*others, *ours, f"run.dir={run_dir}"]))
+    trainer = _load_pretrained(run_dir, others, settings.drop_path)
+    try:
+        return _finetune(trainer, run_dir, settings, progress)
+    finally:
+        trainer.close()
+
+
+def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:
+    recipe: Recipe = trainer.recipe
+    registry = trainer.plugins.registry
+    if trainer.world_size > 1:
+        raise RuntimeError("vlmask finetune runs in one process; start it without torchrun")
+    if trainer.resumed_from is None:
+        raise RuntimeError(f"{run_dir}: no checkpoint was loaded")
+    classes = list(getattr(trainer.train_set, "classes", []) or [])
+    if not classes:
+        raise ValueError(f"{trainer.train_manifest}: no clip has a label; finetuning needs labelled training clips")
+    # settings that default to the run's
+    settings.batch_size = settings.batch_size or int(recipe.get("train.batch_size") or 8)
+    settings.num_workers = int(recipe.get("data.num_workers", 2)) if settings.num_workers is None else settings.num_workers
+    settings.seed = int(recipe.get("seed", 0)) if settings.seed is None else settings.seed
+
+    # data: the train manifest with finetuning augmentation, labelled clips only
+    entry = registry.get("dataset", recipe.get("data.dataset.name"))
+    params = factory_parameters(entry.factory)
+    extra: dict[str, Any] = {"manifest": str(trainer.train_manifest), "train": True}
+    wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
+    if settings.hflip is not None:
+        wanted["hflip"] = settings.hflip
+    for key, value in wanted.items():
+        if key in params:
+            extra[key] = value
+        elif key != "classes":
+            raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
+                               f"{entry.name!r} has no argument {key!r}"])
+    train_set = build(registry, recipe, "data.dataset", "dataset", **extra)
+    rows = [i for i, label in enumerate(getattr(train_set, "label_ids", [])) if label >= 0]
+    if len(rows) < settings.batch_size:
+        raise RecipeError([f"{recipe.where('finetune.batch_size')}: key finetune.batch_size: {settings.batch_size} "
+                           f"is more than the {len(rows)} labelled training clips of {trainer.train_manifest}"])
+    batches = EpochBatches(len(rows), settings.batch_size, settings.seed)
+    device = trainer.device
+    loader = DataLoader(
+        SeededItems(_Rows(train_set, rows)), batch_sampler=batches, num_workers=settings.num_workers,
+        collate_fn=_collate_of(train_set), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+        persistent_workers=settings.num_workers > 0,
+    )
+    steps_per_epoch = batches.batches_per_epoch
+    total = settings.max_steps or max(1, round(settings.epochs * steps_per_epoch))
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else round(settings.warmup_epochs * steps_per_epoch)
+    val_path = val_manifest(trainer)
+    val_set = eval_dataset(trainer, val_path) if val_path is not None else None
+    if val_set is None:
+        console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation[/]")
+    class_verbs, class_nouns = class_parts(train_set, classes)
+
+    # model and optimizer
+    torch.manual_seed(settings.seed)
+    model = VideoClassifier(trainer.student.encoder, len(classes), settings.head_init_scale,
+                            settings.keep_encoder_norm).to(device)
+    if settings.layer_decay < 1 and model.depth == 0:
+        raise RecipeError([f"{recipe.where('finetune.layer_decay')}: key finetune.layer_decay: the encoder "
+                           f"{type(model.encoder).__name__} has no .blocks to decay over; set finetune.layer_decay=1.0"])
+    groups = layer_decay_groups(model, settings.weight_decay, settings.layer_decay)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=settings.warmup_lr, betas=(settings.betas[0], settings.betas[1]), eps=settings.eps,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=trainer.precision == "fp16")
+    mixing = MixupCutmix(settings.mixup, settings.cutmix, settings.mixup_prob, settings.mixup_switch_prob,
+                         settings.label_smoothing, len(classes))
+
+    def validate() -> dict[str, float]:
+        if val_set is None:
+            return {}
+        return evaluate_classifier(model, val_set, classes, class_verbs, class_nouns, settings.batch_size,
+                                   settings.num_workers, device, trainer.autocast)
+
+    history: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    batch_iter = infinite(loader, batches, 0, 0)
+    model.train()
+    with _progress(progress, total) as bar:
+        task = bar.add_task("finetune", total=total, loss="-", top1="-")
+        for step in range(total):
+            set_group_lrs(optimizer, lr_at(step, total, warmup, settings.lr, settings.min_lr, settings.warmup_lr))
+            batch = next(batch_iter)
+            video = batch.video.to(device, non_blocking=True)
+            labels = batch.label.to(device, non_blocking=True)
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+            if mixing.active:
+                video, targets, _ = mixing(video, labels, generator)
+            else:
+                targets = smoothed_targets(labels, len(classes), settings.label_smoothing)
+            with trainer.autocast():
+                logits = model(video)
+            loss = soft_target_cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if settings.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            done = step + 1
+            evaluate_now = done == total or (settings.eval_every is not None and done % settings.eval_every == 0)
+            if done % settings.log_every == 0 or evaluate_now:
+                row: dict[str, Any] = {"step": done, "epoch": round(done / steps_per_epoch, 3),
+                                       "loss": float(loss_sum / loss_count),
+                                       "lr": max(g["lr"] for g in optimizer.param_groups)}
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"finetune loss is {row['loss']} at step {done}; try a lower finetune.lr")
+                loss_sum, loss_count = torch.zeros((), device=device), 0
+                if evaluate_now:
+                    metrics = validate()
+                    row.update({k: v for k, v in metrics.items() if k != "clips"})
+                history.append(row)
+                bar.update(task, loss=f"{row['loss']:.4f}", top1=f"{metrics['top1']:.3f}" if "top1" in metrics else "-")
+            bar.update(task, completed=done)
+    wall = time.perf_counter() - t0
+
+    weights = run_dir / "finetune" / "model.safetensors"
+    checkpoint = _relative(Path(trainer.resumed_from), run_dir)
+    _save_weights(weights, model, {
+        "format": FINETUNE_FORMAT, "checkpoint": checkpoint, "steps": str(total),
+        "classes": json.dumps(classes), "keep_encoder_norm": json.dumps(settings.keep_encoder_norm),
+    })
+    result: dict[str, Any] = {"checkpoint": checkpoint, "num_classes": len(classes), "chance_top1": 1.0 / len(classes)}
+    for key in ("top1", "verb_top1", "noun_top1"):
+        if key in metrics:
+            result[key] = float(metrics[key])
+    resolved = asdict(settings)
+    resolved.update({"warmup_steps": warmup, "max_steps": total})
+    result.update({
+        "steps": total,
+        "weights": _relative(weights, run_dir),
+        "data": {"train": str(trainer.train_manifest), "val": str(val_path) if val_path else None,
+                 "train_clips": len(rows), "val_clips": int(metrics.get("clips", 0))},
+        "device": str(device),
+        "precision": trainer.precision,
+        "wall_s": round(wall, 3),
+        "settings": resolved,
+        "history": history,
+    })
+    _atomic_json(run_dir / "finetune.json", result)
+    return result
+
+
+def load_finetuned(run_dir: Path | str, overrides: Sequence[str] = ()) -> tuple[VideoClassifier, list[str]]:
+    """The finetuned classifier of ``run_dir`` (weights loaded strictly, eval mode, on the run's
+    device) and its class names (logit ``i`` is class ``i``)."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "finetune" / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir}: no finetuned weights at {weights}; run vlmask finetune first")
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FINETUNE_FORMAT:
+        raise ValueError(f"{weights}: not vlmask finetuned weights (format {metadata.get('format')!r})")
+    classes = list(json.loads(metadata["classes"]))
+    _, others = _split_overrides(list(overrides))
+    trainer = _load_pretrained(run_dir, others, None)
+    try:
+        model = VideoClassifier(trainer.student.encoder, len(classes),
+                                keep_encoder_norm=bool(json.loads(metadata["keep_encoder_norm"])))
+        load_strict(model, load_tensors(weights), weights)
+        model.to(trainer.device).eval()
+    finally:
+        trainer.close()
+    return model, classes
