@@ -116,6 +116,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vlmask.finetune import finetune_run
+
+    result = finetune_run(Path(args.run_dir), args.overrides)
+    out.print_json(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str))
+    out.print(f"wrote {Path(args.run_dir) / 'finetune.json'}")
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from vlmask.evaluate import embed_manifest
 
@@ -157,6 +166,24 @@ def cmd_data_boxes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_captions(args: argparse.Namespace) -> int:
+    from vlmask.config import parse_override
+    from vlmask.schema import check_plugin_node
+    from vlmask_plugins.captioners.fill import fill_captions
+
+    registry = _plugins().registry
+    node = {"name": args.captioner, **{k: v for k, v, _ in map(parse_override, args.overrides)}}
+    problems = check_plugin_node(registry, "captioner", "captioner", node, lambda key: "command line")
+    if problems:
+        raise RecipeError(problems)
+    captioner = registry.get("captioner", args.captioner).factory(**{k: v for k, v in node.items() if k != "name"})
+    stats = fill_captions(Path(args.manifest), Path(args.out), captioner, workers=args.workers)
+    out.print(stats.summary(), highlight=False)
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=2, default=str))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmask.interop import export_hf_videomae
 
@@ -189,6 +216,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. data.val=val.jsonl evaluation.evaluators.knn.k=10")
     ev.add_argument("--only", help="comma-separated sections: linear_probe,knn,retrieval,zero_shot")
     ev.set_defaults(func=cmd_eval)
+
+    ft = sub.add_parser("finetune", help="finetune a run's encoder for action recognition; writes RUN_DIR/finetune.json")
+    ft.add_argument("run_dir")
+    ft.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. finetune.max_steps=200 finetune.layer_decay=0.75")
+    ft.set_defaults(func=cmd_finetune)
 
     emb = sub.add_parser("embed", help="one pooled encoder feature per manifest line (.npy)")
     emb.add_argument("run_dir")
@@ -225,6 +257,15 @@ def parser() -> argparse.ArgumentParser:
     boxes.add_argument("--stats", help="also write the detection statistics as JSON here")
     boxes.set_defaults(func=cmd_data_boxes)
 
+    captions = data_sub.add_parser("captions", help="write a caption for every clip that has none (a local captioning model)")
+    captions.add_argument("manifest")
+    captions.add_argument("overrides", nargs="*", help="the captioner's arguments as KEY=VALUE, e.g. path=/models/blip")
+    captions.add_argument("--out", required=True)
+    captions.add_argument("--captioner", default="hf_image_to_text", help="a registered captioner (hf_image_to_text, template)")
+    captions.add_argument("--workers", type=int, default=1)
+    captions.add_argument("--stats", help="also write the statistics as JSON here")
+    captions.set_defaults(func=cmd_data_captions)
+
     export = sub.add_parser("export", help="write a run's encoder in another framework's format")
     export.add_argument("run_dir")
     export.add_argument("--to", required=True, choices=["hf-videomae"])
@@ -234,7 +275,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, unknown = parser().parse_known_args(argv)
+    # KEY=VALUE / ~KEY may follow options (``vlmask eval RUN --only knn evaluation.batch_size=4``)
+    strays = [a for a in unknown if not ("=" in a or a.startswith("~")) or a.startswith("-")]
+    if strays or (unknown and not hasattr(args, "overrides")):
+        parser().parse_args(argv)  # argparse's own error message and exit code
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     try:
         return int(args.func(args) or 0)
     except RecipeError as exc:

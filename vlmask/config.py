@@ -9,6 +9,7 @@ and key that set the offending value.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-3 as a string; a command line means the number
     return key, parsed, False
 
 

@@ -58,7 +58,7 @@ from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
 from vlmask.engine import lr_at
 from vlmask.evaluate import class_parts, eval_dataset, val_manifest
-from vlmask.schema import _check_section, build, factory_parameters, type_matches
+from vlmask.schema import check_section, build, factory_parameters, type_matches
 from vlmask_plugins.evaluation.classification import group_top1, top1
 
 __all__ = [
@@ -161,7 +161,7 @@ def finetune_settings(recipe: Recipe) -> FinetuneSettings:
     section = recipe.get("finetune")
     if section is None:
         section = {}
-    problems = _check_section("finetune", section, FinetuneSettings, recipe.where)
+    problems = check_section("finetune", section, FinetuneSettings, recipe.where)
     if not isinstance(section, dict):
         raise RecipeError(problems)
     hints = typing.get_type_hints(FinetuneSettings)

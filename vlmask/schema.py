@@ -98,6 +98,7 @@ TOP_LEVEL: dict[str, Any] = {
     "loss_weights": dict,
     "loggers": typing.Optional[dict],
     "evaluation": typing.Optional[dict],
+    "finetune": typing.Optional[dict],  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
     "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
 }
 
@@ -257,7 +258,7 @@ def check_plugin_node(registry: Registry, key: str, kind: str, node: Any, where:
     return problems
 
 
-def _check_section(section: str, value: Any, schema: type, where: Callable[[str], str]) -> list[str]:
+def check_section(section: str, value: Any, schema: type, where: Callable[[str], str]) -> list[str]:
     if not isinstance(value, dict):
         return [f"{where(section)}: key {section}: expected a mapping, got {value!r}"]
     fields = {f.name: f for f in dataclasses.fields(schema)}
@@ -284,7 +285,7 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
     problems: list[str] = []
     for key, value in config.items():
         if key in SECTIONS:
-            problems += _check_section(key, value, SECTIONS[key], recipe.where)
+            problems += check_section(key, value, SECTIONS[key], recipe.where)
         elif key in TOP_LEVEL:
             if not type_matches(value, TOP_LEVEL[key]):
                 problems.append(f"{recipe.where(key)}: key {key}: {value!r} is not of type {_type_name(TOP_LEVEL[key])}")
@@ -299,6 +300,13 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
             continue
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
+    if config.get("finetune") is not None:
+        from vlmask.finetune import finetune_settings  # the finetune section's own checker
+
+        try:
+            finetune_settings(recipe)
+        except RecipeError as exc:
+            problems += exc.problems
     if config.get("evaluation") is not None:
         from vlmask.evaluate import evaluation_settings  # the evaluation section's own checker
 

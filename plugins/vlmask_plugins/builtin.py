@@ -8,6 +8,7 @@ from vlmask import hookimpl
 from vlmask.registry import Register
 from vlmask_plugins import (
     action_area,
+    captioners,
     data,
     encoders,
     evaluation,
@@ -22,5 +23,5 @@ from vlmask_plugins import (
 
 @hookimpl
 def vlmask_register_plugins(register: Register) -> None:
-    for package in (maskers, encoders, teachers, targets, heads, text, data, action_area, evaluation, loggers):
+    for package in (maskers, encoders, teachers, targets, heads, text, data, action_area, captioners, evaluation, loggers):
         package.register_plugins(register)

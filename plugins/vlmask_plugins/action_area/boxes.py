@@ -165,13 +165,13 @@ def fill_boxes(
     rows: dict[int, dict[str, Any]] = {}  # line number -> output row
     clips: dict[int, ManifestClip] = {}
     jobs: list[int] = []
-    for number, row, clip, reason in _read_lines(source):
+    for number, row, clip, reason in read_manifest_rows(source):
         stats.lines += 1
         if reason is not None or clip is None:
             video = row.get("video") if isinstance(row, dict) and isinstance(row.get("video"), str) else None
             stats.skipped.append(SkippedClip(number, video, reason or "bad line"))
             continue
-        rows[number] = _relocated(row, clip, target.parent)
+        rows[number] = relocate_row(row, clip, target.parent)
         clips[number] = clip
         if clip.action_box is None:
             jobs.append(number)
@@ -182,7 +182,7 @@ def fill_boxes(
         return _detect_one(clips[number], detector, cache)
 
     failed: set[int] = set()
-    for number, outcome in _run(jobs, work, workers, progress, f"action boxes -> {target.name}"):
+    for number, outcome in run_per_clip(jobs, work, workers, progress, f"action boxes -> {target.name}"):
         if isinstance(outcome, Exception):
             failed.add(number)
             reason = (outcome.reason if isinstance(outcome, DecodeError)
@@ -208,7 +208,7 @@ def _detector_params(detector: Any) -> dict[str, Any] | None:
     return json.loads(json.dumps(params, sort_keys=True))  # JSON-able, or a TypeError here
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
+def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
     """(line number, decoded row or None, parsed clip or None, reason when bad) per non-blank line."""
     root = path.parent
     with path.open("r", encoding="utf-8", errors="replace") as handle:
@@ -226,7 +226,7 @@ def _read_lines(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str
                 yield number, row, None, str(error)
 
 
-def _relocated(row: dict[str, Any], clip: ManifestClip, out_root: Path) -> dict[str, Any]:
+def relocate_row(row: dict[str, Any], clip: ManifestClip, out_root: Path) -> dict[str, Any]:
     """The row with a relative ``video`` rewritten relative to the output folder (unchanged
     when that is the input folder); every other field kept as is, unknown ones included."""
     out = dict(row)
@@ -256,7 +256,7 @@ def _detect_one(clip: ManifestClip, detector: Any, cache: BoxCache | None) -> _R
     return _Result(box, fallback, False)  # type: ignore[arg-type]
 
 
-def _run(jobs: list[int], work: Callable[[int], _Result], workers: int, progress: bool,
+def run_per_clip(jobs: list[int], work: Callable[[int], _Result], workers: int, progress: bool,
          description: str) -> Iterator[tuple[int, _Result | Exception]]:
     """Results of ``work`` over ``jobs`` as they finish; a clip's decode, OpenCV or file error is
     returned (not raised) so the line can be skipped; any other exception propagates."""
@@ -268,7 +268,7 @@ def _run(jobs: list[int], work: Callable[[int], _Result], workers: int, progress
                 if bar:
                     bar.advance()
             return
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmask-boxes") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmask-clips") as pool:
             futures = {pool.submit(_guarded, work, number): number for number in jobs}
             for future in as_completed(futures):
                 yield futures[future], future.result()
