@@ -331,6 +331,9 @@ class Trainer:
                 find_unused_parameters=self.train_cfg.find_unused_parameters,
             )
 
+        if self.train_cfg.compile:
+            self.ddp_student = torch.compile(self.ddp_student)
+
     def _setup_optimizer(self) -> None:
         decay, no_decay = [], []
         for name, p in self.student.named_parameters():
@@ -407,7 +410,7 @@ class Trainer:
         logged: dict[str, Tensor] = {}
         for i, part in enumerate(micro):
             mask = self.masker(part, self.grid, self.mask_generator(step * len(micro) + i))
-            defer_sync = i < len(micro) - 1 and isinstance(self.ddp_student, DistributedDataParallel)
+            defer_sync = i < len(micro) - 1 and hasattr(self.ddp_student, "no_sync")  # DDP, compiled or not
             with self.ddp_student.no_sync() if defer_sync else nullcontext():
                 with self.autocast():
                     terms = self.ddp_student(part, mask, self.grid, self.teacher)

@@ -43,6 +43,7 @@ class TrainSettings:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with loss scaling)
     grad_clip: float | None = 1.0
     find_unused_parameters: bool = False  # DDP
+    compile: bool = False  # torch.compile the student's forward (first steps include compilation)
 
 
 @dataclass

@@ -230,3 +230,15 @@ def test_gradient_accumulation_steps_over_micro_batches(tiny_overrides, tmp_path
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert "batch_size: 4" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_eager_one(tiny_overrides, tmp_path):
+    def run(extra: list[str]) -> float:
+        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tmp_path / str(len(extra)), steps=2), *extra]))
+        try:
+            return trainer.train()["final_loss"]
+        finally:
+            trainer.close()
+
+    assert run(["train.compile=true"]) == pytest.approx(run([]), rel=1e-4)
