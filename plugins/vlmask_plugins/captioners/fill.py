@@ -19,10 +19,6 @@ captioners (``caption_row``) read the line itself: no decoding, no cache.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from vlmask.paths import cache_dir as default_cache_root
-from vlmask_plugins.action_area.boxes import read_manifest_rows, relocate_row, run_per_clip
 from vlmask_plugins.captioners.interface import DEFAULT_FRAMES_PER_CLIP
-from vlmask_plugins.data.decode import DecodeError, FrameSampler, decode_clip, probe_video
-from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, write_manifest
+from vlmask_plugins.data.decode import FrameSampler, decode_clip, probe_video
+from vlmask_plugins.data.fill import ClipJsonCache, ManifestLine, fill_manifest, manifest_paths
+from vlmask_plugins.data.manifest import ManifestClip, SkippedClip
 from vlmask_plugins.text.cache import is_missing
 
 
@@ -83,48 +79,6 @@ def default_captions_cache() -> Path:
     return default_cache_root() / "captions"
 
 
-class CaptionCache:
-    """One small JSON file per (file, segment, frames decoded, captioner identity) under ``folder``."""
-
-    def __init__(self, folder: Path, identity: str, frames_per_clip: int, short_side: int | None) -> None:
-        self.folder = Path(folder)
-        self.identity = identity
-        self.frames_per_clip = frames_per_clip
-        self.short_side = short_side
-
-    def key(self, clip: ManifestClip) -> dict[str, Any]:
-        path = clip.video.resolve()
-        stat = path.stat()
-        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "start": clip.start,
-                "end": clip.end, "frames_per_clip": self.frames_per_clip, "short_side": self.short_side,
-                "captioner": self.identity}
-
-    def file(self, key: dict[str, Any]) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
-        return self.folder / f"{digest[:40]}.json"
-
-    def get(self, key: dict[str, Any]) -> str | None:
-        try:
-            entry = json.loads(self.file(key).read_text(encoding="utf-8"))
-            if entry["key"] != json.loads(json.dumps(key)) or not isinstance(entry["caption"], str):
-                return None  # a hash collision or a stale format
-            return entry["caption"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def put(self, key: dict[str, Any], caption: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.file(key)
-        handle, scratch = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump({"key": key, "caption": caption}, out)
-            os.replace(scratch, target)  # atomic: a reader sees the old file or the whole new one
-        finally:
-            if os.path.exists(scratch):
-                os.unlink(scratch)
-
-
 def clip_frames(clip: ManifestClip, frames_per_clip: int, short_side: int | None = None) -> list[np.ndarray]:
     """``frames_per_clip`` evenly spaced frames of the clip's segment, (H, W, 3) uint8 RGB, the
     shorter side at ``short_side`` when that is smaller than the file's (never upscaled)."""
@@ -133,12 +87,6 @@ def clip_frames(clip: ManifestClip, frames_per_clip: int, short_side: int | None
     frames, _ = decode_clip(clip.video, FrameSampler(frames_per_clip, "dynamic"), train=False, short_side=side,
                             start=clip.start, end=clip.end, info=info)
     return list(frames)
-
-
-@dataclass(frozen=True)
-class _Captioned:
-    caption: str
-    from_cache: bool
 
 
 def fill_captions(
@@ -172,79 +120,63 @@ def fill_captions(
         raise ValueError(f"captioner frames_per_clip must be an integer >= 1, got {frames_per_clip!r}")
     if short_side is not None and (not isinstance(short_side, int) or short_side < 1):
         raise ValueError(f"captioner short_side must be None or an integer >= 1, got {short_side!r}")
-    source, target = Path(manifest_in).expanduser(), Path(manifest_out).expanduser()
-    if not source.is_file():
-        raise FileNotFoundError(f"manifest {source} does not exist" if not source.exists() else f"manifest {source} is not a file")
+    source, target = manifest_paths(manifest_in, manifest_out)
     cache = None
     if use_cache and not by_row:
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_captions_cache()
-        cache = CaptionCache(folder, identity, frames_per_clip, short_side)
+        cache = ClipJsonCache(folder, {"frames_per_clip": frames_per_clip, "short_side": short_side, "captioner": identity})
     stats = CaptionStats(source, target, identity, cache_dir=None if cache is None else cache.folder)
 
-    rows: dict[int, dict[str, Any]] = {}  # line number -> output row
-    clips: dict[int, ManifestClip] = {}
-    jobs: list[int] = []
-    for number, row, clip, reason in read_manifest_rows(source):
-        stats.lines += 1
-        if reason is not None or clip is None:
-            video = row.get("video") if isinstance(row, dict) and isinstance(row.get("video"), str) else None
-            stats.skipped.append(SkippedClip(number, video, reason or "bad line"))
-            continue
-        rows[number] = relocate_row(row, clip, target.parent)
-        clips[number] = clip
-        if not is_missing(clip.caption):
+    def select(line: ManifestLine) -> bool:
+        if not is_missing(line.clip.caption):
             stats.kept += 1
-        elif by_row:
-            caption = captioner.caption_row(dict(row))
-            if caption is not None and not isinstance(caption, str):
-                raise TypeError(f"captioner {identity!r} caption_row returned {type(caption).__name__}, not str or None")
-            _store(stats, rows[number], number, caption, "the captioner gives this row no caption "
-                   "(a field it needs is missing or empty)")
-            stats.captioned += not is_missing(caption)
-        else:
-            jobs.append(number)
+            return False
+        if not by_row:
+            return True
+        caption = captioner.caption_row(dict(line.row))
+        if caption is not None and not isinstance(caption, str):
+            raise TypeError(f"captioner {identity!r} caption_row returned {type(caption).__name__}, not str or None")
+        _store(stats, line, caption, "the captioner gives this row no caption (a field it needs is missing or empty)")
+        stats.captioned += not is_missing(caption)
+        return False
 
-    def work(number: int) -> _Captioned:
-        return _caption_one(clips[number], captioner, frames_per_clip, short_side, cache)
+    def store(line: ManifestLine, outcome: tuple[str, bool]) -> None:
+        caption, from_cache = outcome
+        _store(stats, line, caption, "the model wrote an empty caption")
+        if not is_missing(caption):
+            stats.cached += from_cache
+            stats.captioned += not from_cache
 
-    failed: set[int] = set()
-    for number, outcome in run_per_clip(jobs, work, workers, progress, f"captions -> {target.name}"):  # type: ignore[arg-type]
-        if isinstance(outcome, Exception):
-            failed.add(number)
-            reason = (outcome.reason if isinstance(outcome, DecodeError)
-                      else f"captioning failed ({type(outcome).__name__}: {str(outcome).strip().splitlines()[0][:300]})")
-            stats.skipped.append(SkippedClip(number, str(rows[number]["video"]), reason))
-            continue
-        assert isinstance(outcome, _Captioned)
-        _store(stats, rows[number], number, outcome.caption, "the model wrote an empty caption")
-        if not is_missing(outcome.caption):
-            stats.cached += outcome.from_cache
-            stats.captioned += not outcome.from_cache
-    stats.skipped.sort(key=lambda s: s.line)
+    def work(line: ManifestLine) -> tuple[str, bool]:
+        return _caption_one(line.clip, captioner, frames_per_clip, short_side, cache)
+
+    fill_manifest(source, target, stats, select, work, store, label="captions", verb="captioning",
+                  workers=workers, progress=progress)
     stats.uncaptioned.sort(key=lambda s: s.line)
-    out_rows = [rows[n] for n in sorted(rows) if n not in failed]
-    write_manifest(target, out_rows)
-    stats.written = len(out_rows)
     return stats
 
 
-def _store(stats: CaptionStats, row: dict[str, Any], number: int, caption: str | None, why_not: str) -> None:
+def _store(stats: CaptionStats, line: ManifestLine, caption: str | None, why_not: str) -> None:
     if is_missing(caption):
-        stats.uncaptioned.append(SkippedClip(number, str(row["video"]), why_not))
+        stats.uncaptioned.append(SkippedClip(line.number, str(line.out["video"]), why_not))
         return
-    row["caption"] = " ".join(str(caption).split())
+    line.out["caption"] = " ".join(str(caption).split())
 
 
 def _caption_one(clip: ManifestClip, captioner: Any, frames_per_clip: int, short_side: int | None,
-                 cache: CaptionCache | None) -> _Captioned:
-    key = cache.key(clip) if cache is not None else None
-    if cache is not None and key is not None:
-        hit = cache.get(key)
-        if hit is not None:
-            return _Captioned(hit, True)
-    caption = captioner.caption(clip_frames(clip, frames_per_clip, short_side))
-    if not isinstance(caption, str):
-        raise TypeError(f"captioner {captioner.identity!r} returned {type(caption).__name__}, not str")
-    if cache is not None and key is not None:
-        cache.put(key, caption)
-    return _Captioned(caption, False)
+                 cache: ClipJsonCache | None) -> tuple[str, bool]:
+    """(caption, whether it came from the cache)."""
+
+    def caption() -> str:
+        text = captioner.caption(clip_frames(clip, frames_per_clip, short_side))
+        if not isinstance(text, str):
+            raise TypeError(f"captioner {captioner.identity!r} returned {type(text).__name__}, not str")
+        return text
+
+    if cache is None:
+        return caption(), False
+    return cache.get_or_compute(clip, caption, _parse_entry, lambda text: {"caption": text})
+
+
+def _parse_entry(entry: dict[str, Any]) -> str | None:
+    return entry["caption"] if isinstance(entry["caption"], str) else None
