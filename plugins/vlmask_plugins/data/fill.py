@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 import cv2
 
 from vlmask_plugins.data.decode import DecodeError
-from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, parse_line, write_manifest
+from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, read_manifest_rows, write_manifest
 
 T = TypeVar("T")
 
@@ -106,24 +106,6 @@ def fill_manifest(
     out_rows = [lines[n].out for n in sorted(lines) if n not in failed]
     write_manifest(target, out_rows)
     stats.written = len(out_rows)
-
-
-def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
-    """(line number, decoded row or None, parsed clip or None, reason when bad) per non-blank line."""
-    root = path.parent
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield number, None, None, f"invalid JSON: {error.msg} at column {error.colno}"
-                continue
-            try:
-                yield number, row, parse_line(row, number, root), None
-            except ValueError as error:
-                yield number, row, None, str(error)
 
 
 def relocate_row(row: dict[str, Any], clip: ManifestClip, out_root: Path) -> dict[str, Any]:

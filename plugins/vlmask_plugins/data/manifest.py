@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 #: The fields the contract defines; any other field of a line is kept in ``ManifestClip.extra``.
 KNOWN_FIELDS: frozenset[str] = frozenset({"video", "caption", "label", "verb", "noun", "start", "end", "action_box"})
@@ -138,15 +138,9 @@ def parse_line(row: Any, line: int, root: Path) -> ManifestClip:
     return ManifestClip(line, path, caption, label, verb, noun, start, end, box, extra)
 
 
-def read_manifest(path: str | Path) -> ManifestReport:
-    """Parse a JSONL manifest. Bad lines are skipped and recorded (blank lines are ignored);
-    a missing manifest file raises FileNotFoundError naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
+def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
+    """(line number, decoded row or None, parsed clip or None, reason when bad) per non-blank line."""
     root = path.parent
-    clips: list[ManifestClip] = []
-    skipped: list[SkippedClip] = []
     with path.open("r", encoding="utf-8", errors="replace") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
@@ -154,13 +148,28 @@ def read_manifest(path: str | Path) -> ManifestReport:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as error:
-                skipped.append(SkippedClip(number, None, f"invalid JSON: {error.msg} at column {error.colno}"))
+                yield number, None, None, f"invalid JSON: {error.msg} at column {error.colno}"
                 continue
             try:
-                clips.append(parse_line(row, number, root))
-            except _BadLine as error:
-                video = row.get("video") if isinstance(row, dict) and isinstance(row.get("video"), str) else None
-                skipped.append(SkippedClip(number, video, str(error)))
+                yield number, row, parse_line(row, number, root), None
+            except ValueError as error:
+                yield number, row, None, str(error)
+
+
+def read_manifest(path: str | Path) -> ManifestReport:
+    """Parse a JSONL manifest. Bad lines are skipped and recorded (blank lines are ignored);
+    a missing manifest file raises FileNotFoundError naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
+    clips: list[ManifestClip] = []
+    skipped: list[SkippedClip] = []
+    for number, row, clip, reason in read_manifest_rows(path):
+        if clip is not None:
+            clips.append(clip)
+        else:
+            video = row.get("video") if isinstance(row, dict) and isinstance(row.get("video"), str) else None
+            skipped.append(SkippedClip(number, video, reason or "bad line"))
     return ManifestReport(path, clips, skipped)
 
 
