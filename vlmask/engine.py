@@ -228,11 +228,11 @@ class Trainer:
         train_path = self.data_cfg.train
         self.data_source = train_path or "built-in synthetic"
         if train_path is None:
-            if self.rank == 0:
-                paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic)
-            if self.world_size > 1:
+            if self.rank != 0:  # rank 0 generates the set on first use; the others wait, then read it
                 dist.barrier()
-            paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic)
+            paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic, progress=self.rank == 0)
+            if self.rank == 0 and self.world_size > 1:
+                dist.barrier()
             train_path = str(paths[0])
         self.train_manifest = Path(train_path)
         self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(train_path), train=True)

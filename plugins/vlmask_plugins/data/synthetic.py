@@ -39,6 +39,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from vlmask.paths import cache_dir as vlmask_cache_dir
+
 #: Actions, as the manifest's ``verb``.
 VERBS: tuple[str, ...] = ("move left", "move right", "move up", "move down", "rotate", "grow", "shrink", "bounce")
 #: Shapes, as the manifest's ``noun``.
@@ -494,11 +496,6 @@ def generate(
     return train_path, val_path
 
 
-def default_cache_dir() -> Path:
-    """``$VLMASK_CACHE`` or ``~/.cache/vlmask``."""
-    return Path(os.environ.get("VLMASK_CACHE") or Path.home() / ".cache" / "vlmask")
-
-
 def builtin_name(clips: int = 400, seed: int = 0, frames: int = 16, size: int = 64,
                  val_fraction: float = 0.25, fps: int = 8) -> str:
     """The cache folder name of a built-in synthetic set with these parameters."""
@@ -521,7 +518,7 @@ def ensure_builtin(
     so an interrupted run never leaves a half-written set that a later run would use; a second
     call (or a concurrent one that lost the race) just returns the existing manifests.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else vlmask_cache_dir()
     final = root / builtin_name(clips, seed, frames, size, val_fraction, fps)
     train, val = final / "train.jsonl", final / "val.jsonl"
     if train.is_file() and val.is_file():
