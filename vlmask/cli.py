@@ -16,8 +16,8 @@ from rich.table import Table
 from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import PluginError, Plugins, default_plugins
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)  # machine-read lines (paths, JSON) are never wrapped
 
 
 def _plugins() -> Plugins:

@@ -74,7 +74,7 @@ DEFAULT_EVALUATORS: dict[str, dict[str, Any]] = {
 
 EVALUATION_KEYS = ("batch_size", "num_workers", "evaluators")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- settings

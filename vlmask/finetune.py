@@ -80,7 +80,7 @@ __all__ = [
 #: ``format`` of the finetuned weights' safetensors metadata.
 FINETUNE_FORMAT = "vlmask-finetune/1"
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- settings

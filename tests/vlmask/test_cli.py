@@ -39,7 +39,7 @@ def test_run_with_a_third_party_masker(tmp_path, plugin_site, isolated_cache):
     from vlmask_plugins.data.synthetic import generate
 
     train, _ = generate(tmp_path / "data", clips=12, seed=2, frames=8, size=32, progress=False)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / ("a-run-directory-longer-than-a-terminal-line-" * 3)  # printed unwrapped
     result = vlmask(
         "run", str(RECIPES / "mae.yaml"), f"data.train={train}", f"run.dir={run_dir}", "masker={name: grid, stride: 2}",
         "train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.num_workers=0", "data.dataset.num_frames=4",

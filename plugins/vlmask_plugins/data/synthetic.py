@@ -62,7 +62,7 @@ EXCLUDED: frozenset[tuple[str, str]] = frozenset({("rotate", "circle")})
 #: Fraction of clips with a camera pan.
 PAN_FRACTION: float = 0.3
 #: Version tag of the generator; part of the built-in cache folder's name.
-VERSION: str = "v1"
+VERSION: str = "v2"
 
 _VERB_PHRASES: dict[str, tuple[str, ...]] = {
     "move left": ("slides to the left", "moves left", "travels to the left", "drifts leftward", "is gliding left"),
@@ -402,10 +402,31 @@ def render_clip(spec: ClipSpec) -> tuple[np.ndarray, tuple[float, float, float, 
     return frames, action_box(masks)
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """One (H, W, 3) uint8 RGB frame as a (H * 3 / 2, W) uint8 planar YUV 4:2:0 image.
+
+    BT.601 "limited range" (ITU-R BT.601-7, the default decoders assume for untagged SD video):
+    Y in [16, 235], Cb/Cr in [16, 240], chroma from the mean RGB of each 2x2 block. Done here
+    in numpy rather than by swscale so that the encoder's input, and hence the file's bytes, is
+    a pure function of the frame on every CPU (swscale's SIMD paths differ between machines).
+    """
+    rgb = frame.astype(np.float32)
+    height, width = frame.shape[:2]
+    luma = 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+    block = rgb.reshape(height // 2, 2, width // 2, 2, 3).mean(axis=(1, 3))
+    cb = 128.0 + (-37.797 * block[..., 0] - 74.203 * block[..., 1] + 112.0 * block[..., 2]) / 255.0
+    cr = 128.0 + (112.0 * block[..., 0] - 93.786 * block[..., 1] - 18.214 * block[..., 2]) / 255.0
+    planes = np.empty((height * 3 // 2, width), dtype=np.uint8)
+    planes[:height] = np.clip(np.rint(luma), 0, 255)
+    planes[height:].reshape(2, height // 2, width // 2)[:] = np.clip(np.rint(np.stack([cb, cr])), 0, 255)
+    return planes
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
     """Encode (T, H, W, 3) uint8 RGB frames as H.264 (yuv420p) in an mp4 with PyAV.
 
-    Single-threaded x264, so the bytes are a function of the frames.
+    The colour conversion is :func:`rgb_to_yuv420p` and x264 runs single-threaded, so the
+    bytes are a function of the frames.
     """
     import av
 
@@ -419,7 +440,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> 
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
         for t, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(array), format="yuv420p")
             frame.pts, frame.time_base = t, Fraction(1, fps)
             for packet in stream.encode(frame):
                 container.mux(packet)

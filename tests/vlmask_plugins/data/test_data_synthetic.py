@@ -22,6 +22,7 @@ from vlmask_plugins.data.synthetic import (
     generate,
     object_masks,
     render_clip,
+    rgb_to_yuv420p,
 )
 
 SEED = 3  # the conftest's synth fixture
@@ -99,6 +100,20 @@ def test_same_seed_same_bytes_other_seed_other_clips(tmp_path):
     for name in sorted(p.name for p in (tmp_path / "a" / "videos").iterdir()):
         assert (tmp_path / "a" / "videos" / name).read_bytes() == (tmp_path / "b" / "videos" / name).read_bytes()
     assert a[0].read_text() != c[0].read_text()
+
+
+def test_colour_conversion_matches_ffmpeg_bt601():
+    """Our numpy RGB -> YUV 4:2:0 agrees with swscale's (the decoders' inverse assumes BT.601)."""
+    import av
+
+    frames, _ = render_clip(clip_spec(SEED, 0, frames=2, size=64))
+    ours = rgb_to_yuv420p(frames[1]).astype(int)
+    theirs = av.VideoFrame.from_ndarray(frames[1], format="rgb24").reformat(format="yuv420p").to_ndarray().astype(int)
+    assert ours.shape == theirs.shape == (96, 64)
+    assert np.abs(ours[:64] - theirs[:64]).max() <= 1, "luma: same matrix and range"
+    assert np.abs(ours[64:] - theirs[64:]).mean() < 0.5, "chroma: same matrix; siting differs only at edges"
+    back = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frames[1]), format="yuv420p").to_ndarray(format="rgb24")
+    assert np.abs(back.astype(int) - frames[1]).mean() < 3
 
 
 def test_captions_vary(read_rows, synth):
