@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vlmask.parallel import load_full_state_dict
+
 STEP_PREFIX = "step_"
 
 
@@ -130,4 +132,4 @@ def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
         lines += [f"  unexpected: {k}" for k in unexpected[:20]]
         lines += [f"  shape {k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:20]]
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(tensors, strict=True)
+    load_full_state_dict(module, tensors)

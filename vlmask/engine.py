@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import vlmask
 from vlmask import checkpoint as ckpt
+from vlmask import parallel
 from vlmask.config import Recipe, RecipeError
 from vlmask.interop import git_commit
 from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
@@ -190,7 +190,9 @@ class Trainer:
             self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
             self.accumulate = self.train_cfg.accumulate
             self.total_steps = int(self.train_cfg.max_steps or 1)
+        torch.manual_seed(self.seed)  # every rank builds the same initial model (student and teacher)
         self._setup_model()
+        torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
         self._setup_optimizer()
         if with_data:
             self._setup_run_dir()
@@ -323,13 +325,18 @@ class Trainer:
             for module in part.modules() if part is not None else ():
                 if hasattr(module, "set_attention_backend"):
                     self.attention, self.attention_reason = module.set_attention_backend(device=self.device)
+        self.parallel = self.train_cfg.parallel if self.world_size > 1 else "none"
         self.ddp_student: nn.Module = self.student
-        if self.world_size > 1 and any(p.requires_grad for p in self.student.parameters()):
-            self.ddp_student = DistributedDataParallel(
-                self.student,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.train_cfg.find_unused_parameters,
-            )
+        self.replicated_params: list[nn.Parameter] = []  # FSDP: scalars left unsharded
+        if self.parallel == "fsdp":
+            if self.precision == "fp16":
+                raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16"])
+            self.replicated_params = parallel.shard_fsdp(self.student, self.teacher, self.precision)
+        elif self.parallel == "ddp":
+            if self.teacher is not None:  # DDP broadcasts the student's weights, not the teacher's
+                parallel.broadcast_from_rank0(self.teacher)
+            if any(p.requires_grad for p in self.student.parameters()):
+                self.ddp_student = parallel.wrap_ddp(self.student, self.device, self.train_cfg.find_unused_parameters)
 
         if self.train_cfg.compile:
             self.ddp_student = torch.compile(self.ddp_student)
@@ -410,8 +417,7 @@ class Trainer:
         logged: dict[str, Tensor] = {}
         for i, part in enumerate(micro):
             mask = self.masker(part, self.grid, self.mask_generator(step * len(micro) + i))
-            defer_sync = i < len(micro) - 1 and hasattr(self.ddp_student, "no_sync")  # DDP, compiled or not
-            with self.ddp_student.no_sync() if defer_sync else nullcontext():
+            with parallel.gradient_sync(self.ddp_student, enabled=i == len(micro) - 1):  # DDP/FSDP sync once
                 with self.autocast():
                     terms = self.ddp_student(part, mask, self.grid, self.teacher)
                     total, values = weighted_sum(terms, self.loss_weights)
@@ -419,9 +425,10 @@ class Trainer:
             values["loss"] = total.detach()
             for k, v in values.items():
                 logged[k] = logged[k] + v / len(micro) if k in logged else v / len(micro)
+        parallel.average_replicated_gradients(self.replicated_params)
         if self.train_cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
+            logged["grad_norm"] = parallel.clip_gradients(self.student.parameters(), self.train_cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.teacher is not None:
@@ -504,6 +511,8 @@ class Trainer:
             "resumed_from_step": self.start_step or None,
             "device": str(self.device),
             "world_size": self.world_size,
+            "parallel": self.parallel,
+            "params_per_rank": parallel.local_parameter_count(self.student),
         }
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -524,6 +533,7 @@ class Trainer:
             "precision": self.precision,
             "attention": self.attention,
             "world_size": self.world_size,
+            "parallel": self.parallel,
             "effective": self.effective,
             "total_steps": self.total_steps,
             "data": {"train": str(self.train_manifest), "clips": len(self.train_set)},
@@ -533,13 +543,17 @@ class Trainer:
         os.replace(tmp, self.run_dir / "config.yaml")
 
     def save(self, step: int) -> Path | None:
+        """Write a checkpoint of full tensors (rank 0 writes; under FSDP every rank gathers)."""
+        if self.rank != 0 and self.parallel != "fsdp":
+            return None
+        modules = {"student": parallel.full_state_dict(self.student)}
+        if self.teacher is not None:
+            modules["teacher"] = parallel.full_state_dict(self.teacher)
+        optimizer_state = parallel.optimizer_state(self.student, self.optimizer)
         if self.rank != 0:
             return None
-        modules = {"student": self.student.state_dict()}
-        if self.teacher is not None:
-            modules["teacher"] = self.teacher.state_dict()
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.rng_state(),
             "total_steps": self.total_steps,
@@ -553,7 +567,7 @@ class Trainer:
         if self.teacher is not None:
             ckpt.load_strict(self.teacher, ckpt.load_tensors(path / "teacher.safetensors"), path / "teacher.safetensors")
         state = ckpt.load_state(path / "state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
@@ -568,7 +582,8 @@ class Trainer:
         enc = self.student.encoder
         parts = [
             f"vlmask {self.recipe.name}",
-            f"device {self.device} ({self.precision}, world {self.world_size})",
+            f"device {self.device} ({self.precision}, world {self.world_size}"
+            + (f", {self.parallel}" if self.world_size > 1 else "") + ")",
             f"attention {self.attention}" + (f" ({self.attention_reason})" if self.attention_reason else ""),
             f"data {self.data_source}: {len(self.train_set)} clips, {len(getattr(self.train_set, 'skipped', []))} skipped",
             f"encoder {_human(_count(enc))} params, grid {self.grid.t}x{self.grid.h}x{self.grid.w}, "

@@ -43,6 +43,7 @@ class TrainSettings:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with loss scaling)
     grad_clip: float | None = 1.0
     find_unused_parameters: bool = False  # DDP
+    parallel: str = "ddp"  # with several processes: ddp (replicate the student) | fsdp (shard student and teacher)
     compile: bool = False  # torch.compile the student's forward (first steps include compilation)
 
 
@@ -126,6 +127,7 @@ INJECTED = ("grid", "encoder_dim", "text_dim", "num_classes", "student", "total_
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.parallel": ("ddp", "fsdp"),
     "optim.lr_scaling": ("none", "linear"),
     "device": ("auto", "cpu", "cuda"),
 }
