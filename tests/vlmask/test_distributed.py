@@ -16,7 +16,7 @@ from vlmask.checkpoint import load_state, load_tensors
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 TINY = [
-    "train.max_steps=4", "train.ckpt_every=2", "train.batch_size=4", "train.log_every=1", "data.num_workers=0",
+    "train.max_steps=4", "train.ckpt_every=2", "train.batch_size=4", "train.accumulate=2", "train.log_every=1", "data.num_workers=0",
     "data.dataset.num_frames=8", "data.dataset.size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1",
     "model.encoder.num_heads=2", "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.num_heads=2",
     "device=cpu",
@@ -42,7 +42,7 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """FILS trained 4 steps by two processes, once with DDP and once with FSDP."""
+    """FILS trained 4 steps of 2 micro-batches by two processes, once with DDP, once with FSDP."""
     from vlmask_plugins.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("distributed")
@@ -60,7 +60,7 @@ def test_torchrun_two_processes_train_fils(runs):
     assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["parallel"] == "ddp"
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4], "rank 0 alone writes metrics"
     record = (run_dir / "config.yaml").read_text()
-    assert "world_size: 2" in record and "batch_size: 8" in record, "effective batch is recorded"
+    assert "world_size: 2" in record and "batch_size: 16" in record, "effective batch is recorded"
 
 
 def test_fsdp_trains_like_ddp_with_half_the_parameters_per_rank(runs):
