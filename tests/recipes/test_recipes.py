@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmask.config import load_recipe
 from vlmask.engine import Trainer
@@ -51,3 +52,24 @@ def test_recipe_trains_at_tiny_scale(recipe_path, tiny_data, tmp_path, isolated_
     for row in metrics:
         assert terms <= set(row), f"every loss term is logged: {sorted(terms - set(row))} missing"
         assert all(math.isfinite(row[t]) for t in terms | {"loss"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe_path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_train_step_waits_for_the_gpu_nowhere(recipe_path, tiny_data, tmp_path, isolated_cache):
+    """No host-device synchronisation inside a training step (``.item()``, ``nonzero``, a
+    Python ``if`` on a tensor ...): CUDA's sync debug mode turns any into an error."""
+    overrides = [o for o in tiny(recipe_path, tiny_data, tmp_path / "run") if o != "device=cpu"] + ["device=cuda"]
+    trainer = Trainer(load_recipe(recipe_path, overrides))
+    try:
+        batch = trainer.prepare(next(iter(trainer.loader)))
+        trainer.train_step(batch, 0)  # lazy initialisation (cuBLAS handles, optimizer state) may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.train_step(batch, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        trainer.close()

@@ -26,11 +26,10 @@ def random_split(noise: Tensor, num_selected: int) -> tuple[Tensor, Tensor]:
 def split_by_flag(flags: Tensor, num_true: int) -> tuple[Tensor, Tensor]:
     """Indices of the True and of the False entries of a (B, n) bool tensor, rows sorted.
 
-    Every row must hold exactly ``num_true`` True entries.
+    Every row must hold exactly ``num_true`` True entries: checked on the device
+    (``torch._assert_async``), so that a training step does not wait for the GPU here.
     """
-    counts = flags.sum(dim=1)
-    if not bool((counts == num_true).all()):
-        raise RuntimeError(f"expected {num_true} selected positions in every row, got {counts.tolist()}")
+    torch._assert_async((flags.sum(dim=1) == num_true).all(), f"expected {num_true} selected positions in every row")
     order = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices  # True first, each part ascending
     return order[:, :num_true], order[:, num_true:]
 

@@ -249,3 +249,12 @@ def test_action_area_rounds_half_of_the_inside_share_up() -> None:
     mask = ActionAreaMasker(ratio=0.5, inside_fraction=0.25)(make_batch(1, grid, box), grid, seeded(0))
     assert mask.num_predict == 10  # 0.25 * 10 = 2.5 -> 3 inside (half up), 7 outside
     assert int(inside[mask.predict[0]].sum()) == 3
+
+
+def test_split_by_flag_checks_the_counts_on_the_device():
+    from vlmask_plugins.maskers.sampling import split_by_flag
+
+    selected, rest = split_by_flag(torch.tensor([[True, False, True], [False, True, True]]), 2)
+    assert selected.tolist() == [[0, 2], [1, 2]] and rest.tolist() == [[1], [0]]
+    with pytest.raises(RuntimeError, match="expected 2 selected positions in every row"):
+        split_by_flag(torch.tensor([[True, False, False], [False, True, True]]), 2)
