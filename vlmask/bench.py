@@ -428,8 +428,11 @@ def _benchmark(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step = 0
+    warmup_s: list[float] = []  # with train.compile the first steps include compilation
     for _ in range(warmup):
+        t0 = clock.now()
         trainer.train_step(next_batch(), step)
+        warmup_s.append(clock.now() - t0)
         step += 1
     step_s: list[float] = []
     data_s: list[float] = []
@@ -475,6 +478,10 @@ def _benchmark(
         "steps": steps,
         "warmup": warmup,
         "data": "loader" if loader else "synthetic tensors",
+        "compile": bool(trainer.train_cfg.compile),
+        "warmup_step_ms": [round(1000 * t, 3) for t in warmup_s],
+        # time spent in the warm-up beyond as many ordinary steps: compilation (and first-call setup)
+        "warmup_overhead_s": round(sum(warmup_s) - len(warmup_s) * statistics.median(step_s), 3) if warmup_s else None,
         "split_ms": {k: _median_ms([s[k] for s in splits]) for k in splits[0]} if splits else {},
         "flops_breakdown": {k: round(v, 3) for k, v in flops["breakdown"].items()},
         "torch": str(torch.__version__),

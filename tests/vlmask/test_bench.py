@@ -122,6 +122,8 @@ def test_benchmark_reports_every_contract_key(module_cache: Path) -> None:
     for key in ("clips_per_s", "step_ms", "peak_mem_mb", "gflops_per_clip"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["device"] == "cpu" and result["mfu"] is None and result["threads"] >= 1
+    assert result["compile"] is False and len(result["warmup_step_ms"]) == 1 and result["warmup_step_ms"][0] > 0
+    assert isinstance(result["warmup_overhead_s"], float)
     assert set(result["split_ms"]) == {
         "mask", "student_forward", "teacher", "student_backward", "optimizer", "teacher_update", "hooks"
     }  # fmt: skip
