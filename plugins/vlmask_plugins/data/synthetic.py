@@ -471,9 +471,10 @@ def _progress(items: range, enabled: bool, description: str) -> Iterator[int]:
     if not enabled:
         yield from items
         return
+    from rich.console import Console
     from rich.progress import track
 
-    yield from track(items, description=description)
+    yield from track(items, description=description, console=Console(stderr=True))  # stdout is for results
 
 
 def generate(
