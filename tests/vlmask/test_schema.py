@@ -7,7 +7,7 @@ import pytest
 
 from vlmask.config import load_recipe
 from vlmask.plugins import default_plugins
-from vlmask.schema import type_matches, validate
+from vlmask.schema import CHOICES, type_matches, validate
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -67,3 +67,9 @@ def test_loss_weights_must_match_loss_terms():
 )
 def test_type_matches(value, annotation, ok):
     assert type_matches(value, annotation) is ok
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_closed_choice_is_checked(key):
+    problems = validate(load_recipe(RECIPES / "mae.yaml", [f"{key}=nonsense"]), default_plugins().registry)
+    assert len(problems) == 1 and f"key {key}: 'nonsense' is not one of" in problems[0], problems
