@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlmask import parallel
 from vlmask.config import load_recipe
 from vlmask.engine import Trainer, lr_at, weighted_sum
 from vlmask.plugins import Plugins
@@ -232,6 +234,21 @@ def _counting_overrides(overrides: Sequence[str]) -> list[str]:
     return [*overrides, "device=cpu", "train.precision=fp32"]
 
 
+@contextlib.contextmanager
+def _one_process_view() -> Iterator[None]:
+    """Make a Trainer built inside see a world of one (no wrapping, no collectives)."""
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    os.environ.update(WORLD_SIZE="1", RANK="0")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def count_flops(
     recipe_path: str | Path,
     overrides: Sequence[str] = (),
@@ -242,7 +259,8 @@ def count_flops(
     running it: see :func:`count_step_flops`. The model is built on the CPU and moved to the
     ``meta`` device; no data is read. ``gflops_per_clip`` and ``breakdown`` are in GFLOP."""
     recipe = load_recipe(recipe_path, _counting_overrides(overrides))
-    trainer = Trainer(recipe, plugins, with_data=False)
+    with _one_process_view():  # counting needs no other rank, even inside a torchrun job
+        trainer = Trainer(recipe, plugins, with_data=False)
     try:
         result = count_step_flops(trainer, batch_size)
     finally:
@@ -398,14 +416,17 @@ def benchmark(
     recipe = load_recipe(recipe_path, list(overrides))
     trainer = Trainer(recipe, plugins, with_data=loader)
     try:
-        return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps)
+        count = (lambda: count_flops(recipe_path, overrides, plugins=plugins)) if trainer.parallel == "fsdp" else None
+        return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps, count)
     finally:
         trainer.close()
 
 
 def _benchmark(
-    trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int
+    trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int,
+    count: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``count`` replaces :func:`count_step_flops` (sharded models cannot move to ``meta``)."""
     device = trainer.device
     clock = _Clock(device)
     batch_size = int(trainer.train_cfg.batch_size)
@@ -445,6 +466,7 @@ def _benchmark(
         step_s.append(t2 - t0)
         data_s.append(t1 - t0)
         step += 1
+    state_bytes = parallel.training_state_bytes(trainer.student, trainer.teacher, trainer.optimizer)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -455,7 +477,7 @@ def _benchmark(
         step += 1
 
     clips_per_s = batch_size * steps / sum(step_s)
-    flops = count_step_flops(trainer)  # moves the model to meta: last
+    flops = count() if count is not None else count_step_flops(trainer)  # moves the model to meta: last
     name = device_name(device)
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
     achieved_tflops = flops["gflops_per_clip"] * clips_per_s / 1e3
@@ -475,6 +497,9 @@ def _benchmark(
         "precision": trainer.precision,
         "attention": trainer.attention,
         "batch_size": batch_size,
+        "world_size": trainer.world_size,
+        "parallel": trainer.parallel,
+        "training_state_mb_per_rank": {k: round(v / 2**20, 3) for k, v in state_bytes.items()},
         "steps": steps,
         "warmup": warmup,
         "data": "loader" if loader else "synthetic tensors",

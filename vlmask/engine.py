@@ -210,7 +210,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.device = resolve_device(str(self.recipe.get("device", "auto")))
         if self.world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"  # CPU tensors too (FSDP set-up)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend)
@@ -310,9 +310,14 @@ class Trainer:
                     continue
                 objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
         self.grid = grid
-        self.student = Student(encoder, predictor, projection, objectives).to(self.device)
+        self.parallel = self.train_cfg.parallel if self.world_size > 1 else "none"
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16"])
+        # under FSDP the full model never goes to the device: it is built on the CPU and each rank moves its shard
+        model_device = torch.device("cpu") if self.parallel == "fsdp" else self.device
+        self.student = Student(encoder, predictor, projection, objectives).to(model_device)
         injected["student"] = self.student
-        self.teacher = build(registry, recipe, "teacher", "teacher", injected).to(self.device) if recipe.get("teacher") else None
+        self.teacher = build(registry, recipe, "teacher", "teacher", injected).to(model_device) if recipe.get("teacher") else None
         self.masker = build(registry, recipe, "masker", "masker", injected)
         self.loggers = {
             name: build(registry, recipe, f"loggers.{name}", "logger", injected)
@@ -325,13 +330,10 @@ class Trainer:
             for module in part.modules() if part is not None else ():
                 if hasattr(module, "set_attention_backend"):
                     self.attention, self.attention_reason = module.set_attention_backend(device=self.device)
-        self.parallel = self.train_cfg.parallel if self.world_size > 1 else "none"
         self.ddp_student: nn.Module = self.student
         self.replicated_params: list[nn.Parameter] = []  # FSDP: scalars left unsharded
         if self.parallel == "fsdp":
-            if self.precision == "fp16":
-                raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16"])
-            self.replicated_params = parallel.shard_fsdp(self.student, self.teacher, self.precision)
+            self.replicated_params = parallel.shard_fsdp(self.student, self.teacher, self.precision, self.device)
         elif self.parallel == "ddp":
             if self.teacher is not None:  # DDP broadcasts the student's weights, not the teacher's
                 parallel.broadcast_from_rank0(self.teacher)

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -51,11 +52,11 @@ def wrap_ddp(student: nn.Module, device: torch.device, find_unused_parameters: b
     )
 
 
-def _shard_part(part: nn.Module, mp_policy: MixedPrecisionPolicy, ignored: set[nn.Parameter],
+def _shard_part(part: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, ignored: set[nn.Parameter],
                 reshard_after_forward: bool | None = None) -> None:
     for block in getattr(part, "blocks", ()):
-        fully_shard(block, mp_policy=mp_policy, ignored_params=ignored)
-    fully_shard(part, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
+    fully_shard(part, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
 
 
 def teacher_parts(teacher: nn.Module) -> list[nn.Module]:
@@ -67,9 +68,11 @@ def teacher_parts(teacher: nn.Module) -> list[nn.Module]:
     return [part for part in parts if part is not None] or [teacher]
 
 
-def shard_fsdp(student: nn.Module, teacher: nn.Module | None, precision: str) -> list[nn.Parameter]:
-    """Shard ``student`` (and ``teacher``) in place; returns the replicated scalar parameters
-    whose gradients :func:`average_replicated_gradients` must average."""
+def shard_fsdp(student: nn.Module, teacher: nn.Module | None, precision: str, device: torch.device) -> list[nn.Parameter]:
+    """Shard ``student`` (and ``teacher``), built on the CPU, in place: each rank moves only its
+    shards to ``device``. Returns the replicated scalar parameters (moved to ``device``) whose
+    gradients :func:`average_replicated_gradients` must average."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     dtype = torch.bfloat16 if precision == "bf16" else None
     mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     for module in (student, teacher):  # as DDP does: every rank starts from rank 0's weights
@@ -80,15 +83,19 @@ def shard_fsdp(student: nn.Module, teacher: nn.Module | None, precision: str) ->
     for name in ("encoder", "predictor"):
         part = getattr(student, name, None)
         if part is not None and any(True for _ in part.parameters()):
-            _shard_part(part, mp_policy, ignored)
-    fully_shard(student, mp_policy=mp_policy, ignored_params=ignored)
+            _shard_part(part, mesh, mp_policy, ignored)
+    fully_shard(student, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
     if teacher is not None:
         frozen_scalars = {p for p in teacher.parameters() if p.ndim == 0}
         for part in teacher_parts(teacher):
             if any(p.ndim > 0 for p in part.parameters()):
                 # teacher parts run no backward: reshard right after their forward (FSDP keeps a
                 # root unit's parameters gathered otherwise), so the EMA update sees shards
-                _shard_part(part, mp_policy, frozen_scalars, reshard_after_forward=True)
+                _shard_part(part, mesh, mp_policy, frozen_scalars, reshard_after_forward=True)
+    for module in (student, teacher):  # what FSDP does not manage (ignored scalars) follows by hand
+        for tensor in [*module.parameters(), *module.buffers()] if module is not None else ():
+            if not isinstance(tensor, DTensor) and tensor.device != device:
+                tensor.data = tensor.data.to(device)
     return replicated
 
 
@@ -185,3 +192,24 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
 def local_parameter_count(module: nn.Module) -> int:
     """Parameter elements held by this rank (a shard of each sharded parameter)."""
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def training_state_bytes(student: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds for the training state: the student's parameters and gradients,
+    the optimizer's state, the teacher's parameters and buffers (shards only, under FSDP)."""
+    def size(tensors: Iterable[Tensor]) -> int:
+        return sum(_local(t).numel() * t.element_size() for t in tensors)
+
+    optimizer_tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    record = {
+        "student_parameters": size(student.parameters()),
+        "student_gradients": size(p.grad for p in student.parameters() if p.grad is not None),
+        "optimizer_state": size(optimizer_tensors),
+        "teacher": size([*teacher.parameters(), *teacher.buffers()]) if teacher is not None else 0,
+    }
+    record["total"] = sum(record.values())
+    return record

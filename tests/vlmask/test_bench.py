@@ -124,6 +124,10 @@ def test_benchmark_reports_every_contract_key(module_cache: Path) -> None:
     assert result["device"] == "cpu" and result["mfu"] is None and result["threads"] >= 1
     assert result["compile"] is False and len(result["warmup_step_ms"]) == 1 and result["warmup_step_ms"][0] > 0
     assert isinstance(result["warmup_overhead_s"], float)
+    state = result["training_state_mb_per_rank"]
+    assert result["world_size"] == 1 and result["parallel"] == "none"
+    assert state["optimizer_state"] == pytest.approx(2 * state["student_parameters"], rel=0.05), "AdamW: two moments"
+    assert state["total"] == pytest.approx(sum(v for k, v in state.items() if k != "total"), abs=0.01)
     assert set(result["split_ms"]) == {
         "mask", "student_forward", "teacher", "student_backward", "optimizer", "teacher_update", "hooks"
     }  # fmt: skip
