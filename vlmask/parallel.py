@@ -6,8 +6,11 @@ need no gradient synchronisation. ``train.parallel: fsdp`` shards parameters, gr
 optimizer state across the ranks with PyTorch's FSDP2 (``fully_shard``; Zhao et al., "PyTorch
 FSDP", VLDB 2023), for models that do not fit in one device's memory:
 
-- every transformer block of every part (a module's ``blocks``) is its own unit, then each part
-  (encoder, predictor, projection), then the student itself (the rest: the heads' parameters);
+- every transformer block of the encoder and the predictor (their ``blocks``) is its own unit,
+  then each of the two parts, then the student itself (the rest: the video-to-text projection,
+  which several loss terms call, and the heads' parameters);
+- every rank starts from rank 0's weights (broadcast before sharding, as DDP does), and the
+  full model never goes to the device: it is built on the CPU and each rank moves its shards;
 - the teacher's parts are sharded the same way, so the EMA update is a local per-shard
   operation (no gather) and the teacher's forward gathers one block at a time;
 - with ``precision: bf16`` parameters are gathered in bf16 and gradients reduced in fp32;
@@ -38,7 +41,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-MODES: tuple[str, ...] = ("ddp", "fsdp")
 _FULL = StateDictOptions(full_state_dict=True)
 _GATHER_TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the other ranks get {}
 
@@ -191,7 +193,7 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
 
 def local_parameter_count(module: nn.Module) -> int:
     """Parameter elements held by this rank (a shard of each sharded parameter)."""
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+    return sum(_local(p).numel() for p in module.parameters())
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ class VideoTextInfoNCEHead(nn.Module):
 
     ``turbo_weight`` multiplies the loss by ``1 / log(global batch size)`` (Turbo training's
     lambda_NCE). Stats: ``logit_scale`` (exp(s)) and, for ``action_area``, ``fallback_rate``.
+    Under autocast the projection runs in the autocast dtype and the logits and loss in fp32.
     """
 
     def __init__(
@@ -110,16 +111,17 @@ class VideoTextInfoNCEHead(nn.Module):
                 out.visible_features, out.mask.visible, out.grid, out.batch.action_box, self.action_strategy
             )
             stats["fallback_rate"] = fell_back.float().mean().detach()
-        video = F.normalize(out.projection(pooled), dim=-1)
+        video = F.normalize(out.projection(pooled).float(), dim=-1)  # the loss in fp32 (see below)
         if out.batch.text_embedding.shape != video.shape:
             raise ValueError(
                 f"head 'video_text_infonce': projected video features {tuple(video.shape)} do not match the text "
                 f"embeddings {tuple(out.batch.text_embedding.shape)}; the projection must map to text_dim"
             )
-        text = F.normalize(out.batch.text_embedding.to(video.dtype), dim=-1)
+        text = F.normalize(out.batch.text_embedding.float(), dim=-1)
         if self.gather:
             video, text = gather_with_local_gradient(video), gather_with_local_gradient(text)
-        loss = symmetric_infonce(video, text, self.logit_scale.exp())
+        with torch.autocast(video.device.type, enabled=False):  # bf16 logits near 100 would step by 0.5
+            loss = symmetric_infonce(video, text, self.logit_scale.float().exp())
         if self.turbo_weight:
             loss = loss / math.log(video.shape[0])
         stats["logit_scale"] = self.logit_scale.detach().exp()

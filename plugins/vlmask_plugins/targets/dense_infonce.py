@@ -47,6 +47,7 @@ class DenseInfoNCETarget:
     DPC itself scores raw dot products (``normalize=False, temperature=1.0``); vlmask defaults
     to cosine similarity with temperature 0.07 (the MoCo/CLIP convention), which keeps logits
     bounded for any feature scale. Stats: ``top1``, how often the positive scores highest.
+    The logits and the loss are computed in fp32 under any autocast precision.
     """
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True) -> None:
@@ -63,5 +64,6 @@ class DenseInfoNCETarget:
         with torch.no_grad():
             true = gather_tokens(out.teacher_features.detach(), out.mask.predict).to(out.predictions.dtype)
         check_same_shape(out.predictions, true, term)
-        loss, top1 = dense_infonce(out.predictions, true, self.temperature, self.normalize)
+        with torch.autocast(out.predictions.device.type, enabled=False):  # logits and loss in fp32
+            loss, top1 = dense_infonce(out.predictions.float(), true.float(), self.temperature, self.normalize)
         return loss, {"top1": top1}

@@ -34,7 +34,8 @@ class LanguageSpaceTarget:
     teacher holds no copy, the student's theta evaluated under ``no_grad`` (so theta receives
     gradient only through p).
 
-    ``loss="l1_norm"`` (default, the paper's eq. 8): ``(p - g).abs().sum(-1).mean()``.
+    ``loss="l1_norm"`` (default, the paper's eq. 8): ``(p - g).abs().sum(-1).mean()``, in fp32
+    under any autocast precision (theta itself runs in the autocast dtype).
     ``loss="smooth_l1_mean"``: the released FILS code's ``F.smooth_l1_loss(p, g, beta=1)``, an
     element mean; on unit vectors it is about D times smaller than eq. 8 (D the text width),
     which lets the contrastive term dominate. Kept as a documented option only.
@@ -55,9 +56,10 @@ class LanguageSpaceTarget:
         with torch.no_grad():
             teacher_tokens = gather_tokens(out.teacher_features.detach(), out.mask.predict)
             check_same_shape(out.predictions, teacher_tokens.to(out.predictions.dtype), term)
-            target = F.normalize(teacher_projection(teacher_tokens), dim=-1)
-        prediction = F.normalize(out.projection(out.predictions), dim=-1)
-        target = target.to(prediction.dtype)
+            target = F.normalize(teacher_projection(teacher_tokens).float(), dim=-1)
+        # the projections run in the autocast dtype; the normalisation and the loss in fp32
+        # (a bf16 sum of |p - g| over the text width would be quantised to 1/8 near 20)
+        prediction = F.normalize(out.projection(out.predictions).float(), dim=-1)
         if self.loss == "l1_norm":
             return l1_norm_distance(prediction, target)
         return F.smooth_l1_loss(prediction, target, beta=1.0)

@@ -17,6 +17,7 @@ import vlmask_plugins.heads.pooling as pooling_module
 import vlmask_plugins.heads.video_text as video_text_module
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
 from vlmask_plugins.heads import ClassificationHead, VideoTextInfoNCEHead, pool_visible_in_box, register_plugins
+from vlmask_plugins.heads.video_text import symmetric_infonce
 from vlmask_plugins.maskers.geometry import token_centres_inside_box
 
 GRID = TokenGrid(t=2, h=2, w=2)  # spatial positions 0 1 / 2 3, centres at 0.25 and 0.75
@@ -227,3 +228,17 @@ def test_classification_errors() -> None:
         ClassificationHead(1, 5)
     with pytest.raises(ValueError, match="label_smoothing"):
         ClassificationHead(3, 5, label_smoothing=1.0)
+
+
+def test_contrastive_logits_and_loss_are_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    features, text = torch.randn(4, 4, 5), torch.randn(4, 6)
+    visible = torch.tensor([[0, 1, 4, 5]] * 4)
+    theta = nn.Linear(5, 6)
+    head = VideoTextInfoNCEHead(init_temperature=0.01)  # logit scale 100: bf16 logits would step by 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = head(step_outputs(features, visible, text, projection=theta))
+        video = theta(features.mean(dim=1)).float()  # the projection itself runs in bf16
+    assert loss.dtype == torch.float32
+    expected = symmetric_infonce(F.normalize(video, dim=-1), F.normalize(text, dim=-1), torch.tensor(100.0))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

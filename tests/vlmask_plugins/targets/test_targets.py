@@ -315,3 +315,14 @@ def test_dense_infonce_requires_a_teacher_and_positive_temperature() -> None:
         DenseInfoNCETarget()(outputs(grid, mask, None, torch.randn(3, 4, 8)))
     with pytest.raises(ValueError, match="temperature"):
         DenseInfoNCETarget(temperature=0.0)
+
+
+def test_language_space_loss_is_computed_in_fp32_under_bf16_autocast() -> None:
+    grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta))
+        p = student_theta(predictions).float()  # theta in bf16, as autocast runs it
+        g = teacher_theta(gather_tokens(teacher, mask.predict)).float()
+    assert loss.dtype == torch.float32
+    expected = (F.normalize(p, dim=-1) - F.normalize(g, dim=-1)).abs().sum(-1).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
