@@ -12,6 +12,7 @@ import vlmask
 from vlmask.types import StepOutputs
 from vlmask_plugins.heads.distributed import gather_with_local_gradient, world
 from vlmask_plugins.heads.pooling import POOLING_STRATEGIES, pool_visible_in_box
+from vlmask_plugins.precision import without_autocast
 
 POOLINGS = ("mean", "action_area")
 
@@ -120,7 +121,7 @@ class VideoTextInfoNCEHead(nn.Module):
         text = F.normalize(out.batch.text_embedding.float(), dim=-1)
         if self.gather:
             video, text = gather_with_local_gradient(video), gather_with_local_gradient(text)
-        with torch.autocast(video.device.type, enabled=False):  # bf16 logits near 100 would step by 0.5
+        with without_autocast(video.device):  # bf16 logits near 100 would step by 0.5
             loss = symmetric_infonce(video, text, self.logit_scale.float().exp())
         if self.turbo_weight:
             loss = loss / math.log(video.shape[0])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmask.types import StepOutputs
+from vlmask_plugins.precision import without_autocast
 from vlmask_plugins.targets.tokens import check_same_shape, gather_tokens, require
 
 
@@ -64,6 +65,6 @@ class DenseInfoNCETarget:
         with torch.no_grad():
             true = gather_tokens(out.teacher_features.detach(), out.mask.predict).to(out.predictions.dtype)
         check_same_shape(out.predictions, true, term)
-        with torch.autocast(out.predictions.device.type, enabled=False):  # logits and loss in fp32
+        with without_autocast(out.predictions.device):  # logits and loss in fp32
             loss, top1 = dense_infonce(out.predictions.float(), true.float(), self.temperature, self.normalize)
         return loss, {"top1": top1}
