@@ -569,7 +569,13 @@ class Trainer:
         if self.teacher is not None:
             ckpt.load_strict(self.teacher, ckpt.load_tensors(path / "teacher.safetensors"), path / "teacher.safetensors")
         state = ckpt.load_state(path / "state.pt")
-        parallel.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
+        try:
+            parallel.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise ckpt.CheckpointError(
+                f"{path / 'state.pt'}: the optimizer state does not match this run's parameters "
+                f"({type(error).__name__}: {error}); the weights in {path} are intact"
+            ) from error
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.start_step = int(state["step"])

@@ -131,6 +131,21 @@ def test_truncated_checkpoint_is_refused_naming_the_file(tiny_overrides, tmp_pat
         Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
 
 
+def test_an_optimizer_state_that_does_not_match_is_refused_naming_the_file(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "r"
+    overrides = tiny_overrides(run_dir, steps=3)
+    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+    trainer.train()
+    trainer.close()
+    (run_dir / "summary.json").unlink()
+    state_file = latest_checkpoint(run_dir / "checkpoints") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["state"] = {f"renamed.{k}": v for k, v in state["optimizer"]["state"].items()}
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"state.pt: the optimizer state does not match"):
+        Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
+
+
 def test_weighted_sum_requires_a_weight_for_every_term_and_a_term_for_every_weight():
     one = torch.tensor(1.0)
     total, logged = weighted_sum({"a": one, "b": (2 * one, {"rate": one})}, {"a": 0.5, "b": 2.0})
