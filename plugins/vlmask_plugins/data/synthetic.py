@@ -21,8 +21,11 @@ bounding box, as fractions ``[x0, y0, x1, y1]`` with x1/y1 exclusive), and the e
 
 Each clip is a pure function of ``(seed, clip index, frames, size)``: :func:`clip_spec` draws
 its parameters from ``numpy.random.default_rng([seed, index])`` and :func:`render_clip` turns
-them into frames, so the same seed gives the same frames (and, with single-threaded x264,
-the same bytes).
+them into frames, so the same seed gives the same frames and manifests. The H.264 files
+decode to the same pixels up to compression noise; their bytes have matched in repeated
+generations here, but twice differed inside a full test run (on two machines, cause not
+found: the colour conversion is now numpy's and x264 runs single-threaded), so nothing may
+rely on byte equality. A generated set is cached and read, never regenerated, by the runs.
 """
 
 from __future__ import annotations
@@ -425,8 +428,8 @@ def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
 def write_video(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
     """Encode (T, H, W, 3) uint8 RGB frames as H.264 (yuv420p) in an mp4 with PyAV.
 
-    The colour conversion is :func:`rgb_to_yuv420p` and x264 runs single-threaded, so the
-    bytes are a function of the frames.
+    The colour conversion is :func:`rgb_to_yuv420p` and x264 runs single-threaded (see the
+    module docstring on byte equality).
     """
     import av
 
