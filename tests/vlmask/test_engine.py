@@ -118,13 +118,19 @@ def test_lifecycle_hooks_fire_in_order(tiny_overrides, tmp_path):
     ]
 
 
-def test_truncated_checkpoint_is_refused_naming_the_file(tiny_overrides, tmp_path):
+def interrupted_mae_run(tiny_overrides, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A 3-step MAE run with its summary removed, so the next Trainer resumes it."""
     run_dir = tmp_path / "r"
     overrides = tiny_overrides(run_dir, steps=3)
     trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
     trainer.train()
     trainer.close()
     (run_dir / "summary.json").unlink()
+    return run_dir, overrides
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tiny_overrides, tmp_path):
+    run_dir, overrides = interrupted_mae_run(tiny_overrides, tmp_path)
     weights = latest_checkpoint(run_dir / "checkpoints") / "student.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"student.safetensors: cannot read weights"):
@@ -132,12 +138,7 @@ def test_truncated_checkpoint_is_refused_naming_the_file(tiny_overrides, tmp_pat
 
 
 def test_an_optimizer_state_that_does_not_match_is_refused_naming_the_file(tiny_overrides, tmp_path):
-    run_dir = tmp_path / "r"
-    overrides = tiny_overrides(run_dir, steps=3)
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    trainer.train()
-    trainer.close()
-    (run_dir / "summary.json").unlink()
+    run_dir, overrides = interrupted_mae_run(tiny_overrides, tmp_path)
     state_file = latest_checkpoint(run_dir / "checkpoints") / "state.pt"
     state = torch.load(state_file, weights_only=True)
     state["optimizer"]["state"] = {f"renamed.{k}": v for k, v in state["optimizer"]["state"].items()}
