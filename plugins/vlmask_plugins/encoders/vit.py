@@ -5,7 +5,10 @@ Registered names: ``video_vit`` (every argument explicit) and the presets ``vide
 every other argument passes through).
 """
 
+import inspect
+import typing
 from functools import partial
+from typing import Any, Callable
 
 import torch
 from timm.models.vision_transformer import Block
@@ -209,76 +212,32 @@ class VideoViT(nn.Module):
         return self.norm(tokens)
 
 
-def _preset(embed_dim: int, depth: int, num_heads: int, **kwargs: object) -> VideoViT:
-    return VideoViT(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)  # type: ignore[arg-type]
+_PRESET_FIXED = ("embed_dim", "depth", "num_heads")
 
 
-def video_vit_tiny(
-    num_frames: int = 16,
-    img_size: int = 224,
-    tubelet: int = 2,
-    patch: int = 16,
-    in_chans: int = 3,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    drop_path: float = 0.0,
-    pos_embed: str = "sincos",
-    attention: str = "auto",
-    grad_checkpointing: bool = False,
-) -> VideoViT:
-    """VideoMAE video ViT-Ti (width 192, 12 blocks, 3 heads; Tong et al., 2022)."""
-    return _preset(192, 12, 3, **locals())  # locals(): exactly the pass-through arguments
+def _preset(name: str, embed_dim: int, depth: int, num_heads: int, doc: str) -> Callable[..., VideoViT]:
+    """A factory of :class:`VideoViT` with width, depth and heads fixed; its signature (what
+    ``vlmask validate`` checks) is VideoViT's other arguments, keyword-only, with their types."""
+
+    def factory(**kwargs: Any) -> VideoViT:
+        return VideoViT(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+
+    signature = inspect.signature(VideoViT)
+    kept = [p.replace(kind=p.KEYWORD_ONLY) for n, p in signature.parameters.items() if n not in _PRESET_FIXED]
+    hints = typing.get_type_hints(VideoViT.__init__)
+    factory.__signature__ = signature.replace(parameters=kept, return_annotation=VideoViT)  # type: ignore[attr-defined]
+    factory.__annotations__ = {p.name: hints[p.name] for p in kept if p.name in hints}
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    return factory
 
 
-def video_vit_small(
-    num_frames: int = 16,
-    img_size: int = 224,
-    tubelet: int = 2,
-    patch: int = 16,
-    in_chans: int = 3,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    drop_path: float = 0.0,
-    pos_embed: str = "sincos",
-    attention: str = "auto",
-    grad_checkpointing: bool = False,
-) -> VideoViT:
-    """VideoMAE video ViT-S (width 384, 12 blocks, 6 heads; Tong et al., 2022)."""
-    return _preset(384, 12, 6, **locals())  # locals(): exactly the pass-through arguments
-
-
-def video_vit_base(
-    num_frames: int = 16,
-    img_size: int = 224,
-    tubelet: int = 2,
-    patch: int = 16,
-    in_chans: int = 3,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    drop_path: float = 0.0,
-    pos_embed: str = "sincos",
-    attention: str = "auto",
-    grad_checkpointing: bool = False,
-) -> VideoViT:
-    """VideoMAE video ViT-B (width 768, 12 blocks, 12 heads; Tong et al., 2022), the FILS encoder."""
-    return _preset(768, 12, 12, **locals())  # locals(): exactly the pass-through arguments
-
-
-def video_vit_large(
-    num_frames: int = 16,
-    img_size: int = 224,
-    tubelet: int = 2,
-    patch: int = 16,
-    in_chans: int = 3,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    drop_path: float = 0.0,
-    pos_embed: str = "sincos",
-    attention: str = "auto",
-    grad_checkpointing: bool = False,
-) -> VideoViT:
-    """VideoMAE video ViT-L (width 1024, 24 blocks, 16 heads; Tong et al., 2022)."""
-    return _preset(1024, 24, 16, **locals())  # locals(): exactly the pass-through arguments
+video_vit_tiny = _preset("video_vit_tiny", 192, 12, 3, "VideoMAE video ViT-Ti (width 192, 12 blocks, 3 heads; Tong et al., 2022).")
+video_vit_small = _preset("video_vit_small", 384, 12, 6, "VideoMAE video ViT-S (width 384, 12 blocks, 6 heads; Tong et al., 2022).")
+video_vit_base = _preset(
+    "video_vit_base", 768, 12, 12, "VideoMAE video ViT-B (width 768, 12 blocks, 12 heads; Tong et al., 2022), the FILS encoder."
+)
+video_vit_large = _preset("video_vit_large", 1024, 24, 16, "VideoMAE video ViT-L (width 1024, 24 blocks, 16 heads; Tong et al., 2022).")
 
 
 #: Registered name -> factory of every encoder in this module.
