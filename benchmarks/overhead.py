@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from vlmask.bench import synthetic_batch
 from vlmask.config import load_recipe
 from vlmask.engine import Trainer
-from vlmask.types import Batch, TokenGrid
+from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, Batch, TokenGrid
 from vlmask_plugins.encoders.attention import Attention
 from vlmask_plugins.encoders.vit import VideoViT
 from vlmask_plugins.heads.video_text import VideoTextInfoNCEHead
@@ -65,8 +65,6 @@ from vlmask_plugins.maskers.tube import TubeMasker
 
 ROOT = Path(__file__).resolve().parents[1]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_average() -> list[float]:

@@ -9,7 +9,7 @@ resumed: stopping and resuming a run replays exactly the same batches.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -72,11 +72,9 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def infinite(loader: Any, sampler: EpochBatches, epoch: int, start_batch: int, on_epoch: Callable[[int], None] | None = None) -> Iterator[Any]:
+def infinite(loader: Any, sampler: EpochBatches, epoch: int, start_batch: int) -> Iterator[Any]:
     """Batches forever, epoch after epoch, starting at (epoch, start_batch)."""
     sampler.epoch, sampler.start_batch = epoch, start_batch
     while True:
-        if on_epoch is not None:
-            on_epoch(sampler.epoch)
         yield from loader
         sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0

@@ -413,8 +413,9 @@ class Trainer:
         Given a list of micro-batches (``train.accumulate``), their gradients accumulate before
         the one update (DDP synchronises only on the last); logged values are their means."""
         micro = batch if isinstance(batch, list) else [batch]
+        lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, Tensor] = {}
         for i, part in enumerate(micro):

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmask.checkpoint import CheckpointError
+from vlmask.types import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from transformers import VideoMAEConfig
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 EXPORT_TOLERANCE = 1e-4
 
 #: ``pixel_values`` mean/std when neither the run's dataset nor its recipe says (ImageNet).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Top-level keys that wrap a state dict in training checkpoints, unwrapped in this order.
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "encoder_state")

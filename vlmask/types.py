@@ -15,6 +15,22 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+#: ImageNet channel statistics (RGB, [0, 1] pixels): the clips' normalisation everywhere in vlmask
+#: (data loader, pixel targets, exported preprocessing), as in VideoMAE.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def gather_tokens(table: Tensor, index: Tensor) -> Tensor:
+    """Rows of a token table (B, N, D), or (1, N, D) shared by the batch, at token indices
+    ``index`` (B, K): returns (B, K, D). The one gather of encoders, predictors and targets.
+
+    >>> gather_tokens(torch.arange(6.0).view(1, 3, 2), torch.tensor([[2, 0], [1, 1]])).tolist()
+    [[[4.0, 5.0], [0.0, 1.0]], [[2.0, 3.0], [2.0, 3.0]]]
+    """
+    table = table.expand(index.shape[0], -1, -1)
+    return torch.gather(table, 1, index.long().unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
 
 @dataclass(frozen=True)
 class TokenGrid:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vlmask.types import Batch
+from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, Batch
 from vlmask_plugins.data.decode import (
     BACKENDS,
     DecodeError,
@@ -27,8 +27,6 @@ from vlmask_plugins.data.decode import (
 )
 from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, read_manifest
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class EmptyManifestError(ValueError):

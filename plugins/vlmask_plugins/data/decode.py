@@ -328,14 +328,12 @@ def _decode_pyav(
     wanted = set(indices.tolist())
     last_wanted = int(indices.max())
     got: dict[int, np.ndarray] = {}
-    last_frame: np.ndarray | None = None
     try:
         with av.open(str(path), mode="r") as container:
             stream = container.streams.video[0]
             for number, frame in enumerate(container.decode(stream)):
-                if number in wanted or number == last_wanted:
-                    last_frame = frame.to_ndarray(width=width, height=height, format="rgb24")
-                    got[number] = last_frame
+                if number in wanted:
+                    got[number] = frame.to_ndarray(width=width, height=height, format="rgb24")
                 if number >= last_wanted:
                     break
     except Exception as error:

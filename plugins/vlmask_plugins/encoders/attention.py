@@ -35,8 +35,10 @@ def check_attention_choice(attention: str, argument: str = "attention") -> None:
         raise ValueError(f"{argument} must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
 
 
+@functools.cache
 def _import_xformers_ops() -> tuple[Any | None, str]:
-    """Import ``xformers.ops`` without ever raising; return (module or None, reason)."""
+    """Import ``xformers.ops`` without ever raising; return (module or None, reason). Cached:
+    the attention layers call it on every forward, and the import resets warning filters."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

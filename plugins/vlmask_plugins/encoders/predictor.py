@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from vlmask.types import Mask, TokenGrid
+from vlmask.types import Mask, TokenGrid, gather_tokens
 from vlmask_plugins.encoders.attention import check_attention_choice, infer_device, set_attention_backend
 from vlmask_plugins.encoders.vit import (
     LayerNorm,
@@ -16,12 +16,6 @@ from vlmask_plugins.encoders.vit import (
 
 #: Named values of ``output``.
 OUTPUT_CHOICES: tuple[str, ...] = ("features", "pixels")
-
-
-def gather_rows(table: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` (B, K) of a (1, N, D) or (B, N, D) table -> (B, K, D)."""
-    table = table.expand(index.shape[0], -1, -1)
-    return torch.gather(table, 1, index.long().unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
 
 class TransformerPredictor(nn.Module):
@@ -118,8 +112,8 @@ class TransformerPredictor(nn.Module):
             )
         visible = self.embed(visible_features)
         positions = self.pos_embed.to(visible.dtype)
-        visible = visible + gather_rows(positions, mask.visible)
-        queries = self.mask_token.to(visible.dtype) + gather_rows(positions, mask.predict)
+        visible = visible + gather_tokens(positions, mask.visible)
+        queries = self.mask_token.to(visible.dtype) + gather_tokens(positions, mask.predict)
         tokens = run_blocks(self.blocks, torch.cat([visible, queries], dim=1), self.grad_checkpointing)
         return self.head(self.norm(tokens[:, num_visible:]))
 

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vlmask.types import TokenGrid
+from vlmask.types import TokenGrid, gather_tokens
 from vlmask_plugins.encoders.attention import (
     Attention,
     check_attention_choice,
@@ -207,7 +207,7 @@ class VideoViT(nn.Module):
         if index is not None:
             if index.ndim != 2 or index.shape[0] != tokens.shape[0]:
                 raise ValueError(f"index must have shape (B={tokens.shape[0]}, Nv), got {tuple(index.shape)}")
-            tokens = torch.gather(tokens, 1, index.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            tokens = gather_tokens(tokens, index)
         tokens = run_blocks(self.blocks, tokens, self.grad_checkpointing)
         return self.norm(tokens)
 

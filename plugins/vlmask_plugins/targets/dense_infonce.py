@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmask.types import StepOutputs
+from vlmask.types import StepOutputs, gather_tokens
 from vlmask_plugins.precision import without_autocast
-from vlmask_plugins.targets.tokens import check_same_shape, gather_tokens, require
+from vlmask_plugins.targets.tokens import check_same_shape, require
 
 
 def dense_infonce(
@@ -63,7 +63,7 @@ class DenseInfoNCETarget:
         require(out.teacher_features, "teacher_features", term, "the recipe needs a teacher (e.g. ema)")
         assert out.predictions is not None and out.teacher_features is not None
         with torch.no_grad():
-            true = gather_tokens(out.teacher_features.detach(), out.mask.predict).to(out.predictions.dtype)
+            true = gather_tokens(out.teacher_features.detach(), out.mask.predict)
         check_same_shape(out.predictions, true, term)
         with without_autocast(out.predictions.device):  # logits and loss in fp32
             loss, top1 = dense_infonce(out.predictions.float(), true.float(), self.temperature, self.normalize)

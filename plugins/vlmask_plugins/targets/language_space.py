@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmask.types import StepOutputs
-from vlmask_plugins.targets.tokens import check_same_shape, gather_tokens, require
+from vlmask.types import StepOutputs, gather_tokens
+from vlmask_plugins.targets.tokens import check_same_shape, require
 
 LANGUAGE_SPACE_LOSSES = ("l1_norm", "smooth_l1_mean")
 
@@ -55,7 +55,7 @@ class LanguageSpaceTarget:
         teacher_projection = out.teacher_projection if out.teacher_projection is not None else out.projection
         with torch.no_grad():
             teacher_tokens = gather_tokens(out.teacher_features.detach(), out.mask.predict)
-            check_same_shape(out.predictions, teacher_tokens.to(out.predictions.dtype), term)
+            check_same_shape(out.predictions, teacher_tokens, term)
             target = F.normalize(teacher_projection(teacher_tokens).float(), dim=-1)
         # the projections run in the autocast dtype; the normalisation and the loss in fp32
         # (a bf16 sum of |p - g| over the text width would be quantised to 1/8 near 20)

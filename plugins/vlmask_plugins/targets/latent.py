@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmask.types import StepOutputs
-from vlmask_plugins.targets.tokens import check_same_shape, gather_tokens, require
+from vlmask.types import StepOutputs, gather_tokens
+from vlmask_plugins.targets.tokens import check_same_shape, require
 
 LATENT_LOSSES = ("l1", "smooth_l1", "mse")
 

@@ -8,24 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmask.types import StepOutputs, TokenGrid
-from vlmask_plugins.targets.tokens import check_same_shape, gather_tokens, require
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, StepOutputs, TokenGrid, gather_tokens
+from vlmask_plugins.targets.tokens import check_same_shape, require
 
 
 def pixel_targets(
     video: Tensor,
     grid: TokenGrid,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | Tensor = IMAGENET_MEAN,
+    std: Sequence[float] | Tensor = IMAGENET_STD,
     normalize: bool = True,
     eps: float = 1e-6,
 ) -> Tensor:
     """VideoMAE's reconstruction targets of every token: (B, N, t * p * p * C).
 
-    ``video`` (B, C, T, H, W) is normalised with ``mean``/``std``; this undoes that to [0, 1],
+    ``video`` (B, C, T, H, W) is normalised with ``mean``/``std`` (values, or tensors already on
+    the video's device and dtype, which are used without a copy); this undoes that to [0, 1],
     cuts tubelets, and (``normalize``) standardises each token per channel over its t*p*p
     values with ``(x - mean) / (sqrt(unbiased var) + eps)``: eps is added to the std, not
     the variance, as in VideoMAE's ``run_mae_pretraining``. Values are flattened in
@@ -78,12 +76,22 @@ class NormalizedPixelsTarget:
         self.std = tuple(float(s) for s in std)
         self.normalize = bool(normalize)
         self.eps = float(eps)
+        self._statistics: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def statistics(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """``mean`` and ``std`` as tensors on the video's device and dtype, made once per pair
+        (a host-to-device copy every step would wait for the GPU)."""
+        key = (video.device, video.dtype)
+        if key not in self._statistics:
+            self._statistics[key] = tuple(torch.tensor(v, dtype=video.dtype, device=video.device) for v in (self.mean, self.std))
+        return self._statistics[key]
 
     def __call__(self, out: StepOutputs) -> Tensor:
         require(out.predictions, "predictions", "target 'normalized_pixels'", "the recipe needs a predictor (decoder)")
         assert out.predictions is not None
         with torch.no_grad():
-            targets = pixel_targets(out.batch.video, out.grid, self.mean, self.std, self.normalize, self.eps)
+            mean, std = self.statistics(out.batch.video)
+            targets = pixel_targets(out.batch.video, out.grid, mean, std, self.normalize, self.eps)
             targets = gather_tokens(targets, out.mask.predict)
         check_same_shape(out.predictions, targets, "target 'normalized_pixels'")
         return F.mse_loss(out.predictions, targets.to(out.predictions.dtype))

@@ -14,7 +14,6 @@ from torch import nn
 import vlmask_plugins.targets.dense_infonce as dense_infonce_module
 import vlmask_plugins.targets.language_space as language_space_module
 import vlmask_plugins.targets.pixels as pixels_module
-import vlmask_plugins.targets.tokens as tokens_module
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
 from vlmask_plugins.targets import (
     DenseInfoNCETarget,
@@ -24,7 +23,7 @@ from vlmask_plugins.targets import (
     register_plugins,
 )
 from vlmask_plugins.targets.pixels import IMAGENET_MEAN, IMAGENET_STD, pixel_targets
-from vlmask_plugins.targets.tokens import gather_tokens
+from vlmask.types import gather_tokens
 
 
 def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,7 @@ def test_register_plugins_registers_every_target() -> None:
     )
 
 
-@pytest.mark.parametrize("module", [pixels_module, language_space_module, dense_infonce_module, tokens_module])
+@pytest.mark.parametrize("module", [pixels_module, language_space_module, dense_infonce_module])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, raise_on_error=False)  # type: ignore[arg-type]
     assert result.failed == 0 and result.attempted > 0
