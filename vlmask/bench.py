@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlmask import parallel
 from vlmask.config import load_recipe
-from vlmask.engine import Trainer, lr_at, weighted_sum
+from vlmask.engine import Trainer, lr_at, peak_memory_mb, weighted_sum
 from vlmask.plugins import Plugins
 from vlmask.types import Batch, Mask, TokenGrid
 
@@ -467,10 +466,7 @@ def _benchmark(
         data_s.append(t1 - t0)
         step += 1
     state_bytes = parallel.training_state_bytes(trainer.student, trainer.teacher, trainer.optimizer)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak_mb = peak_memory_mb(device)
     splits: list[dict[str, float]] = []
     for _ in range(split_steps):
         splits.append(instrumented_step(trainer, next_batch(), step))

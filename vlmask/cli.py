@@ -187,8 +187,6 @@ def cmd_data_captions(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmask.interop import export_hf_videomae
 
-    if args.to != "hf-videomae":
-        raise RecipeError([f"--to {args.to!r}: supported formats: hf-videomae"])
     folder = export_hf_videomae(Path(args.run_dir), Path(args.out))
     out.print(f"wrote {folder} (transformers.VideoMAEModel.from_pretrained loads it; encoder.safetensors is timm-style)")
     return 0

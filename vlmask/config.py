@@ -195,9 +195,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         except OmegaConfBaseException as exc:
             problems.append(f"{source}: cannot set {key}: {exc}")
             continue
-        for leaf in _leaves(value, key):
+        for leaf in _leaves(value, key):  # the key itself included
             provenance[leaf] = source
-        provenance[key] = source
     if problems:
         raise RecipeError(problems)
     recipe = Recipe(path=path, config=config, provenance=provenance, overrides=list(overrides))

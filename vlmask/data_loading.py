@@ -9,7 +9,8 @@ resumed: stopping and resuming a run replays exactly the same batches.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,6 +67,11 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         for b in range(self.start_batch, self.batches_per_epoch):
             lo = b * step_clips + self.rank * self.batch_size
             yield [(order[i], seeds[i]) for i in range(lo, lo + self.batch_size)]
+
+
+def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
+    """A dataset's collate function: its ``collate`` attribute, else its module's ``collate``."""
+    return getattr(dataset, "collate", None) or getattr(sys.modules[type(dataset).__module__], "collate")
 
 
 def worker_init(_: int) -> None:

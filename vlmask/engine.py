@@ -15,7 +15,6 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from vlmask import checkpoint as ckpt
 from vlmask import parallel
 from vlmask.config import Recipe, RecipeError
 from vlmask.interop import git_commit
-from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
+from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.schema import build, settings, validate
@@ -238,7 +237,7 @@ class Trainer:
             train_path = str(paths[0])
         self.train_manifest = Path(train_path)
         self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(train_path), train=True)
-        self.collate = getattr(self.train_set, "collate", None) or getattr(sys.modules[type(self.train_set).__module__], "collate")
+        self.collate = collate_of(self.train_set)
         self.batches = EpochBatches(len(self.train_set), self.train_cfg.batch_size, self.seed, self.rank, self.world_size)
         workers = self.data_cfg.num_workers
         self.loader = DataLoader(

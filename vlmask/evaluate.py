@@ -40,6 +40,7 @@ from rich.console import Console
 from torch import Tensor
 
 from vlmask.config import Recipe, RecipeError, load_recipe
+from vlmask.data_loading import collate_of
 from vlmask.paths import cache_dir
 from vlmask.registry import Registry
 from vlmask.schema import INJECTED, build, check_plugin_node, factory_parameters
@@ -187,12 +188,6 @@ def eval_dataset(trainer: Any, manifest: Path) -> Any:
     return build(registry, recipe, "data.dataset", "dataset", **extra)
 
 
-def _collate(dataset: Any) -> Callable[[list[Any]], Any]:
-    import sys
-
-    return getattr(dataset, "collate", None) or getattr(sys.modules[type(dataset).__module__], "collate")
-
-
 def run_features(trainer: Any, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,
                  description: str) -> dict[str, Tensor]:
     """Pooled features (rows = the dataset's clips, NaN for clips that did not load) of the
@@ -209,7 +204,7 @@ def run_features(trainer: Any, dataset: Any, manifest: Path, settings: Evaluatio
     if all(v is not None and v.shape[0] == len(dataset) for v in found.values()):
         return {p: v for p, v in found.items() if v is not None}
     extracted = extract_features(
-        trainer.student.encoder, dataset, _collate(dataset),
+        trainer.student.encoder, dataset, collate_of(dataset),
         batch_size=settings.batch_size, num_workers=settings.num_workers, device=trainer.device,
         autocast=trainer.autocast, progress=progress, description=description,
     )
@@ -251,14 +246,16 @@ def class_parts(dataset: Any, classes: list[str]) -> tuple[list[str | None], lis
     return verbs, nouns
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (as recorded in a run's JSON files)."""
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
         return os.path.relpath(path, root)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
     os.replace(temporary, path)
@@ -287,7 +284,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
         built = build_evaluators(settings, recipe, registry, evaluators)
         checkpoint = Path(trainer.resumed_from)
         classes = list(getattr(trainer.train_set, "classes", []) or [])
-        result: dict[str, Any] = {"checkpoint": _relative(checkpoint, run_dir), "num_classes": len(classes)}
+        result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
         if classes:
             result["chance_top1"] = 1.0 / len(classes)
         val_path = val_manifest(trainer)
@@ -325,7 +322,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
                         used[name] = previous["evaluators"][name]
         result["data"] = data
         result["evaluators"] = used
-        _write_json(run_dir / "eval.json", result)
+        write_json(run_dir / "eval.json", result)
         return result
     finally:
         trainer.close()
@@ -384,7 +381,7 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         if pooling not in pooled:
             raise ValueError(f"the encoder's tokens do not form its grid: {pooling} pooling is not available")
         features = pooled[pooling].numpy().astype(np.float32)
-        checkpoint = _relative(Path(trainer.resumed_from), run_dir)
+        checkpoint = relative_path(Path(trainer.resumed_from), run_dir)
     finally:
         trainer.close()
     with manifest.open("r", encoding="utf-8", errors="replace") as handle:
@@ -408,7 +405,7 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, rows)
-    _write_json(out.with_name(out.name[: -len(".npy")] + ".json"), {
+    write_json(out.with_name(out.name[: -len(".npy")] + ".json"), {
         "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest), "pooling": pooling,
         "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
     })
@@ -494,7 +491,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             summary = json.loads((run_dir / "summary.json").read_text())
             entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
                             "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
-    _write_json(out / "comparison.json", {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
+    write_json(out / "comparison.json", {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
                                           "runs": entries})
     (out / "comparison.md").write_text(comparison_table(entries, overrides))
     comparison_plot(entries, out / "comparison.png")
@@ -510,7 +507,7 @@ def _reusable_eval(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | N
         evaluation = json.loads(path.read_text())
     except ValueError:
         return None
-    return evaluation if evaluation.get("checkpoint") == _relative(checkpoint, run_dir) else None
+    return evaluation if evaluation.get("checkpoint") == relative_path(checkpoint, run_dir) else None
 
 
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -55,9 +54,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlmask.checkpoint import load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
-from vlmask.data_loading import EpochBatches, SeededItems, infinite, worker_init
+from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.engine import lr_at
-from vlmask.evaluate import class_parts, eval_dataset, val_manifest
+from vlmask.evaluate import class_parts, eval_dataset, relative_path, split_features, val_manifest, write_json
 from vlmask.schema import check_section, build, factory_parameters, type_matches
 from vlmask_plugins.evaluation.classification import group_top1, top1
 
@@ -373,10 +372,6 @@ class _Rows(Dataset):
         return self.dataset[self.rows[index]]
 
 
-def _collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
-    return getattr(dataset, "collate", None) or getattr(sys.modules[type(dataset).__module__], "collate")
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], class_verbs: list[str | None],
                         class_nouns: list[str | None], batch_size: int, num_workers: int = 0,
@@ -393,7 +388,7 @@ def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], clas
     size = len(dataset)
     probabilities = torch.full((size, len(classes)), float("nan"))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_of(dataset), pin_memory=torch.device(device).type == "cuda")
+                        collate_fn=collate_of(dataset), pin_memory=torch.device(device).type == "cuda")
     try:
         for batch in loader:
             with autocast():
@@ -401,20 +396,16 @@ def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], clas
             probabilities[batch.index] = logits.float().softmax(dim=-1).cpu()
     finally:
         model.train(was_training)
-    loaded = torch.isfinite(probabilities).all(dim=1)
-    rows = loaded.nonzero().flatten().tolist()
-    names = list(getattr(dataset, "labels", [None] * size))
-    labels = torch.tensor([list(getattr(dataset, "label_ids", [-1] * size))[i] for i in rows], dtype=torch.long)
-    labelled = torch.tensor([names[i] is not None for i in rows], dtype=torch.bool)
-    if not bool(labelled.any()):
+    split, _ = split_features(dataset, {"probabilities": probabilities})  # the clips that loaded
+    if not bool(split.labelled.any()):
         return {}
-    kept = probabilities[loaded]
-    result = {"top1": top1(kept, labels, labelled), "clips": float(len(rows))}
-    for key, class_groups, truth in (("verb_top1", class_verbs, getattr(dataset, "verbs", None)),
-                                     ("noun_top1", class_nouns, getattr(dataset, "nouns", None))):
-        if truth is None:
+    kept = split.pooled["probabilities"]
+    result = {"top1": top1(kept, split.labels, split.labelled), "clips": float(len(split.labels))}
+    for key, class_groups, truth, present in (("verb_top1", class_verbs, split.verbs, hasattr(dataset, "verbs")),
+                                              ("noun_top1", class_nouns, split.nouns, hasattr(dataset, "nouns"))):
+        if not present:
             continue
-        truth_rows = [truth[i] if names[i] is not None else None for i in rows]
+        truth_rows = [value if labelled else None for value, labelled in zip(truth, split.labelled.tolist())]
         accuracy = group_top1(kept, class_groups, truth_rows)
         if accuracy is not None:
             result[key] = accuracy
@@ -444,19 +435,6 @@ def _load_pretrained(run_dir: Path, overrides: list[str], drop_path: float | Non
     if drop_path is not None:
         extra.append(f"model.encoder.drop_path={drop_path}")
     return load_run(run_dir, [*overrides, *extra])
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return os.path.relpath(path, root)
-
-
-def _atomic_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 def _save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
@@ -536,7 +514,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     device = trainer.device
     loader = DataLoader(
         SeededItems(_Rows(train_set, rows)), batch_sampler=batches, num_workers=settings.num_workers,
-        collate_fn=_collate_of(train_set), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+        collate_fn=collate_of(train_set), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
         persistent_workers=settings.num_workers > 0,
     )
     steps_per_epoch = batches.batches_per_epoch
@@ -617,7 +595,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     wall = time.perf_counter() - t0
 
     weights = run_dir / "finetune" / "model.safetensors"
-    checkpoint = _relative(Path(trainer.resumed_from), run_dir)
+    checkpoint = relative_path(Path(trainer.resumed_from), run_dir)
     _save_weights(weights, model, {
         "format": FINETUNE_FORMAT, "checkpoint": checkpoint, "steps": str(total),
         "classes": json.dumps(classes), "keep_encoder_norm": json.dumps(settings.keep_encoder_norm),
@@ -630,7 +608,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     resolved.update({"warmup_steps": warmup, "max_steps": total})
     result.update({
         "steps": total,
-        "weights": _relative(weights, run_dir),
+        "weights": relative_path(weights, run_dir),
         "data": {"train": str(trainer.train_manifest), "val": str(val_path) if val_path else None,
                  "train_clips": len(rows), "val_clips": int(metrics.get("clips", 0))},
         "device": str(device),
@@ -639,7 +617,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
         "settings": resolved,
         "history": history,
     })
-    _atomic_json(run_dir / "finetune.json", result)
+    write_json(run_dir / "finetune.json", result)
     return result
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmask.checkpoint import CheckpointError
+from vlmask.checkpoint import STEP_PREFIX, CheckpointError
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ def encoder_to_hf_videomae(encoder: VideoViT) -> tuple[VideoMAEConfig, dict[str,
     qkv is dropped, which changes no output (see the module docstring).
     """
     config = hf_videomae_config(encoder)
-    shape = encoder_shape(encoder)
+    qkv_bias = encoder_shape(encoder).qkv_bias  # VideoMAEConfig keeps it only as a constructor argument
     q_bias_name, v_bias_name = _hf_bias_names()
     dim = config.hidden_size
     own = encoder.state_dict()
@@ -294,18 +294,11 @@ def encoder_to_hf_videomae(encoder: VideoViT) -> tuple[VideoMAEConfig, dict[str,
         state[attention + "query.weight"] = _cpu_fp32(q_weight)
         state[attention + "key.weight"] = _cpu_fp32(k_weight)
         state[attention + "value.weight"] = _cpu_fp32(v_weight)
-        if shape.qkv_bias:
+        if qkv_bias:
             q_bias, _key_bias, v_bias = own[src + "attn.qkv.bias"].split(dim, dim=0)  # key bias: softmax-invariant
             state[attention + q_bias_name] = _cpu_fp32(q_bias)
             state[attention + v_bias_name] = _cpu_fp32(v_bias)
-        pairs = {
-            "attn.proj": "attention.output.dense",
-            "mlp.fc1": "intermediate.dense",
-            "mlp.fc2": "output.dense",
-            "norm1": "layernorm_before",
-            "norm2": "layernorm_after",
-        }
-        for ours, theirs in pairs.items():
+        for theirs, ours in _HF_PARTS.items():
             for param in ("weight", "bias"):
                 state[f"{dst}{theirs}.{param}"] = _cpu_fp32(own[f"{src}{ours}.{param}"])
     return config, state
@@ -508,7 +501,7 @@ def export_hf_videomae(run_dir: Path, out: Path, verify: bool = True) -> Path:
     plugins = default_plugins()
     encoder, recipe, checkpoint = encoder_from_run(run_dir, plugins)
     preprocessing = dataset_preprocessing(recipe, None, plugins.registry)
-    step = checkpoint.name.removeprefix("step_")
+    step = checkpoint.name.removeprefix(STEP_PREFIX)
     extra = {
         "run_dir": str(Path(run_dir).resolve()),
         "checkpoint": str(checkpoint),

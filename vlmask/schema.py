@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from vlmask.config import Recipe, RecipeError
 from vlmask.registry import Registry, RegistryError

@@ -30,7 +30,6 @@ rely on byte equality. A generated set is cached and read, never regenerated, by
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -43,6 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from vlmask.paths import cache_dir as vlmask_cache_dir
+from vlmask_plugins.data.manifest import write_manifest
 
 #: Actions, as the manifest's ``verb``.
 VERBS: tuple[str, ...] = ("move left", "move right", "move up", "move down", "rotate", "grow", "shrink", "bounce")
@@ -516,8 +516,8 @@ def generate(
         write_video(out_dir / name, pixels, fps=fps)
         rows.append(manifest_row(spec, name, box))
     train_path, val_path = out_dir / "train.jsonl", out_dir / "val.jsonl"
-    for path, part in ((train_path, rows[: clips - num_val]), (val_path, rows[clips - num_val:])):
-        path.write_text("".join(json.dumps(row) + "\n" for row in part))
+    write_manifest(train_path, rows[: clips - num_val])
+    write_manifest(val_path, rows[clips - num_val:])
     return train_path, val_path
 
 

@@ -187,7 +187,7 @@ def extract_features(
                 with autocast():
                     tokens = encoder(video)
                 pooled = pool_tokens(tokens, grid)
-                index = batch.index if batch.index is not None else None
+                index = batch.index
                 if index is None:
                     raise ValueError("the dataset's batches carry no index; cannot place features in manifest order")
                 for name, value in pooled.items():

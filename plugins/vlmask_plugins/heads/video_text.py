@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import vlmask
 from vlmask.types import StepOutputs
-from vlmask_plugins.heads.distributed import gather_with_local_gradient, world
+from vlmask_plugins.heads.distributed import gather_with_local_gradient
 from vlmask_plugins.heads.pooling import POOLING_STRATEGIES, pool_visible_in_box
 from vlmask_plugins.precision import without_autocast
 
