@@ -8,7 +8,7 @@
 # SDPA equality, a sync-free step for every recipe, CUDA maskers and evaluation) and one
 # `vlmask bench` JSON per (recipe, compile, attention) at paper scale in bf16: clips/s,
 # step_ms, split_ms, peak_mem_mb, gflops_per_clip, mfu, warmup_overhead_s (compile time).
-# About 8 minutes on one H100 at the default batch of 32.
+# About 8 minutes on one H100 at the default batch of 32, by estimate (never run: no GPU yet).
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT_DIR [BATCH]}"
 batch="${2:-32}"
