@@ -74,7 +74,12 @@ def test_resume_continues_to_the_same_final_loss(tiny_overrides, tmp_path):
     a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in b] == [2, 4, 6]
-    assert [m["loss"] for m in a[-1:]] == [m["loss"] for m in b[-1:]]
+    # logged values are means over the log window (2 steps); step 4's window was cut by the
+    # resume at step 3, so steps 2 and 6 must match exactly, every value but the timing
+    def values(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in m.items() if k != "clips_per_s"} for m in rows if m["step"] in (2, 6)]
+
+    assert values(a) == values(b)
 
 
 class Recorder:

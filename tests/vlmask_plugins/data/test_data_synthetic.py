@@ -129,7 +129,7 @@ def test_colour_conversion_matches_ffmpeg_bt601():
     assert np.abs(back.astype(int) - frames[1]).mean() < 3
 
 
-def test_captions_vary(read_rows, synth):
+def test_captions_vary():
     specs = [clip_spec(SEED, i, frames=4, size=32) for i in range(60)]
     assert len({s.caption for s in specs}) >= 55
     assert any(s.caption.lower().startswith("the ") for s in specs)

@@ -14,7 +14,7 @@ from torch import nn
 import vlmask_plugins.targets.dense_infonce as dense_infonce_module
 import vlmask_plugins.targets.language_space as language_space_module
 import vlmask_plugins.targets.pixels as pixels_module
-from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
+from vlmask.types import Batch, Mask, StepOutputs, TokenGrid, gather_tokens
 from vlmask_plugins.targets import (
     DenseInfoNCETarget,
     LanguageSpaceTarget,
@@ -23,7 +23,6 @@ from vlmask_plugins.targets import (
     register_plugins,
 )
 from vlmask_plugins.targets.pixels import IMAGENET_MEAN, IMAGENET_STD, pixel_targets
-from vlmask.types import gather_tokens
 
 
 def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -295,6 +294,10 @@ def test_dense_infonce_uses_other_clips_as_negatives() -> None:
         [term(outputs(grid, one_clip_mask, None, predictions[b : b + 1], teacher[b : b + 1]))[0] for b in range(3)]
     )
     assert batched > per_clip.mean()  # more negatives: the other clips' tokens
+    # exactly the cross-entropy over all 12 (clip, token) rows against all 12 true features
+    p = F.normalize(predictions.reshape(12, 8), dim=-1)
+    g = F.normalize(gather_tokens(teacher, mask.predict).reshape(12, 8), dim=-1)
+    torch.testing.assert_close(batched, F.cross_entropy(p @ g.T / term.temperature, torch.arange(12)))
 
 
 def test_dense_infonce_perfect_prediction_beats_shuffled() -> None:

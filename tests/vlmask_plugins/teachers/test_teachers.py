@@ -155,9 +155,13 @@ def test_ema_state_dict_round_trips_for_resume() -> None:
     perturb(student, seed=5)
     teacher.update(student, step=1)
     restored = EMATeacher(TinyStudent(), total_steps=5)
-    restored.load_state_dict(teacher.state_dict())
-    for a, b in zip(restored.parameters(), teacher.parameters()):
-        assert torch.equal(a, b)
+    original = teacher.state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in restored.state_dict().items()), "differs before loading"
+    restored.load_state_dict(original)
+    loaded = restored.state_dict()
+    assert original.keys() == loaded.keys()  # parameters and buffers
+    for key in original:
+        assert torch.equal(original[key], loaded[key]), key
 
 
 def test_ema_argument_errors() -> None:
