@@ -1,6 +1,5 @@
 """Plugin loading: built-ins through the entry point, real third-party distributions, failures."""
 
-import sys
 
 import pytest
 
