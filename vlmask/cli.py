@@ -146,52 +146,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    from vlmask_plugins.data import synthetic
-
-    train, val = synthetic.generate(Path(args.out), clips=args.clips, seed=args.seed)
-    out.print(f"wrote {train} and {val}")
-    return 0
-
-
-def cmd_data_boxes(args: argparse.Namespace) -> int:
-    from vlmask_plugins.action_area.boxes import fill_boxes
-
-    plugins = _plugins()
-    entry = plugins.registry.get("action_area", args.detector)
-    stats = fill_boxes(Path(args.manifest), Path(args.out), entry.factory(), workers=args.workers)
-    out.print(stats.summary(), highlight=False)
-    if args.stats:
-        Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=2, default=str))
-    return 0
-
-
-def cmd_data_captions(args: argparse.Namespace) -> int:
-    from vlmask.config import parse_override
-    from vlmask.schema import check_plugin_node
-    from vlmask_plugins.captioners.fill import fill_captions
-
-    registry = _plugins().registry
-    node = {"name": args.captioner, **{k: v for k, v, _ in map(parse_override, args.overrides)}}
-    problems = check_plugin_node(registry, "captioner", "captioner", node, lambda key: "command line")
-    if problems:
-        raise RecipeError(problems)
-    captioner = registry.get("captioner", args.captioner).factory(**{k: v for k, v in node.items() if k != "name"})
-    stats = fill_captions(Path(args.manifest), Path(args.out), captioner, workers=args.workers)
-    out.print(stats.summary(), highlight=False)
-    if args.stats:
-        Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=2, default=str))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from vlmask.interop import export_hf_videomae
-
-    folder = export_hf_videomae(Path(args.run_dir), Path(args.out))
-    out.print(f"wrote {folder} (transformers.VideoMAEModel.from_pretrained loads it; encoder.safetensors is timm-style)")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmask", description="masked video-language self-supervised pretraining")
     sub = p.add_subparsers(dest="command", required=True)
@@ -240,35 +194,14 @@ def parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    data = sub.add_parser("data", help="data utilities")
+    data = sub.add_parser("data", help="data utilities (commands from plugins)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write the synthetic video-caption dataset")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--clips", type=int, default=400)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=cmd_data_synth)
-    boxes = data_sub.add_parser("boxes", help="detect the action area of every clip; write the manifest with action_box")
-    boxes.add_argument("manifest")
-    boxes.add_argument("--out", required=True)
-    boxes.add_argument("--detector", default="flow", help="a registered action_area plugin (default: flow)")
-    boxes.add_argument("--workers", type=int, default=2)
-    boxes.add_argument("--stats", help="also write the detection statistics as JSON here")
-    boxes.set_defaults(func=cmd_data_boxes)
-
-    captions = data_sub.add_parser("captions", help="write a caption for every clip that has none (a local captioning model)")
-    captions.add_argument("manifest")
-    captions.add_argument("overrides", nargs="*", help="the captioner's arguments as KEY=VALUE, e.g. path=/models/blip")
-    captions.add_argument("--out", required=True)
-    captions.add_argument("--captioner", default="hf_image_to_text", help="a registered captioner (hf_image_to_text, template)")
-    captions.add_argument("--workers", type=int, default=1)
-    captions.add_argument("--stats", help="also write the statistics as JSON here")
-    captions.set_defaults(func=cmd_data_captions)
-
-    export = sub.add_parser("export", help="write a run's encoder in another framework's format")
-    export.add_argument("run_dir")
-    export.add_argument("--to", required=True, choices=["hf-videomae"])
-    export.add_argument("--out", required=True)
-    export.set_defaults(func=cmd_export)
+    try:
+        plugins = default_plugins()
+    except PluginError:
+        plugins = None  # reported when a command loads the plugins
+    if plugins is not None:  # plugin-provided commands (the built-in plugin: data synth|boxes|captions, export)
+        plugins.manager.hook.vlmask_add_commands(subparsers=sub, data=data_sub)
     return p
 
 

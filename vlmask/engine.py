@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import time
@@ -31,70 +30,17 @@ from torch.utils.data import DataLoader
 import vlmask
 from vlmask import checkpoint as ckpt
 from vlmask import parallel
+from vlmask.build import Components, LossTerm, Student, autocast_of, build_components, resolve_device, resolve_precision, set_attention_backends
+from vlmask.caches import CaptionEmbeddingCache
 from vlmask.config import Recipe, RecipeError
-from vlmask.interop import git_commit
+from vlmask.hookspecs import RunInfo
+from vlmask.provenance import git_commit, versions
+from vlmask.schedules import lr_at
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.paths import cache_dir
-from vlmask.plugins import Plugins, default_plugins
+from vlmask.plugins import Plugins, default_plugins, new_manager
 from vlmask.schema import build, settings, validate
-from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
-
-LossTerm = Tensor | tuple[Tensor, dict[str, Tensor]]
-
-
-@dataclass
-class RunInfo:
-    """What lifecycle hooks learn about the run."""
-
-    dir: Path
-    recipe: Recipe
-    device: torch.device
-    rank: int
-    world_size: int
-    start_step: int
-    total_steps: int
-    attention: str = "sdpa"
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-class Student(nn.Module):
-    """Everything the optimizer trains: encoder, predictor, video-to-text projection and the
-    parameters of targets and heads (e.g. a contrastive head's temperature)."""
-
-    def __init__(
-        self,
-        encoder: nn.Module,
-        predictor: nn.Module | None,
-        projection: nn.Module | None,
-        objectives: dict[str, Callable[[StepOutputs], LossTerm]],
-    ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.predictor = predictor
-        self.projection = projection
-        self.objectives = objectives  # plain dict: the call order, kept outside the module tree
-        self.objective_modules = nn.ModuleDict({k: v for k, v in objectives.items() if isinstance(v, nn.Module)})
-
-    def forward(self, batch: Batch, mask: Mask, grid: TokenGrid, teacher: nn.Module | None) -> dict[str, LossTerm]:
-        """Encode the visible tokens, predict the masked ones, get the targets, score every term."""
-        visible_features = self.encoder(batch.video, mask.visible)
-        predictions = self.predictor(visible_features, mask) if self.predictor is not None else None
-        teacher_features = teacher(batch.video) if teacher is not None else None
-        out = StepOutputs(
-            batch=batch,
-            grid=grid,
-            mask=mask,
-            visible_features=visible_features,
-            predictions=predictions,
-            teacher_features=teacher_features,
-            projection=self.projection,
-            teacher_projection=teacher.module("projection") if hasattr(teacher, "module") else None,
-        )
-        return {name: objective(out) for name, objective in self.objectives.items()}
+from vlmask.types import Batch, TokenGrid
 
 
 def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -116,25 +62,8 @@ def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple
     return total, logged
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, warmup_lr: float) -> float:
-    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup`` steps, then cosine to ``min_lr``."""
-    if step < warmup:
-        return warmup_lr + (lr - warmup_lr) * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _no_weight_decay(name: str, param: Tensor) -> bool:
     return param.ndim <= 1 or any(k in name for k in ("pos_embed", "mask_token", "cls_token", "logit_scale"))
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(["key device: 'cuda' was asked for but torch sees no CUDA device"])
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device("cuda", local_rank)
 
 
 def _count(module: nn.Module | None) -> int:
@@ -155,17 +84,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def versions(plugins: Plugins) -> dict[str, Any]:
-    return {
-        "vlmask": vlmask.__version__,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-        "plugins": dict(sorted(plugins.distributions.items())),
-    }
-
-
 class Trainer:
-    """Builds every component of a recipe and trains it. ``Trainer(recipe).train()``."""
+    """Trains a recipe: ``with Trainer(recipe) as trainer: trainer.train()``.
+
+    The parts come from :func:`vlmask.build.build_components`; the Trainer owns only what
+    training adds: the device and parallel wrapping, the data loader, the optimizer and loss
+    scaler, the loop and its checkpoints, and a plugin manager of its own. That manager holds
+    the process's loaded plugins plus this run's components (masker, targets, heads, teacher,
+    loggers), so a run's hook implementations never leak into the process-wide manager or into
+    another run. Leaving the ``with`` block (or :meth:`close`) unregisters them.
+    """
 
     def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True) -> None:
         """``with_data=False`` builds the model, optimizer and run settings without reading any
@@ -181,6 +109,10 @@ class Trainer:
         self.optim_cfg = settings(recipe, "optim")
         self.data_cfg = settings(recipe, "data")
         self.seed = int(recipe.get("seed", 0))
+        self.manager = new_manager()  # this run's own: the process's plugins, then this run's components
+        for plugin in self.plugins.manager.get_plugins():
+            self.manager.register(plugin, name=self.plugins.manager.get_name(plugin))
+        self.hooks = self.manager.hook
         self._setup_distributed()
         torch.manual_seed(self.seed + self.rank)
         if with_data:
@@ -189,7 +121,6 @@ class Trainer:
             self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
             self.accumulate = self.train_cfg.accumulate
             self.total_steps = int(self.train_cfg.max_steps or 1)
-        torch.manual_seed(self.seed)  # every rank builds the same initial model (student and teacher)
         self._setup_model()
         torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
         self._setup_optimizer()
@@ -198,10 +129,15 @@ class Trainer:
         else:
             self.run_dir, self.start_step, self.resumed_from = Path("."), 0, None
             self.run = RunInfo(Path("."), recipe, self.device, self.rank, self.world_size, 0, self.total_steps, self.attention)
-        self.hooks = self.plugins.manager.hook
-        for name, component in self._components().items():  # components take part in lifecycle hooks
-            if not self.plugins.manager.is_registered(component):
-                self.plugins.manager.register(component, name=f"run:{name}:{id(component)}")
+        for name, component in self.parts.hook_parts().items():  # components take part in this run's hooks
+            if not self.manager.is_registered(component):
+                self.manager.register(component, name=f"run:{name}:{id(component)}")
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- setup
     def _setup_distributed(self) -> None:
@@ -213,28 +149,23 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend)
-        precision = self.train_cfg.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision == "fp16" and self.device.type != "cuda":
-            raise RecipeError([f"{self.recipe.where('train.precision')}: key train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU"])
-        self.precision = precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.precision = resolve_precision(self.recipe, self.train_cfg.precision, self.device)
+        self.autocast = autocast_of(self.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
     def _setup_data(self) -> None:
-        from vlmask_plugins.data import synthetic  # the built-in set is a first-party plugin's data
-
         train_path = self.data_cfg.train
         self.data_source = train_path or "built-in synthetic"
         if train_path is None:
-            if self.rank != 0:  # rank 0 generates the set on first use; the others wait, then read it
+            if self.rank != 0:  # rank 0 makes the default set on first use; the others wait, then read it
                 dist.barrier()
-            paths = synthetic.ensure_builtin(cache_dir(), **self.data_cfg.synthetic, progress=self.rank == 0)
+            manifests = self.hooks.vlmask_default_manifests(recipe=self.recipe, cache_dir=cache_dir(), progress=self.rank == 0)
             if self.rank == 0 and self.world_size > 1:
                 dist.barrier()
-            train_path = str(paths[0])
+            if manifests is None:
+                raise RecipeError([f"{self.recipe.path}: key data.train: not set, and no plugin provides default data "
+                                   "(is the built-in plugin blocked?)"])
+            train_path = str(manifests[0])
         self.train_manifest = Path(train_path)
         self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(train_path), train=True)
         self.collate = collate_of(self.train_set)
@@ -262,13 +193,24 @@ class Trainer:
             raise RecipeError([f"{self.recipe.path}: set train.max_steps or train.epochs"])
         self.steps_per_epoch = steps_per_epoch
 
+    def _check_clip_shape(self, grid: TokenGrid) -> None:
+        """The dataset's clips must be the (frames, height, width) the encoder's grid expects."""
+        expected = (grid.t * grid.tubelet, grid.h * grid.patch, grid.w * grid.patch)
+        clip_shape = tuple(self.train_set[0]["video"].shape[1:]) if self.train_set is not None else expected
+        if clip_shape != expected:
+            raise RecipeError([
+                f"{self.recipe.where('data.dataset')}: the dataset gives clips of {clip_shape} (frames, height, width) "
+                f"but the encoder ({self.recipe.where('model.encoder')}) expects {expected}"
+            ])
+
     def _setup_model(self) -> None:
-        registry, recipe = self.plugins.registry, self.recipe
-        self.text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if recipe.get("text_encoder") else None
+        recipe = self.recipe
+        num_classes = len(getattr(self.train_set, "classes", []) or [])
+        self.parts: Components = build_components(recipe, self.plugins, total_steps=self.total_steps,
+                                                  num_classes=num_classes, check_grid=self._check_clip_shape)
+        self.text_encoder = self.parts.text_encoder
         self.text_table: Tensor | None = None
         if self.text_encoder is not None:
-            from vlmask_plugins.text.cache import CaptionEmbeddingCache
-
             cache = CaptionEmbeddingCache(cache_dir() / "text")
             captions = list(self.train_set.captions) if self.train_set is not None else []
             if self.rank == 0:  # rank 0 fills the cache; the others then read it
@@ -278,57 +220,18 @@ class Trainer:
             if self.rank != 0:
                 self.text_table = cache.embed(self.text_encoder, captions, progress=False)
             self.text_table = self.text_table.to(self.device)
-        encoder = build(registry, recipe, "model.encoder", "encoder")
-        grid: TokenGrid = encoder.grid
-        expected = (grid.t * grid.tubelet, grid.h * grid.patch, grid.w * grid.patch)
-        clip_shape = tuple(self.train_set[0]["video"].shape[1:]) if self.train_set is not None else expected
-        if clip_shape != expected:
-            raise RecipeError([
-                f"{recipe.where('data.dataset')}: the dataset gives clips of {clip_shape} (frames, height, width) "
-                f"but the encoder ({recipe.where('model.encoder')}) expects {expected}"
-            ])
-        injected: dict[str, Any] = {
-            "grid": grid,
-            "encoder_dim": encoder.embed_dim,
-            "total_steps": self.total_steps,
-            "num_classes": len(getattr(self.train_set, "classes", []) or []),
-        }
-        projection = None
-        if recipe.get("model.projection"):
-            if self.text_encoder is None:
-                raise RecipeError([f"{recipe.where('model.projection')}: key model.projection needs a text_encoder"])
-            projection = nn.Linear(encoder.embed_dim, self.text_encoder.dim, bias=False)
-            nn.init.normal_(projection.weight, std=encoder.embed_dim**-0.5)
-        if self.text_encoder is not None:
-            injected["text_dim"] = self.text_encoder.dim
-        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
-        objectives: dict[str, Any] = {}
-        for section, kind in (("targets", "target"), ("heads", "head")):
-            for name, node in (recipe.get(section) or {}).items():
-                if node is None:  # a derived recipe removes an inherited term by setting it to null
-                    continue
-                objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
-        self.grid = grid
+        self.grid = self.parts.grid
         self.parallel = self.train_cfg.parallel if self.world_size > 1 else "none"
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16"])
         # under FSDP the full model never goes to the device: it is built on the CPU and each rank moves its shard
         model_device = torch.device("cpu") if self.parallel == "fsdp" else self.device
-        self.student = Student(encoder, predictor, projection, objectives).to(model_device)
-        injected["student"] = self.student
-        self.teacher = build(registry, recipe, "teacher", "teacher", injected).to(model_device) if recipe.get("teacher") else None
-        self.masker = build(registry, recipe, "masker", "masker", injected)
-        self.loggers = {
-            name: build(registry, recipe, f"loggers.{name}", "logger", injected)
-            for name, node in (recipe.get("loggers") or {}).items() if node is not None
-        }
-        self.loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items() if v is not None}
-        self.attention = "sdpa"
-        self.attention_reason = ""
-        for part in (self.student, self.teacher):
-            for module in part.modules() if part is not None else ():
-                if hasattr(module, "set_attention_backend"):
-                    self.attention, self.attention_reason = module.set_attention_backend(device=self.device)
+        self.student: Student = self.parts.student.to(model_device)
+        self.teacher = self.parts.teacher.to(model_device) if self.parts.teacher is not None else None
+        self.masker = self.parts.masker
+        self.loggers = dict(self.parts.loggers)
+        self.loss_weights = dict(self.parts.loss_weights)
+        self.attention, self.attention_reason = set_attention_backends(self.parts, self.device)
         self.ddp_student: nn.Module = self.student
         self.replicated_params: list[nn.Parameter] = []  # FSDP: scalars left unsharded
         if self.parallel == "fsdp":
@@ -388,17 +291,11 @@ class Trainer:
             attention=self.attention,
         )
 
-    def _components(self) -> dict[str, Any]:
-        parts: dict[str, Any] = {"masker": self.masker, **self.student.objectives, **{f"logger.{k}": v for k, v in self.loggers.items()}}
-        if self.teacher is not None:
-            parts["teacher"] = self.teacher
-        return parts
-
     def close(self) -> None:
-        """Unregister this run's components from the plugin manager."""
-        for component in self._components().values():
-            if self.plugins.manager.is_registered(component):
-                self.plugins.manager.unregister(component)
+        """Unregister this run's components from the run's plugin manager (what ``__exit__`` calls)."""
+        for component in self.parts.hook_parts().values():
+            if self.manager.is_registered(component):
+                self.manager.unregister(component)
 
     # ---------------------------------------------------------------- the step
     def mask_generator(self, step: int) -> torch.Generator:
@@ -530,7 +427,7 @@ class Trainer:
             "recipe": str(self.recipe.path),
             "git_commit": git_commit(self.recipe.path.parent),
             "overrides": self.recipe.overrides,
-            "versions": versions(self.plugins),
+            "versions": versions(self.plugins.distributions),
             "device": str(self.device),
             "precision": self.precision,
             "attention": self.attention,

@@ -18,7 +18,7 @@ Evaluators come from the recipe's optional ``evaluation`` section; every key is 
 
 The default sections are :data:`DEFAULT_EVALUATORS`. An evaluator is any object with
 ``evaluate(features: EvalFeatures) -> dict[str, float] | None`` (see
-``vlmask_plugins.evaluation.features``); None means "cannot be computed for this run" and the
+``vlmask.features``); None means "cannot be computed for this run" and the
 section is left out of ``eval.json``.
 """
 
@@ -44,7 +44,7 @@ from vlmask.data_loading import collate_of
 from vlmask.paths import cache_dir
 from vlmask.registry import Registry
 from vlmask.schema import INJECTED, build, check_plugin_node, factory_parameters
-from vlmask_plugins.evaluation.features import (
+from vlmask.features import (
     POOLINGS,
     EvalFeatures,
     Evaluator,
@@ -345,7 +345,7 @@ def _text_encoder(trainer: Any) -> Callable[[list[str]], Tensor] | None:
     encoder = getattr(trainer, "text_encoder", None)
     if encoder is None:
         return None
-    from vlmask_plugins.text.cache import CaptionEmbeddingCache
+    from vlmask.caches import CaptionEmbeddingCache
 
     cache = CaptionEmbeddingCache(cache_dir() / "text")
     return lambda texts: cache.embed(encoder, list(texts), progress=False)
@@ -365,7 +365,7 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it).
     """
     from vlmask.runs import load_run
-    from vlmask_plugins.evaluation.features import check_pooling
+    from vlmask.features import check_pooling
 
     check_pooling(pooling)
     run_dir, manifest, out = Path(run_dir), Path(manifest), Path(out)

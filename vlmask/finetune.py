@@ -10,7 +10,7 @@ The protocol is VideoMAE's end-to-end finetuning (Tong et al., NeurIPS 2022, cod
   after pooling takes its place; ``keep_encoder_norm: true`` keeps it). The head is
   ``trunc_normal(std=0.02)`` scaled by ``head_init_scale`` (VideoMAE ``--init_scale 0.001``,
   so std 2e-5), bias zero; ``fc_norm`` starts at weight 1, bias 0;
-* every parameter is trained with AdamW, linear warmup then cosine (:func:`vlmask.engine.lr_at`)
+* every parameter is trained with AdamW, linear warmup then cosine (:func:`vlmask.schedules.lr_at`)
   scaled per parameter group by layer-wise lr decay: ``patch_embed``/``pos_embed`` are layer 0,
   block ``i`` is layer ``i + 1``, everything else (head, ``fc_norm``) layer ``depth + 1``, and a
   layer's lr is ``lr * layer_decay ** (depth + 1 - layer)`` (VideoMAE ``LayerDecayValueAssigner``).
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlmask.checkpoint import load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
-from vlmask.engine import lr_at
+from vlmask.schedules import lr_at
 from vlmask.evaluate import class_parts, eval_dataset, relative_path, split_features, val_manifest, write_json
 from vlmask.schema import check_section, build, factory_parameters, type_matches
 from vlmask_plugins.evaluation.classification import group_top1, top1

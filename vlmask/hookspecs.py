@@ -7,20 +7,46 @@ plugin manager for the run's duration). An implementation may accept a subset of
 
 Unless a spec says ``firstresult``, every implementation is called and their return values are
 ignored or collected as a list.
+
+A run's components are registered with the run's OWN plugin manager (see
+``vlmask.engine.Trainer``), never with the process-wide one: they take part in that run's
+lifecycle hooks and leave with it.
 """
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+import torch
 
 if TYPE_CHECKING:
-    from vlmask.engine import RunInfo
+    from vlmask.config import Recipe
     from vlmask.registry import Register
 
 hookspec = pluggy.HookspecMarker("vlmask")
+
+
+@dataclass
+class RunInfo:
+    """What lifecycle hooks learn about the run."""
+
+    dir: Path
+    recipe: "Recipe"
+    device: torch.device
+    rank: int
+    world_size: int
+    start_step: int
+    total_steps: int
+    attention: str = "sdpa"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -34,6 +60,38 @@ def vlmask_register_plugins(register: "Register") -> None:
     ``name`` in a recipe; the factory receives the recipe node's other keys as keyword
     arguments. A duplicate (kind, name) is an error naming both providers. Every
     implementation is called; the return value is ignored.
+    """
+
+
+@hookspec
+def vlmask_add_commands(subparsers: argparse._SubParsersAction, data: argparse._SubParsersAction) -> None:
+    """Add command-line commands.
+
+    ``subparsers`` makes top-level commands (``vlmask NAME``), ``data`` makes ``vlmask data
+    NAME`` commands; each is an ``argparse`` sub-parsers object (``.add_parser(name, help=...)``).
+    A command sets ``func`` with ``set_defaults(func=...)``: a callable taking the parsed
+    ``argparse.Namespace`` and returning the exit status (0: success). It may raise
+    ``vlmask.config.RecipeError`` (printed as a list of problems, exit status 2) or any
+    exception (printed on one line, exit status 1). The built-in plugin adds ``data synth``,
+    ``data boxes``, ``data captions`` and ``export`` here. Called once per ``vlmask``
+    invocation, while the parser is built. Every implementation is called; two plugins adding
+    one name is an ``argparse`` error naming it.
+    """
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def vlmask_default_manifests(recipe: "Recipe", cache_dir: Path, progress: bool) -> tuple[Path, Path] | None:
+    """The ``(train, val)`` manifests of a recipe that sets no ``data.train``.
+
+    ``recipe`` is the run's recipe (its ``data.synthetic`` node holds the default set's
+    arguments), ``cache_dir`` the folder for generated data (``VLMASK_CACHE``), ``progress``
+    whether to show progress. The engine calls it on rank 0 first, then on the other ranks
+    after a barrier, so an implementation may generate the data on first use and must return
+    existing files on later calls. ``firstresult``: the first non-None answer is used; None from
+    every plugin (e.g. the built-in one blocked) makes ``data.train`` required. The built-in
+    plugin answers with its synthetic video-caption set.
     """
 
 
@@ -87,6 +145,8 @@ def vlmask_train_end(summary: dict[str, Any], run: "RunInfo") -> None:
 #: Every hook name, for documentation and the test that each hook is exercised.
 HOOKS = (
     "vlmask_register_plugins",
+    "vlmask_add_commands",
+    "vlmask_default_manifests",
     "vlmask_train_start",
     "vlmask_after_optimizer_step",
     "vlmask_step_end",

@@ -1,8 +1,17 @@
 """The entry point of vlmask's first-party plugins (group ``vlmask``, name ``builtin``).
 
-Every built-in factory is registered here, explicitly, through the same hook third-party
-plugins implement; nothing registers itself by being imported.
+Every built-in factory is registered here, explicitly, through the same hooks third-party
+plugins implement; nothing registers itself by being imported. Besides the factories, the
+built-in plugin provides the default data (the synthetic video-caption set, through
+``vlmask_default_manifests``) and the commands ``vlmask data synth|boxes|captions`` and
+``vlmask export`` (through ``vlmask_add_commands``).
 """
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
 
 from vlmask import hookimpl
 from vlmask.registry import Register
@@ -25,3 +34,18 @@ from vlmask_plugins import (
 def vlmask_register_plugins(register: Register) -> None:
     for package in (maskers, encoders, teachers, targets, heads, text, data, action_area, captioners, evaluation, loggers):
         package.register_plugins(register)
+
+
+@hookimpl
+def vlmask_default_manifests(recipe: Any, cache_dir: Path, progress: bool) -> tuple[Path, Path]:
+    """The built-in synthetic set (arguments: the recipe's ``data.synthetic``), made on first use."""
+    from vlmask_plugins.data import synthetic
+
+    return synthetic.ensure_builtin(cache_dir, **(recipe.get("data.synthetic") or {}), progress=progress)
+
+
+@hookimpl
+def vlmask_add_commands(subparsers: argparse._SubParsersAction, data: argparse._SubParsersAction) -> None:
+    from vlmask_plugins.commands import add_commands
+
+    add_commands(subparsers, data)

@@ -30,7 +30,7 @@ from vlmask_plugins.captioners.interface import DEFAULT_FRAMES_PER_CLIP
 from vlmask_plugins.data.decode import FrameSampler, decode_clip, probe_video
 from vlmask_plugins.data.fill import ClipJsonCache, ManifestLine, fill_manifest, manifest_paths
 from vlmask_plugins.data.manifest import ManifestClip, SkippedClip
-from vlmask_plugins.text.cache import is_missing
+from vlmask.caches import is_missing
 
 
 @dataclass

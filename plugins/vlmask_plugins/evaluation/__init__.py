@@ -11,7 +11,7 @@
 
 from vlmask.registry import Register
 from vlmask_plugins.evaluation.classification import KNNClassifier, LinearProbe, marginalise
-from vlmask_plugins.evaluation.features import EvalFeatures, Evaluator, SplitFeatures, pool_tokens
+from vlmask.features import EvalFeatures, Evaluator, SplitFeatures, pool_tokens
 from vlmask_plugins.evaluation.text_space import RetrievalEvaluator, ZeroShotClassifier
 
 __all__ = [

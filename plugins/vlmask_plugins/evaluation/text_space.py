@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmask_plugins.evaluation.classification import top1
-from vlmask_plugins.evaluation.features import EvalFeatures
-from vlmask_plugins.text.cache import is_missing
+from vlmask.features import EvalFeatures
+from vlmask.caches import is_missing
 
 
 def video_embeddings(features: EvalFeatures, mean_features: Tensor) -> Tensor:

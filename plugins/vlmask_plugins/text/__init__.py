@@ -26,7 +26,7 @@ Heavy libraries (transformers, open_clip) are imported when a tower is built, no
 """
 
 from vlmask.registry import Register
-from vlmask_plugins.text.cache import CaptionEmbeddingCache
+from vlmask.caches import CaptionEmbeddingCache
 from vlmask_plugins.text.hf_clip import HFCLIPTextEncoder
 from vlmask_plugins.text.interface import TextEncoder
 from vlmask_plugins.text.minilm import MiniLMTextEncoder

@@ -1,4 +1,4 @@
-"""An on-disk cache of caption embeddings, keyed by text encoder identity and caption hash.
+"""The engine-owned on-disk cache of caption embeddings, keyed by text encoder identity and caption hash.
 
 FILS (BMVC 2024) freezes its text tower, so every caption's embedding is computed once per
 dataset and the training loop reads embeddings, never captions. Layout::
@@ -29,13 +29,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmask_plugins.text.interface import TextEncoder, check_batch_size
+#: A text encoder (plugin kind ``text_encoder``): ``identity`` (str), ``dim`` (int) and
+#: ``encode(texts, batch_size) -> (n, dim)``; see ``vlmask.kinds``.
+TextEncoder = Any
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 CACHE_FORMAT = "vlmask-caption-cache/1"
 SHARD_GLOB = "shard-*.safetensors"

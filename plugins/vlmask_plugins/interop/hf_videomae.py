@@ -942,32 +942,3 @@ def import_hf_videomae(path_or_dir: str | Path, attention: str = "auto") -> Vide
         encoder.norm = nn.Identity()
     load_videomae_state_dict(encoder, _hf_weights(folder), strict=True)
     return encoder.eval()
-
-
-# ============================================================================ reproducibility
-def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the git repository containing ``path`` (a file or folder; default: the
-    current directory), with ``+dirty`` appended when tracked files have uncommitted changes
-    (staged or not; untracked files do not count, as in ``git describe --dirty``). None outside a
-    repository, without a ``git`` executable, or in a repository with no commit yet. Read-only:
-    runs ``git rev-parse`` and ``git status`` without taking optional locks.
-    """
-    folder = Path(path) if path is not None else Path.cwd()
-    if not folder.is_dir():
-        folder = folder.parent
-    if not folder.is_dir():
-        return None
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "--no-optional-locks", "-C", str(folder), *args],
-                                  check=False, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "--verify", "--quiet", "HEAD")
-    if not commit:
-        return None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return commit + ("+dirty" if status else "")

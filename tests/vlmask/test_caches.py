@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmask_plugins.text import CaptionEmbeddingCache, TextEncoder
+from vlmask.caches import CaptionEmbeddingCache
+from vlmask_plugins.text import TextEncoder
 
 
 class TrigramEncoder:
