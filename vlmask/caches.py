@@ -1,4 +1,8 @@
-"""The engine-owned on-disk cache of caption embeddings, keyed by text encoder identity and caption hash.
+"""The engine-owned on-disk caches: frozen evaluation features of a checkpoint
+(:class:`FeatureCache`, filled by :func:`extract_features`) and caption embeddings
+(:class:`CaptionEmbeddingCache`).
+
+The caption-embedding cache, keyed by text encoder identity and caption hash.
 
 FILS (BMVC 2024) freezes its text tower, so every caption's embedding is computed once per
 dataset and the training loop reads embeddings, never captions. Layout::
@@ -24,16 +28,23 @@ can drop those clips rather than align them with a meaningless vector.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from vlmask.features import check_pooling, pool_tokens
+from vlmask.types import Batch
 
 #: A text encoder (plugin kind ``text_encoder``): ``identity`` (str), ``dim`` (int) and
 #: ``encode(texts, batch_size) -> (n, dim)``; see ``vlmask.kinds``.
@@ -45,6 +56,7 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 CACHE_FORMAT = "vlmask-caption-cache/1"
+FEATURE_CACHE_FORMAT = "vlmask-eval-features/1"
 SHARD_GLOB = "shard-*.safetensors"
 
 
@@ -288,3 +300,162 @@ class _Progress:
 
     def close(self) -> None:
         self._progress.stop()
+
+
+# --------------------------------------------------------------------------- evaluation features
+
+
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    collate: Callable[[list[Any]], Batch],
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    progress: bool = True,
+    description: str = "features",
+) -> dict[str, Tensor]:
+    """Pooled features of every clip of ``dataset`` (rows in dataset order), encoder in eval mode.
+
+    A clip whose file fails to load is replaced by the dataset with another clip (see
+    ``VideoManifestDataset``); rows are written at the ``index`` each item reports, so the row
+    of a clip that never loaded stays NaN: callers drop or report those rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = len(dataset)  # type: ignore[arg-type]
+    grid: TokenGrid | None = getattr(encoder, "grid", None)
+    was_training = encoder.training
+    encoder.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    out: dict[str, Tensor] = {}
+    try:
+        with _progress_bar(size, description, progress) as advance:
+            for batch in loader:
+                video = batch.video.to(device, non_blocking=True)
+                with autocast():
+                    tokens = encoder(video)
+                pooled = pool_tokens(tokens, grid)
+                index = batch.index
+                if index is None:
+                    raise ValueError("the dataset's batches carry no index; cannot place features in manifest order")
+                for name, value in pooled.items():
+                    if name not in out:
+                        out[name] = torch.full((size, value.shape[1]), float("nan"))
+                    out[name][index] = value.cpu()
+                advance(batch.size)
+    finally:
+        encoder.train(was_training)
+    return out
+
+
+class _progress_bar:
+    """A transient rich progress bar on stderr (or nothing); yields ``advance(n)``."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self.total, self.description, self.enabled = total, description, enabled
+        self._progress: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        task = self._progress.add_task(self.description, total=self.total)
+        self._progress.start()
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (manifests are small)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(checkpoint: Path) -> str:
+    """The checkpoint folder name with the size and mtime of its weight files: a retrained
+    checkpoint of the same step is a different identity."""
+    parts = [checkpoint.name]
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        stat = weights.stat()
+        parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+class FeatureCache:
+    """Pooled features on disk, one safetensors file per (checkpoint, manifest, data settings, pooling).
+
+    Files live in ``folder`` (``RUN_DIR/features/``) as
+    ``<checkpoint>-<manifest stem>-<key[:16]>-<pooling>.safetensors``, holding ``features``
+    (N, ·) float32 (NaN rows: clips that did not load) with the key's parts in the metadata.
+    The key hashes the checkpoint identity (:func:`checkpoint_identity`), the manifest's path
+    and content (sha256) and the evaluation data settings, so re-running ``vlmask eval`` reads
+    instead of extracting, and anything that would change the features misses the cache.
+    Writes go to a temporary name and are renamed into place.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(checkpoint: Path, manifest: Path, settings: dict[str, Any]) -> dict[str, str]:
+        parts = {
+            "format": FEATURE_CACHE_FORMAT,
+            "checkpoint": checkpoint_identity(checkpoint),
+            "manifest": str(Path(manifest).resolve()),
+            "manifest_sha256": file_digest(manifest),
+            "settings": json.dumps(settings, sort_keys=True, default=str),
+        }
+        parts["key"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        parts["stem"] = f"{checkpoint.name}-{Path(manifest).stem}-{parts['key'][:16]}"
+        return parts
+
+    def path(self, key: dict[str, str], pooling: str) -> Path:
+        return self.folder / f"{key['stem']}-{check_pooling(pooling)}.safetensors"
+
+    def load(self, key: dict[str, str], pooling: str) -> Tensor | None:
+        from safetensors import SafetensorError, safe_open
+
+        path = self.path(key, pooling)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("key") != key["key"]:
+                    return None
+                return handle.get_tensor("features")
+        except (SafetensorError, OSError, ValueError):
+            return None  # a damaged file is recomputed and replaced
+
+    def save(self, key: dict[str, str], pooling: str, features: Tensor) -> Path:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(key, pooling)
+        temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+        save_file({"features": features.float().contiguous()}, str(temporary), metadata={**key, "pooling": pooling})
+        os.replace(temporary, path)
+        return path

@@ -15,8 +15,6 @@ import os
 import resource
 import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +25,6 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-import vlmask
 from vlmask import checkpoint as ckpt
 from vlmask import parallel
 from vlmask.build import Components, LossTerm, Student, autocast_of, build_components, resolve_device, resolve_precision, set_attention_backends

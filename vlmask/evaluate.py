@@ -24,7 +24,6 @@ section is left out of ``eval.json``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -39,20 +38,15 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
+from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
+from vlmask.features import POOLINGS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
 from vlmask.paths import cache_dir
 from vlmask.registry import Registry
-from vlmask.schema import INJECTED, build, check_plugin_node, factory_parameters
-from vlmask.features import (
-    POOLINGS,
-    EvalFeatures,
-    Evaluator,
-    FeatureCache,
-    SplitFeatures,
-    extract_features,
-    finite_rows,
-)
+from vlmask.runs import OpenRun, open_run
+from vlmask.schema import INJECTED, build, evaluation_settings, factory_parameters
+from vlmask.sections import DEFAULT_EVALUATORS, EvaluationSettings
 
 __all__ = [
     "DEFAULT_EVALUATORS",
@@ -64,70 +58,10 @@ __all__ = [
     "evaluate_run",
 ]
 
-#: eval.json section -> evaluator plugin node, used unless the recipe's ``evaluation.evaluators`` changes it.
-DEFAULT_EVALUATORS: dict[str, dict[str, Any]] = {
-    "linear_probe": {"name": "linear_probe"},
-    "linear_probe_temporal": {"name": "linear_probe", "pooling": "temporal"},
-    "knn": {"name": "knn"},
-    "retrieval": {"name": "retrieval"},
-    "zero_shot": {"name": "zero_shot"},
-}
-
-EVALUATION_KEYS = ("batch_size", "num_workers", "evaluators")
-
 console = Console(stderr=True, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass
-class EvaluationSettings:
-    batch_size: int
-    num_workers: int
-    evaluators: dict[str, dict[str, Any]]
-
-
-def evaluation_settings(recipe: Recipe, registry: Registry) -> EvaluationSettings:
-    """The recipe's ``evaluation`` section with defaults filled in; every problem is a RecipeError
-    naming the file and key."""
-    section = recipe.get("evaluation") or {}
-    problems: list[str] = []
-    if not isinstance(section, dict):
-        raise RecipeError([f"{recipe.where('evaluation')}: key evaluation: expected a mapping, got {section!r}"])
-    for key in section:
-        if key not in EVALUATION_KEYS:
-            problems.append(f"{recipe.where('evaluation.' + str(key))}: unknown key evaluation.{key}; "
-                            f"known: {', '.join(EVALUATION_KEYS)}")
-    batch_size = section.get("batch_size")
-    batch_size = (recipe.get("train.batch_size") or 8) if batch_size is None else batch_size
-    workers = section.get("num_workers")
-    workers = recipe.get("data.num_workers", 2) if workers is None else workers
-    for key, value in (("batch_size", batch_size), ("num_workers", workers)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "batch_size" else 0):
-            problems.append(f"{recipe.where('evaluation.' + key)}: key evaluation.{key}: {value!r} is not "
-                            f"an integer >= {1 if key == 'batch_size' else 0}")
-    evaluators = copy.deepcopy(DEFAULT_EVALUATORS)
-    overrides = section.get("evaluators") or {}
-    if not isinstance(overrides, dict):
-        problems.append(f"{recipe.where('evaluation.evaluators')}: key evaluation.evaluators: expected a mapping "
-                        f"of section -> evaluator node, got {overrides!r}")
-        overrides = {}
-    for name, node in overrides.items():
-        key = f"evaluation.evaluators.{name}"
-        if node is None:
-            evaluators.pop(name, None)
-            continue
-        if not isinstance(node, dict):
-            problems.append(f"{recipe.where(key)}: key {key}: expected an evaluator node {{name: ..., ...}} or null, got {node!r}")
-            continue
-        base = evaluators.get(name, {})
-        evaluators[name] = dict(node) if "name" in node and node["name"] != base.get("name") else {**base, **node}
-    for name, node in evaluators.items():
-        problems += check_plugin_node(registry, f"evaluation.evaluators.{name}", "evaluator", node, recipe.where)
-    if problems:
-        raise RecipeError(problems)
-    return EvaluationSettings(int(batch_size), int(workers), evaluators)
 
 
 def build_evaluators(settings: EvaluationSettings, recipe: Recipe, registry: Registry,
@@ -162,51 +96,51 @@ def build_evaluators(settings: EvaluationSettings, recipe: Recipe, registry: Reg
 # --------------------------------------------------------------------------- features of a run
 
 
-def val_manifest(trainer: Any) -> Path | None:
-    """``data.val``, or the built-in synthetic set's val split when training used the built-in set."""
-    recipe: Recipe = trainer.recipe
+def val_manifest(run: OpenRun) -> Path | None:
+    """``data.val``, or the default data's val split (a plugin's, ``vlmask_default_manifests``)
+    when training used the default data."""
+    recipe: Recipe = run.recipe
     val = recipe.get("data.val")
     if val:
         return Path(val)
     if recipe.get("data.train"):
         return None
-    from vlmask_plugins.data import synthetic
+    manifests = run.plugins.manager.hook.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=False)
+    return Path(manifests[1]) if manifests is not None else None
 
-    return Path(synthetic.ensure_builtin(cache_dir(), **(recipe.get("data.synthetic") or {}))[1])
 
-
-def eval_dataset(trainer: Any, manifest: Path) -> Any:
+def eval_dataset(run: OpenRun, manifest: Path) -> Any:
     """The recipe's dataset plugin on ``manifest`` with evaluation transforms (train=False) and
     the training set's class list (so labels index the same classes)."""
-    registry: Registry = trainer.plugins.registry
-    recipe: Recipe = trainer.recipe
+    registry: Registry = run.plugins.registry
+    recipe: Recipe = run.recipe
     entry = registry.get("dataset", recipe.get("data.dataset.name"))
     extra: dict[str, Any] = {"manifest": str(manifest), "train": False}
-    classes = getattr(trainer.train_set, "classes", None)
+    classes = getattr(run.train_set, "classes", None)
     if classes is not None and "classes" in factory_parameters(entry.factory):
         extra["classes"] = list(classes)
     return build(registry, recipe, "data.dataset", "dataset", **extra)
 
 
-def run_features(trainer: Any, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,
+def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,
                  description: str) -> dict[str, Tensor]:
     """Pooled features (rows = the dataset's clips, NaN for clips that did not load) of the
     run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there."""
-    checkpoint: Path = trainer.resumed_from
-    cache = FeatureCache(Path(trainer.run_dir) / "features")
+    checkpoint: Path = run.checkpoint
+    cache = FeatureCache(Path(run.run_dir) / "features")
     key = FeatureCache.key(checkpoint, manifest, {
-        "dataset": trainer.recipe.get("data.dataset"),
-        "precision": trainer.precision,
-        "device": trainer.device.type,
+        "dataset": run.recipe.get("data.dataset"),
+        "precision": run.precision,
+        "device": run.device.type,
         "clips": len(dataset),
     })
     found = {p: cache.load(key, p) for p in POOLINGS}
     if all(v is not None and v.shape[0] == len(dataset) for v in found.values()):
         return {p: v for p, v in found.items() if v is not None}
     extracted = extract_features(
-        trainer.student.encoder, dataset, collate_of(dataset),
-        batch_size=settings.batch_size, num_workers=settings.num_workers, device=trainer.device,
-        autocast=trainer.autocast, progress=progress, description=description,
+        run.student.encoder, dataset, collate_of(dataset),
+        batch_size=settings.batch_size, num_workers=settings.num_workers, device=run.device,
+        autocast=run.autocast, progress=progress, description=description,
     )
     for pooling, value in extracted.items():
         cache.save(key, pooling, value)
@@ -273,63 +207,58 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     sections (default: every configured one), keeping the other sections of an ``eval.json`` of
     the same checkpoint. Sections that cannot be computed are absent.
     """
-    from vlmask.runs import load_run
-
     run_dir = Path(run_dir)
-    trainer = load_run(run_dir, list(overrides))
-    try:
-        recipe: Recipe = trainer.recipe
-        registry: Registry = trainer.plugins.registry
-        settings = evaluation_settings(recipe, registry)
-        built = build_evaluators(settings, recipe, registry, evaluators)
-        checkpoint = Path(trainer.resumed_from)
-        classes = list(getattr(trainer.train_set, "classes", []) or [])
-        result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
-        if classes:
-            result["chance_top1"] = 1.0 / len(classes)
-        val_path = val_manifest(trainer)
-        data: dict[str, Any] = {"train": str(trainer.train_manifest), "val": str(val_path) if val_path else None}
-        if val_path is None:
-            console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed[/]")
-        elif built:
-            train_set = eval_dataset(trainer, trainer.train_manifest)
-            val_set = eval_dataset(trainer, val_path)
-            train_split, train_dropped = split_features(
-                train_set, run_features(trainer, train_set, trainer.train_manifest, settings, progress, "features: train"))
-            val_split, val_dropped = split_features(
-                val_set, run_features(trainer, val_set, val_path, settings, progress, "features: val"))
-            verbs, nouns = class_parts(train_set, classes)
-            features = EvalFeatures(
-                train=train_split, val=val_split, classes=classes, class_verbs=verbs, class_nouns=nouns,
-                project=_projector(trainer), encode_text=_text_encoder(trainer),
-            )
-            for name, evaluator in built.items():
-                section = evaluator.evaluate(features)
-                if section is not None:
-                    result[name] = {k: float(v) for k, v in section.items()}
-            data.update({
-                "train_clips": len(train_split), "val_clips": len(val_split),
-                "skipped_lines": {"train": len(getattr(train_set, "skipped", [])), "val": len(getattr(val_set, "skipped", []))},
-                "unloadable_clips": {"train": train_dropped, "val": val_dropped},
-            })
-        used = {name: settings.evaluators[name] for name in built if name in result}
-        if evaluators is not None:  # a partial evaluation keeps the other sections of this checkpoint's eval.json
-            previous = _reusable_eval(run_dir, checkpoint) or {}
-            for name, section in previous.items():
-                if name not in result and name not in built and name not in ("data", "evaluators"):
-                    result[name] = section
-                    if name in (previous.get("evaluators") or {}):
-                        used[name] = previous["evaluators"][name]
-        result["data"] = data
-        result["evaluators"] = used
-        write_json(run_dir / "eval.json", result)
-        return result
-    finally:
-        trainer.close()
+    run = open_run(run_dir, list(overrides))
+    recipe: Recipe = run.recipe
+    registry: Registry = run.plugins.registry
+    settings = evaluation_settings(recipe, registry)
+    built = build_evaluators(settings, recipe, registry, evaluators)
+    checkpoint = Path(run.checkpoint)
+    classes = list(getattr(run.train_set, "classes", []) or [])
+    result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
+    if classes:
+        result["chance_top1"] = 1.0 / len(classes)
+    val_path = val_manifest(run)
+    data: dict[str, Any] = {"train": str(run.train_manifest), "val": str(val_path) if val_path else None}
+    if val_path is None:
+        console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed[/]")
+    elif built:
+        train_set = eval_dataset(run, run.train_manifest)
+        val_set = eval_dataset(run, val_path)
+        train_split, train_dropped = split_features(
+            train_set, run_features(run, train_set, run.train_manifest, settings, progress, "features: train"))
+        val_split, val_dropped = split_features(
+            val_set, run_features(run, val_set, val_path, settings, progress, "features: val"))
+        verbs, nouns = class_parts(train_set, classes)
+        features = EvalFeatures(
+            train=train_split, val=val_split, classes=classes, class_verbs=verbs, class_nouns=nouns,
+            project=_projector(run), encode_text=_text_encoder(run),
+        )
+        for name, evaluator in built.items():
+            section = evaluator.evaluate(features)
+            if section is not None:
+                result[name] = {k: float(v) for k, v in section.items()}
+        data.update({
+            "train_clips": len(train_split), "val_clips": len(val_split),
+            "skipped_lines": {"train": len(getattr(train_set, "skipped", [])), "val": len(getattr(val_set, "skipped", []))},
+            "unloadable_clips": {"train": train_dropped, "val": val_dropped},
+        })
+    used = {name: settings.evaluators[name] for name in built if name in result}
+    if evaluators is not None:  # a partial evaluation keeps the other sections of this checkpoint's eval.json
+        previous = _reusable_eval(run_dir, checkpoint) or {}
+        for name, section in previous.items():
+            if name not in result and name not in built and name not in ("data", "evaluators"):
+                result[name] = section
+                if name in (previous.get("evaluators") or {}):
+                    used[name] = previous["evaluators"][name]
+    result["data"] = data
+    result["evaluators"] = used
+    write_json(run_dir / "eval.json", result)
+    return result
 
 
-def _projector(trainer: Any) -> Callable[[Tensor], Tensor] | None:
-    projection = getattr(trainer.student, "projection", None)
+def _projector(run: OpenRun) -> Callable[[Tensor], Tensor] | None:
+    projection = getattr(run.student, "projection", None)
     if projection is None:
         return None
     device = next(projection.parameters()).device
@@ -341,12 +270,10 @@ def _projector(trainer: Any) -> Callable[[Tensor], Tensor] | None:
     return project
 
 
-def _text_encoder(trainer: Any) -> Callable[[list[str]], Tensor] | None:
-    encoder = getattr(trainer, "text_encoder", None)
+def _text_encoder(run: OpenRun) -> Callable[[list[str]], Tensor] | None:
+    encoder = getattr(run, "text_encoder", None)
     if encoder is None:
         return None
-    from vlmask.caches import CaptionEmbeddingCache
-
     cache = CaptionEmbeddingCache(cache_dir() / "text")
     return lambda texts: cache.embed(encoder, list(texts), progress=False)
 
@@ -364,26 +291,20 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     run, checkpoint and pooling. Features come from (and go to) the run's feature cache.
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it).
     """
-    from vlmask.runs import load_run
-    from vlmask.features import check_pooling
-
     check_pooling(pooling)
     run_dir, manifest, out = Path(run_dir), Path(manifest), Path(out)
     if not out.name.endswith(".npy"):
         out = out.with_name(out.name + ".npy")
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
-    trainer = load_run(run_dir, list(overrides))
-    try:
-        settings = evaluation_settings(trainer.recipe, trainer.plugins.registry)
-        dataset = eval_dataset(trainer, manifest)
-        pooled = run_features(trainer, dataset, manifest, settings, progress, f"embed {manifest.name}")
-        if pooling not in pooled:
-            raise ValueError(f"the encoder's tokens do not form its grid: {pooling} pooling is not available")
-        features = pooled[pooling].numpy().astype(np.float32)
-        checkpoint = relative_path(Path(trainer.resumed_from), run_dir)
-    finally:
-        trainer.close()
+    run = open_run(run_dir, list(overrides))
+    settings = evaluation_settings(run.recipe, run.plugins.registry)
+    dataset = eval_dataset(run, manifest)
+    pooled = run_features(run, dataset, manifest, settings, progress, f"embed {manifest.name}")
+    if pooling not in pooled:
+        raise ValueError(f"the encoder's tokens do not form its grid: {pooling} pooling is not available")
+    features = pooled[pooling].numpy().astype(np.float32)
+    checkpoint = relative_path(Path(run.checkpoint), run_dir)
     with manifest.open("r", encoding="utf-8", errors="replace") as handle:
         lines = [text for text in handle]
     while lines and not lines[-1].strip():

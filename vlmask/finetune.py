@@ -39,8 +39,7 @@ import json
 import math
 import os
 import time
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,8 +56,11 @@ from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.schedules import lr_at
 from vlmask.evaluate import class_parts, eval_dataset, relative_path, split_features, val_manifest, write_json
-from vlmask.schema import check_section, build, factory_parameters, type_matches
-from vlmask_plugins.evaluation.classification import group_top1, top1
+from vlmask.schema import build, factory_parameters
+from vlmask.metrics import group_top1, top1
+from vlmask.runs import OpenRun, open_run
+from vlmask.schema import finetune_settings
+from vlmask.sections import FinetuneSettings
 
 __all__ = [
     "FINETUNE_FORMAT",
@@ -83,96 +85,6 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass
-class FinetuneSettings:
-    """The recipe's ``finetune`` section (VideoMAE finetuning defaults unless noted)."""
-
-    max_steps: int | None = None  # optimizer steps; takes precedence over epochs
-    epochs: float = 20.0  # VideoMAE: 30-100 epochs on real data; 20 suits the demo set
-    batch_size: int | None = None  # None: train.batch_size
-    lr: float = 1.0e-3  # peak lr of the last layer (absolute; VideoMAE: 1e-3 x batch / 256)
-    min_lr: float = 1.0e-6
-    warmup_lr: float = 1.0e-6
-    warmup_steps: int | None = None  # takes precedence over warmup_epochs
-    warmup_epochs: float = 2.0  # VideoMAE: 5 of 30-100 epochs
-    layer_decay: float = 0.75  # 1.0: the same lr for every layer
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1.0e-8
-    grad_clip: float | None = None  # VideoMAE: no clipping
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha; VideoMAE 0.8 (0: off)
-    cutmix: float = 0.0  # cutmix alpha; VideoMAE 1.0 (0: off)
-    mixup_prob: float = 1.0  # probability of mixing a batch at all
-    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
-    drop_path: float | None = 0.1  # stochastic depth of the encoder; None: as the run's encoder
-    head_init_scale: float = 1.0e-3  # head weight ~ trunc_normal(0.02) * this
-    keep_encoder_norm: bool = False  # False: VideoMAE mean pooling (encoder's final norm dropped)
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area
-    hflip: bool | None = None  # None: as the recipe's data.dataset says
-    eval_every: int | None = None  # also validate every N steps; None: only after the last step
-    log_every: int = 10
-    num_workers: int | None = None  # None: data.num_workers
-    seed: int | None = None  # None: the recipe's seed
-
-
-FINETUNE_KEYS = tuple(f.name for f in fields(FinetuneSettings))
-
-
-def _range_problems(s: FinetuneSettings, valid: set[str]) -> dict[str, str]:
-    """key -> what is wrong with its value, for keys whose type was right."""
-    checks: dict[str, tuple[bool, str]] = {
-        "max_steps": (s.max_steps is None or s.max_steps >= 1, "an integer >= 1 or null"),
-        "epochs": (s.epochs > 0, "a number > 0"),
-        "batch_size": (s.batch_size is None or s.batch_size >= 1, "an integer >= 1 or null"),
-        "lr": (s.lr > 0, "a number > 0"),
-        "min_lr": (s.min_lr >= 0, "a number >= 0"),
-        "warmup_lr": (s.warmup_lr >= 0, "a number >= 0"),
-        "warmup_steps": (s.warmup_steps is None or s.warmup_steps >= 0, "an integer >= 0 or null"),
-        "warmup_epochs": (s.warmup_epochs >= 0, "a number >= 0"),
-        "layer_decay": (0 < s.layer_decay <= 1, "a number in (0, 1]"),
-        "weight_decay": (s.weight_decay >= 0, "a number >= 0"),
-        "betas": (len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), "two numbers in [0, 1)"),
-        "eps": (s.eps > 0, "a number > 0"),
-        "grad_clip": (s.grad_clip is None or s.grad_clip > 0, "a number > 0 or null"),
-        "label_smoothing": (0 <= s.label_smoothing < 1, "a number in [0, 1)"),
-        "mixup": (s.mixup >= 0, "a number >= 0 (0: off)"),
-        "cutmix": (s.cutmix >= 0, "a number >= 0 (0: off)"),
-        "mixup_prob": (0 <= s.mixup_prob <= 1, "a number in [0, 1]"),
-        "mixup_switch_prob": (0 <= s.mixup_switch_prob <= 1, "a number in [0, 1]"),
-        "drop_path": (s.drop_path is None or 0 <= s.drop_path < 1, "a number in [0, 1) or null"),
-        "head_init_scale": (s.head_init_scale >= 0, "a number >= 0"),
-        "crop_scale": (len(s.crop_scale) == 2 and 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1,
-                       "[low, high] with 0 < low <= high <= 1"),
-        "eval_every": (s.eval_every is None or s.eval_every >= 1, "an integer >= 1 or null"),
-        "log_every": (s.log_every >= 1, "an integer >= 1"),
-        "num_workers": (s.num_workers is None or s.num_workers >= 0, "an integer >= 0 or null"),
-    }
-    return {key: need for key, (ok, need) in checks.items() if key in valid and not ok}
-
-
-def finetune_settings(recipe: Recipe) -> FinetuneSettings:
-    """The recipe's ``finetune`` section with defaults filled in; every problem (unknown key,
-    wrong type, value out of range) is collected into one RecipeError naming file and key.
-    ``batch_size``, ``num_workers`` and ``seed`` stay None when unset (see :func:`finetune_run`)."""
-    section = recipe.get("finetune")
-    if section is None:
-        section = {}
-    problems = check_section("finetune", section, FinetuneSettings, recipe.where)
-    if not isinstance(section, dict):
-        raise RecipeError(problems)
-    hints = typing.get_type_hints(FinetuneSettings)
-    valid = {k: v for k, v in section.items() if k in FINETUNE_KEYS and type_matches(v, hints[k])}
-    settings = FinetuneSettings(**valid)
-    for key, need in _range_problems(settings, set(valid)).items():
-        problems.append(f"{recipe.where('finetune.' + key)}: key finetune.{key}: {valid[key]!r} is not {need}")
-    if problems:
-        raise RecipeError(problems)
-    settings.betas = [float(b) for b in settings.betas]
-    settings.crop_scale = [float(c) for c in settings.crop_scale]
-    return settings
 
 
 # --------------------------------------------------------------------------- the model
@@ -424,17 +336,15 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, others
 
 
-def _load_pretrained(run_dir: Path, overrides: list[str], drop_path: float | None) -> Any:
-    """``load_run`` without the ``finetune`` section (the engine does not read it), with the
+def _load_pretrained(run_dir: Path, overrides: list[str], drop_path: float | None) -> OpenRun:
+    """``open_run`` without the ``finetune`` section (the engine does not read it), with the
     encoder's ``drop_path`` set when asked."""
-    from vlmask.runs import load_run
-
     extra = []
     if (run_dir / "config.yaml").is_file() and "finetune" in OmegaConf.load(run_dir / "config.yaml"):
         extra.append("~finetune")
     if drop_path is not None:
         extra.append(f"model.encoder.drop_path={drop_path}")
-    return load_run(run_dir, [*overrides, *extra])
+    return open_run(run_dir, [*overrides, *extra])
 
 
 def _save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
@@ -470,23 +380,17 @@ def finetune_run(run_dir: Path | str, overrides: Sequence[str] = (), progress: b
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     settings = finetune_settings(load_recipe(config, [*others, *ours, f"run.dir={run_dir}"]))
-    trainer = _load_pretrained(run_dir, others, settings.drop_path)
-    try:
-        return _finetune(trainer, run_dir, settings, progress)
-    finally:
-        trainer.close()
+    return _finetune(_load_pretrained(run_dir, others, settings.drop_path), run_dir, settings, progress)
 
 
-def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:
-    recipe: Recipe = trainer.recipe
-    registry = trainer.plugins.registry
-    if trainer.world_size > 1:
+def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:
+    recipe: Recipe = run.recipe
+    registry = run.plugins.registry
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("vlmask finetune runs in one process; start it without torchrun")
-    if trainer.resumed_from is None:
-        raise RuntimeError(f"{run_dir}: no checkpoint was loaded")
-    classes = list(getattr(trainer.train_set, "classes", []) or [])
+    classes = list(getattr(run.train_set, "classes", []) or [])
     if not classes:
-        raise ValueError(f"{trainer.train_manifest}: no clip has a label; finetuning needs labelled training clips")
+        raise ValueError(f"{run.train_manifest}: no clip has a label; finetuning needs labelled training clips")
     # settings that default to the run's
     settings.batch_size = settings.batch_size or int(recipe.get("train.batch_size") or 8)
     settings.num_workers = int(recipe.get("data.num_workers", 2)) if settings.num_workers is None else settings.num_workers
@@ -495,7 +399,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     # data: the train manifest with finetuning augmentation, labelled clips only
     entry = registry.get("dataset", recipe.get("data.dataset.name"))
     params = factory_parameters(entry.factory)
-    extra: dict[str, Any] = {"manifest": str(trainer.train_manifest), "train": True}
+    extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True}
     wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
     if settings.hflip is not None:
         wanted["hflip"] = settings.hflip
@@ -509,9 +413,9 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     rows = [i for i, label in enumerate(getattr(train_set, "label_ids", [])) if label >= 0]
     if len(rows) < settings.batch_size:
         raise RecipeError([f"{recipe.where('finetune.batch_size')}: key finetune.batch_size: {settings.batch_size} "
-                           f"is more than the {len(rows)} labelled training clips of {trainer.train_manifest}"])
+                           f"is more than the {len(rows)} labelled training clips of {run.train_manifest}"])
     batches = EpochBatches(len(rows), settings.batch_size, settings.seed)
-    device = trainer.device
+    device = run.device
     loader = DataLoader(
         SeededItems(_Rows(train_set, rows)), batch_sampler=batches, num_workers=settings.num_workers,
         collate_fn=collate_of(train_set), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
@@ -520,15 +424,15 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     steps_per_epoch = batches.batches_per_epoch
     total = settings.max_steps or max(1, round(settings.epochs * steps_per_epoch))
     warmup = settings.warmup_steps if settings.warmup_steps is not None else round(settings.warmup_epochs * steps_per_epoch)
-    val_path = val_manifest(trainer)
-    val_set = eval_dataset(trainer, val_path) if val_path is not None else None
+    val_path = val_manifest(run)
+    val_set = eval_dataset(run, val_path) if val_path is not None else None
     if val_set is None:
         console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation[/]")
     class_verbs, class_nouns = class_parts(train_set, classes)
 
     # model and optimizer
     torch.manual_seed(settings.seed)
-    model = VideoClassifier(trainer.student.encoder, len(classes), settings.head_init_scale,
+    model = VideoClassifier(run.encoder, len(classes), settings.head_init_scale,
                             settings.keep_encoder_norm).to(device)
     if settings.layer_decay < 1 and model.depth == 0:
         raise RecipeError([f"{recipe.where('finetune.layer_decay')}: key finetune.layer_decay: the encoder "
@@ -539,7 +443,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
         lr=settings.warmup_lr, betas=(settings.betas[0], settings.betas[1]), eps=settings.eps,
         fused=device.type == "cuda",
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=trainer.precision == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")
     mixing = MixupCutmix(settings.mixup, settings.cutmix, settings.mixup_prob, settings.mixup_switch_prob,
                          settings.label_smoothing, len(classes))
 
@@ -547,7 +451,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
         if val_set is None:
             return {}
         return evaluate_classifier(model, val_set, classes, class_verbs, class_nouns, settings.batch_size,
-                                   settings.num_workers, device, trainer.autocast)
+                                   settings.num_workers, device, run.autocast)
 
     history: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
@@ -566,7 +470,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
                 video, targets, _ = mixing(video, labels, generator)
             else:
                 targets = smoothed_targets(labels, len(classes), settings.label_smoothing)
-            with trainer.autocast():
+            with run.autocast():
                 logits = model(video)
             loss = soft_target_cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -595,7 +499,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     wall = time.perf_counter() - t0
 
     weights = run_dir / "finetune" / "model.safetensors"
-    checkpoint = relative_path(Path(trainer.resumed_from), run_dir)
+    checkpoint = relative_path(Path(run.checkpoint), run_dir)
     _save_weights(weights, model, {
         "format": FINETUNE_FORMAT, "checkpoint": checkpoint, "steps": str(total),
         "classes": json.dumps(classes), "keep_encoder_norm": json.dumps(settings.keep_encoder_norm),
@@ -609,10 +513,10 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     result.update({
         "steps": total,
         "weights": relative_path(weights, run_dir),
-        "data": {"train": str(trainer.train_manifest), "val": str(val_path) if val_path else None,
+        "data": {"train": str(run.train_manifest), "val": str(val_path) if val_path else None,
                  "train_clips": len(rows), "val_clips": int(metrics.get("clips", 0))},
         "device": str(device),
-        "precision": trainer.precision,
+        "precision": run.precision,
         "wall_s": round(wall, 3),
         "settings": resolved,
         "history": history,
@@ -636,12 +540,8 @@ def load_finetuned(run_dir: Path | str, overrides: Sequence[str] = ()) -> tuple[
         raise ValueError(f"{weights}: not vlmask finetuned weights (format {metadata.get('format')!r})")
     classes = list(json.loads(metadata["classes"]))
     _, others = _split_overrides(list(overrides))
-    trainer = _load_pretrained(run_dir, others, None)
-    try:
-        model = VideoClassifier(trainer.student.encoder, len(classes),
-                                keep_encoder_norm=bool(json.loads(metadata["keep_encoder_norm"])))
-        load_strict(model, load_tensors(weights), weights)
-        model.to(trainer.device).eval()
-    finally:
-        trainer.close()
+    run = _load_pretrained(run_dir, others, None)
+    model = VideoClassifier(run.encoder, len(classes), keep_encoder_norm=bool(json.loads(metadata["keep_encoder_norm"])))
+    load_strict(model, load_tensors(weights), weights)
+    model.to(run.device).eval()
     return model, classes

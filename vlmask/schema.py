@@ -9,6 +9,7 @@ every value of the annotated type. All problems are collected and reported toget
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -22,6 +23,14 @@ from omegaconf import OmegaConf
 
 from vlmask.config import Recipe, RecipeError
 from vlmask.registry import Registry, RegistryError
+from vlmask.sections import (
+    DEFAULT_EVALUATORS,
+    EVALUATION_KEYS,
+    FINETUNE_KEYS,
+    EvaluationSettings,
+    FinetuneSettings,
+    finetune_range_problems,
+)
 
 
 @dataclass
@@ -304,15 +313,11 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
     if config.get("finetune") is not None:
-        from vlmask.finetune import finetune_settings  # the finetune section's own checker
-
         try:
             finetune_settings(recipe)
         except RecipeError as exc:
             problems += exc.problems
     if config.get("evaluation") is not None:
-        from vlmask.evaluate import evaluation_settings  # the evaluation section's own checker
-
         try:
             evaluation_settings(recipe, registry)
         except RecipeError as exc:
@@ -366,3 +371,70 @@ def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dic
         return entry.factory(**kwargs)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise RecipeError([f"{recipe.where(key)}: key {key} ({kind} {node['name']!r}): {exc}"]) from exc
+
+
+# --------------------------------------------------------------------------- sections of commands
+
+
+def finetune_settings(recipe: Recipe) -> FinetuneSettings:
+    """The recipe's ``finetune`` section with defaults filled in; every problem (unknown key,
+    wrong type, value out of range) is collected into one RecipeError naming file and key.
+    ``batch_size``, ``num_workers`` and ``seed`` stay None when unset (see :func:`finetune_run`)."""
+    section = recipe.get("finetune")
+    if section is None:
+        section = {}
+    problems = check_section("finetune", section, FinetuneSettings, recipe.where)
+    if not isinstance(section, dict):
+        raise RecipeError(problems)
+    hints = typing.get_type_hints(FinetuneSettings)
+    valid = {k: v for k, v in section.items() if k in FINETUNE_KEYS and type_matches(v, hints[k])}
+    settings = FinetuneSettings(**valid)
+    for key, need in finetune_range_problems(settings, set(valid)).items():
+        problems.append(f"{recipe.where('finetune.' + key)}: key finetune.{key}: {valid[key]!r} is not {need}")
+    if problems:
+        raise RecipeError(problems)
+    settings.betas = [float(b) for b in settings.betas]
+    settings.crop_scale = [float(c) for c in settings.crop_scale]
+    return settings
+
+
+def evaluation_settings(recipe: Recipe, registry: Registry) -> EvaluationSettings:
+    """The recipe's ``evaluation`` section with defaults filled in; every problem is a RecipeError
+    naming the file and key."""
+    section = recipe.get("evaluation") or {}
+    problems: list[str] = []
+    if not isinstance(section, dict):
+        raise RecipeError([f"{recipe.where('evaluation')}: key evaluation: expected a mapping, got {section!r}"])
+    for key in section:
+        if key not in EVALUATION_KEYS:
+            problems.append(f"{recipe.where('evaluation.' + str(key))}: unknown key evaluation.{key}; "
+                            f"known: {', '.join(EVALUATION_KEYS)}")
+    batch_size = section.get("batch_size")
+    batch_size = (recipe.get("train.batch_size") or 8) if batch_size is None else batch_size
+    workers = section.get("num_workers")
+    workers = recipe.get("data.num_workers", 2) if workers is None else workers
+    for key, value in (("batch_size", batch_size), ("num_workers", workers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "batch_size" else 0):
+            problems.append(f"{recipe.where('evaluation.' + key)}: key evaluation.{key}: {value!r} is not "
+                            f"an integer >= {1 if key == 'batch_size' else 0}")
+    evaluators = copy.deepcopy(DEFAULT_EVALUATORS)
+    overrides = section.get("evaluators") or {}
+    if not isinstance(overrides, dict):
+        problems.append(f"{recipe.where('evaluation.evaluators')}: key evaluation.evaluators: expected a mapping "
+                        f"of section -> evaluator node, got {overrides!r}")
+        overrides = {}
+    for name, node in overrides.items():
+        key = f"evaluation.evaluators.{name}"
+        if node is None:
+            evaluators.pop(name, None)
+            continue
+        if not isinstance(node, dict):
+            problems.append(f"{recipe.where(key)}: key {key}: expected an evaluator node {{name: ..., ...}} or null, got {node!r}")
+            continue
+        base = evaluators.get(name, {})
+        evaluators[name] = dict(node) if "name" in node and node["name"] != base.get("name") else {**base, **node}
+    for name, node in evaluators.items():
+        problems += check_plugin_node(registry, f"evaluation.evaluators.{name}", "evaluator", node, recipe.where)
+    if problems:
+        raise RecipeError(problems)
+    return EvaluationSettings(int(batch_size), int(workers), evaluators)

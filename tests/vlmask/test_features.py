@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from vlmask.types import TokenGrid
 from vlmask_plugins.data.dataset import collate
 from vlmask_plugins.encoders.vit import VideoViT
-from vlmask.features import FeatureCache, extract_features, finite_rows, pool_tokens
+from vlmask.caches import FeatureCache, extract_features
+from vlmask.features import finite_rows, pool_tokens
 
 
 class Clips(Dataset):

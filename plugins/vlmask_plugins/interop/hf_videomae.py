@@ -1,5 +1,5 @@
 """Moving encoders in and out of vlmask: Hugging Face ``VideoMAEModel``, original VideoMAE
-checkpoints, a timm-style state dict, and the git commit a run was made from.
+checkpoints and a timm-style state dict (the run's git commit: ``vlmask.provenance``).
 
 Export (``vlmask export RUN_DIR --to hf-videomae --out DIR``)
     :func:`export_hf_videomae` writes a run's student encoder as a Hugging Face ``VideoMAEModel``
@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -47,11 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmask.checkpoint import STEP_PREFIX, CheckpointError
+from vlmask.runs import open_run
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD
+from vlmask_plugins.encoders.vit import VideoViT, sinusoid_encoding_table
 
 if TYPE_CHECKING:
     from transformers import VideoMAEConfig
-    from vlmask_plugins.encoders.vit import VideoViT
 
 #: Largest |difference| between vlmask's and the exported model's features the export accepts
 #: in its own check (fp32, CPU); the tests hold small models to 1e-5.
@@ -452,36 +452,6 @@ def save_hf_videomae(encoder: VideoViT, out: Path, preprocessing: Preprocessing 
     return out
 
 
-def encoder_from_run(run_dir: str | Path, plugins: Any = None) -> tuple[nn.Module, Any, Path]:
-    """``(encoder, recipe, checkpoint folder)``: the student encoder of a run's latest checkpoint,
-    on the CPU in eval mode.
-
-    Only the encoder is built (from ``config.yaml``'s ``model.encoder`` node) and loaded strictly
-    from the ``encoder.*`` keys of ``student.safetensors``: no data, text encoder or teacher is
-    touched, so a run whose manifests have moved still exports.
-    """
-    from vlmask.checkpoint import latest_checkpoint, load_strict, load_tensors
-    from vlmask.config import load_recipe
-    from vlmask.plugins import default_plugins
-    from vlmask.schema import build
-
-    run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    recipe = load_recipe(config, [f"run.dir={run_dir}", "device=cpu"])
-    plugins = plugins or default_plugins()
-    encoder = build(plugins.registry, recipe, "model.encoder", "encoder")
-    weights = checkpoint / "student.safetensors"
-    student = load_tensors(weights)
-    own = {k.removeprefix("encoder."): v for k, v in student.items() if k.startswith("encoder.")}
-    load_strict(encoder, own, weights)
-    return encoder.eval(), recipe, checkpoint
-
-
 def export_hf_videomae(run_dir: Path, out: Path, verify: bool = True) -> Path:
     """Export the student encoder of a run's latest checkpoint as a Hugging Face VideoMAE folder.
 
@@ -496,11 +466,9 @@ def export_hf_videomae(run_dir: Path, out: Path, verify: bool = True) -> Path:
     ``FileNotFoundError`` for a folder that is not a run and
     :class:`~vlmask.checkpoint.CheckpointError` for a run without a (matching) checkpoint.
     """
-    from vlmask.plugins import default_plugins
-
-    plugins = default_plugins()
-    encoder, recipe, checkpoint = encoder_from_run(run_dir, plugins)
-    preprocessing = dataset_preprocessing(recipe, None, plugins.registry)
+    run = open_run(run_dir, ["device=cpu"])
+    encoder, recipe, checkpoint = run.encoder, run.recipe, run.checkpoint
+    preprocessing = dataset_preprocessing(recipe, None, run.plugins.registry)
     step = checkpoint.name.removeprefix(STEP_PREFIX)
     extra = {
         "run_dir": str(Path(run_dir).resolve()),
@@ -761,7 +729,6 @@ def _positions(
     mapped: _Mapped, encoder: nn.Module, report: LoadReport, source_grid: tuple[int, int, int] | None
 ) -> None:
     """Load, interpolate, recompute or refuse the checkpoint's ``pos_embed`` for ``encoder``."""
-    from vlmask_plugins.encoders.vit import sinusoid_encoding_table
 
     if "pos_embed" not in mapped.tensors:
         return
@@ -898,7 +865,6 @@ def import_hf_videomae(path_or_dir: str | Path, attention: str = "auto") -> Vide
     every key otherwise). The config's ``layer_norm_eps`` is kept (set on every LayerNorm); with
     ``use_mean_pooling=True`` the model has no final LayerNorm and ``encoder.norm`` is an Identity.
     """
-    from vlmask_plugins.encoders.vit import VideoViT
 
     folder = Path(path_or_dir)
     if folder.is_file():
