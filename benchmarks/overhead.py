@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_vitb:
         record["encoder"].append(encoder_case("ViT-B", 16, 224, 16, 768, 12, 12, 2, args.vitb_reps, 1))
     record["step"], trainer, step_s = step_case(16, args.reps, 3)
-    record["dispatch"] = dispatch_case(trainer, step_s, args.calls)
-    trainer.close()
+    with trainer:
+        record["dispatch"] = dispatch_case(trainer, step_s, args.calls)
     record["machine"]["load_avg_end"] = load_average()
     record["wall_s"] = round(time.time() - started, 1)
     out = args.out or ROOT / "benchmarks" / "results" / f"overhead-{datetime.now():%Y%m%d-%H%M}.json"

@@ -18,7 +18,8 @@ Two measurements, both of the step the engine trains with (``vlmask.engine.Train
     Warm-up then timed ``Trainer.train_step`` calls on synthetic tensors shaped like the
     recipe's clips (or, with ``loader=True``, batches from the recipe's real data loader);
     median step time, clips/s, peak memory, model FLOP utilisation on known GPUs, and a
-    per-phase split of the step measured on separately instrumented steps.
+    per-phase split of the same step, timed by phase timers inside ``Trainer.train_step``
+    itself (there is no copy of the step here).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlmask import parallel
 from vlmask.config import load_recipe
-from vlmask.engine import Trainer, lr_at, peak_memory_mb, weighted_sum
+from vlmask.engine import PhaseTimer, Trainer, peak_memory_mb, weighted_sum
 from vlmask.plugins import Plugins
 from vlmask.types import Batch, Mask, TokenGrid
 
@@ -260,10 +261,8 @@ def count_flops(
     recipe = load_recipe(recipe_path, _counting_overrides(overrides))
     with _one_process_view():  # counting needs no other rank, even inside a torchrun job
         trainer = Trainer(recipe, plugins, with_data=False)
-    try:
+    with trainer:
         result = count_step_flops(trainer, batch_size)
-    finally:
-        trainer.close()
     breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
     gflops = round(result.pop("gflops_per_clip"), 3)
     return {"recipe": str(recipe_path), "gflops_per_clip": gflops, "breakdown": breakdown, **result}
@@ -302,53 +301,31 @@ class _ForwardTime:
             handle.remove()
 
 
-def instrumented_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
-    """One training step with the same calls in the same order as ``Trainer.train_step``,
-    timed per phase (seconds): ``mask``, ``student_forward`` (encoder, predictor, losses; the
-    teacher excluded), ``teacher`` (the teacher's forward), ``student_backward``, ``optimizer``
-    (gradient clipping, AdamW, scaler), ``teacher_update`` (EMA) and ``hooks``
-    (``vlmask_after_optimizer_step``, e.g. clamping the logit scale)."""
+#: The phases of ``Trainer.train_step`` that ``split_ms`` reports, in step order.
+PHASES = ("mask", "student_forward", "teacher", "student_backward", "optimizer", "teacher_update", "hooks")
+
+
+def timed_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
+    """Run the engine's own ``Trainer.train_step`` once with a :class:`~vlmask.engine.PhaseTimer`
+    set, and return seconds per phase (:data:`PHASES`) plus ``step`` (the wall time of the whole
+    call). ``teacher`` (the teacher's forward, timed by forward hooks) is taken out of
+    ``student_forward``, the phase it runs in."""
     clock = _Clock(trainer.device)
+    timer = PhaseTimer(trainer.device)
     teacher_time = _ForwardTime(trainer.teacher, clock) if trainer.teacher is not None else None
+    trainer.phase_timer = timer
     try:
-        t0 = clock.now()
-        mask = trainer.masker(batch, trainer.grid, trainer.mask_generator(step))
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr_at(
-                step, trainer.total_steps, trainer.warmup_steps, trainer.lr, trainer.min_lr, trainer.warmup_lr
-            )
-        t1 = clock.now()
-        with trainer.autocast():
-            terms = trainer.ddp_student(batch, mask, trainer.grid, trainer.teacher)
-            total, _ = weighted_sum(terms, trainer.loss_weights)
-        t2 = clock.now()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(total).backward()
-        t3 = clock.now()
-        if trainer.train_cfg.grad_clip:
-            trainer.scaler.unscale_(trainer.optimizer)
-            torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.train_cfg.grad_clip)
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        t4 = clock.now()
-        if trainer.teacher is not None:
-            trainer.teacher.update(trainer.student, step + 1)
-        t5 = clock.now()
-        trainer.hooks.vlmask_after_optimizer_step(step=step + 1, run=trainer.run)
-        t6 = clock.now()
+        start = clock.now()
+        trainer.train_step(batch, step)
+        wall = clock.now() - start
     finally:
+        trainer.phase_timer = None
         if teacher_time is not None:
             teacher_time.remove()
-    teacher_s = teacher_time.seconds if teacher_time is not None else 0.0
-    return {
-        "mask": t1 - t0,
-        "student_forward": t2 - t1 - teacher_s,
-        "teacher": teacher_s,
-        "student_backward": t3 - t2,
-        "optimizer": t4 - t3,
-        "teacher_update": t5 - t4,
-        "hooks": t6 - t5,
-    }
+    phases = {name: timer.seconds.get(name, 0.0) for name in PHASES}
+    phases["teacher"] = teacher_time.seconds if teacher_time is not None else 0.0
+    phases["student_forward"] -= phases["teacher"]
+    return {**phases, "step": wall}
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -395,8 +372,9 @@ def benchmark(
     Synthetic tensors by default (one batch of ``train.batch_size`` clips made once, so only
     the step is timed); ``loader=True`` builds the recipe's data and fetches every batch from
     its DataLoader inside the timed step (the fetch is also reported as ``data_ms``).
-    Then ``split_steps`` more steps are run through :func:`instrumented_step` (their median
-    per phase is ``split_ms``; ``split_total_ms`` should be close to ``step_ms``), and the
+    Then ``split_steps`` more ``Trainer.train_step`` calls are timed per phase by
+    :func:`timed_step` (their median per phase is ``split_ms``, whose sum ``split_total_ms``
+    is close to ``step_ms``; ``split_step_ms`` is the median wall time of those calls), and the
     model is moved to ``meta`` to count ``gflops_per_clip`` (:func:`count_step_flops`).
 
     ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` over warm-up and timed steps on
@@ -413,12 +391,9 @@ def benchmark(
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     recipe = load_recipe(recipe_path, list(overrides))
-    trainer = Trainer(recipe, plugins, with_data=loader)
-    try:
+    with Trainer(recipe, plugins, with_data=loader) as trainer:
         count = (lambda: count_flops(recipe_path, overrides, plugins=plugins)) if trainer.parallel == "fsdp" else None
         return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps, count)
-    finally:
-        trainer.close()
 
 
 def _benchmark(
@@ -468,8 +443,11 @@ def _benchmark(
     state_bytes = parallel.training_state_bytes(trainer.student, trainer.teacher, trainer.optimizer)
     peak_mb = peak_memory_mb(device)
     splits: list[dict[str, float]] = []
+    split_walls: list[float] = []
     for _ in range(split_steps):
-        splits.append(instrumented_step(trainer, next_batch(), step))
+        split = timed_step(trainer, next_batch(), step)
+        split_walls.append(split.pop("step"))
+        splits.append(split)
         step += 1
 
     clips_per_s = batch_size * steps / sum(step_s)
@@ -509,6 +487,7 @@ def _benchmark(
     }
     if splits:
         result["split_total_ms"] = round(sum(result["split_ms"].values()), 3)
+        result["split_step_ms"] = _median_ms(split_walls)  # the same timed calls, whole
     if loader:
         result["data_ms"] = _median_ms(data_s)
     return result

@@ -305,6 +305,7 @@ class _Progress:
 # --------------------------------------------------------------------------- evaluation features
 
 
+@torch.no_grad()
 def extract_features(
     encoder: nn.Module,
     dataset: Dataset,

@@ -1,4 +1,4 @@
-"""The ``vlmask`` command line (contract: shared/specs/contract.md, "Command line")."""
+"""The ``vlmask`` command line (docs/contract.md, "Command line")."""
 
 from __future__ import annotations
 
@@ -90,10 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 fields = {"loss": f"{metrics['loss']:.4f}", "rate": f"{metrics['clips_per_s']:.1f}"}
             bar.update(task, completed=step, **fields)
 
-        try:
+        with trainer:
             summary = trainer.train(progress)
-        finally:
-            trainer.close()
     if rank0:
         out.print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips")}))
         out.print(f"run directory: {trainer.run_dir}")

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,6 +82,30 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class PhaseTimer:
+    """Seconds spent in each phase of ``Trainer.train_step`` (summed over the steps it saw).
+
+    It waits for the device at every phase boundary (CUDA runs asynchronously), so set it only
+    to measure (``trainer.phase_timer = PhaseTimer(trainer.device)``), never to train."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.now() - start
+
+
 class Trainer:
     """Trains a recipe: ``with Trainer(recipe) as trainer: trainer.train()``.
 
@@ -129,6 +154,9 @@ class Trainer:
         for name, component in self.parts.hook_parts().items():  # components take part in this run's hooks
             if not self.manager.is_registered(component):
                 self.manager.register(component, name=f"run:{name}:{id(component)}")
+
+    #: Set to a :class:`PhaseTimer` to time the phases of :meth:`train_step` (``vlmask bench``).
+    phase_timer: "PhaseTimer | None" = None
 
     def __enter__(self) -> "Trainer":
         return self
@@ -304,33 +332,53 @@ class Trainer:
         backward, clip, AdamW, EMA teacher update. Returns detached values to log.
 
         Given a list of micro-batches (``train.accumulate``), their gradients accumulate before
-        the one update (DDP synchronises only on the last); logged values are their means."""
+        the one update (DDP synchronises only on the last); logged values are their means.
+
+        Each phase runs under ``torch.profiler.record_function("train_step.<phase>")`` and, when
+        ``phase_timer`` is set (``vlmask bench``), is timed by it: ``mask``, ``student_forward``
+        (the teacher's forward inside it), ``student_backward``, ``optimizer`` (learning rate,
+        zeroing, clipping, AdamW, scaler), ``teacher_update`` and ``hooks``."""
         micro = batch if isinstance(batch, list) else [batch]
-        lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._phase("optimizer"):
+            lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, Tensor] = {}
         for i, part in enumerate(micro):
-            mask = self.masker(part, self.grid, self.mask_generator(step * len(micro) + i))
+            with self._phase("mask"):
+                mask = self.masker(part, self.grid, self.mask_generator(step * len(micro) + i))
             with parallel.gradient_sync(self.ddp_student, enabled=i == len(micro) - 1):  # DDP/FSDP sync once
-                with self.autocast():
+                with self._phase("student_forward"), self.autocast():
                     terms = self.ddp_student(part, mask, self.grid, self.teacher)
                     total, values = weighted_sum(terms, self.loss_weights)
-                self.scaler.scale(total / len(micro)).backward()
+                with self._phase("student_backward"):
+                    self.scaler.scale(total / len(micro)).backward()
             values["loss"] = total.detach()
             for k, v in values.items():
                 logged[k] = logged[k] + v / len(micro) if k in logged else v / len(micro)
-        parallel.average_replicated_gradients(self.replicated_params)
-        if self.train_cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            logged["grad_norm"] = parallel.clip_gradients(self.student.parameters(), self.train_cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.teacher is not None:
-            self.teacher.update(self.student, step + 1)
-        self.hooks.vlmask_after_optimizer_step(step=step + 1, run=self.run)
+        with self._phase("optimizer"):
+            parallel.average_replicated_gradients(self.replicated_params)
+            if self.train_cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                logged["grad_norm"] = parallel.clip_gradients(self.student.parameters(), self.train_cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with self._phase("teacher_update"):
+            if self.teacher is not None:
+                self.teacher.update(self.student, step + 1)
+        with self._phase("hooks"):
+            self.hooks.vlmask_after_optimizer_step(step=step + 1, run=self.run)
         return logged
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        with torch.profiler.record_function(f"train_step.{name}"):
+            if self.phase_timer is None:
+                yield
+            else:
+                with self.phase_timer.phase(name):
+                    yield
 
     # ---------------------------------------------------------------- the loop
     def prepare(self, batch: Batch) -> Batch:

@@ -2,10 +2,10 @@
 
 * :func:`evaluate_run` extracts frozen features of the run's latest checkpoint on the train and
   val manifests (cached in ``RUN_DIR/features/``), runs the recipe's evaluators (plugin kind
-  ``evaluator``) and writes ``RUN_DIR/eval.json`` (contract: "eval.json").
+  ``evaluator``) and writes ``RUN_DIR/eval.json`` (docs/contract.md, "eval.json").
 * :func:`embed_manifest` writes one pooled feature per manifest line to a ``.npy`` file.
 * :func:`compare` trains several recipes (and seeds) with the same overrides, evaluates each and
-  writes ``comparison.json``, ``comparison.md`` and ``comparison.png`` (contract: "comparison.json").
+  writes ``comparison.json``, ``comparison.md`` and ``comparison.png`` (docs/contract.md, "comparison.json").
 
 Evaluators come from the recipe's optional ``evaluation`` section; every key is optional::
 
@@ -401,11 +401,8 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                 console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False)
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False)
-                trainer = Trainer(load_recipe(recipe_path, run_overrides))
-                try:
+                with Trainer(load_recipe(recipe_path, run_overrides)) as trainer:
                     trainer.train()
-                finally:
-                    trainer.close()
             evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
             if evaluation is None:
                 evaluation = evaluate_run(run_dir, progress=progress)

@@ -138,7 +138,6 @@ class Evaluator(Protocol):
 # --------------------------------------------------------------------------- extraction
 
 
-@torch.no_grad()
 def finite_rows(pooled: dict[str, Tensor]) -> Tensor:
     """(N,) bool: rows finite in every pooling (False for clips that did not load)."""
     rows: Tensor | None = None

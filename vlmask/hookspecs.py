@@ -89,7 +89,8 @@ def vlmask_default_manifests(recipe: "Recipe", cache_dir: Path, progress: bool) 
     arguments), ``cache_dir`` the folder for generated data (``VLMASK_CACHE``), ``progress``
     whether to show progress. The engine calls it on rank 0 first, then on the other ranks
     after a barrier, so an implementation may generate the data on first use and must return
-    existing files on later calls. ``firstresult``: the first non-None answer is used; None from
+    existing files on later calls. ``firstresult``: implementations are called until one answers
+    (not None) and that answer is used; None from
     every plugin (e.g. the built-in one blocked) makes ``data.train`` required. The built-in
     plugin answers with its synthetic video-caption set.
     """

@@ -1,6 +1,6 @@
 """Where a run came from: the git commit of its recipe and the versions it ran with.
 
-Both are recorded in ``config.yaml`` under ``record`` (see docs/contract.md, "config.yaml").
+Both are recorded in ``config.yaml`` under ``record`` (see docs/contract.md, "A run directory").
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``Trainer``: the recipe is read from ``config.yaml``, its parts are built with
 :func:`vlmask.build.build_components` and the latest checkpoint is loaded strictly (every key,
 every shape). No optimizer, data loader or hook registration is made, and nothing in the run
-directory is written or truncated (the layout is in docs/contract.md, "Run directory").
+directory is written or truncated (the layout is in docs/contract.md, "A run directory").
 """
 
 from __future__ import annotations

@@ -41,11 +41,8 @@ def tiny(recipe_path: Path, data: Path, run_dir: Path, steps: int = 2) -> list[s
 @pytest.mark.parametrize("recipe_path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_trains_at_tiny_scale(recipe_path, tiny_data, tmp_path, isolated_cache):
     recipe = load_recipe(recipe_path, tiny(recipe_path, tiny_data, tmp_path / "run"))
-    trainer = Trainer(recipe)
-    try:
+    with Trainer(recipe) as trainer:
         trainer.train()
-    finally:
-        trainer.close()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     terms = {k for k, v in recipe.get("loss_weights").items() if v is not None}
     assert len(metrics) == 2
@@ -61,8 +58,7 @@ def test_train_step_waits_for_the_gpu_nowhere(recipe_path, tiny_data, tmp_path, 
     """No host-device synchronisation inside a training step (``.item()``, ``nonzero``, a
     Python ``if`` on a tensor ...): CUDA's sync debug mode turns any into an error."""
     overrides = [o for o in tiny(recipe_path, tiny_data, tmp_path / "run") if o != "device=cpu"] + ["device=cuda"]
-    trainer = Trainer(load_recipe(recipe_path, overrides))
-    try:
+    with Trainer(load_recipe(recipe_path, overrides)) as trainer:
         batch = trainer.prepare(next(iter(trainer.loader)))
         trainer.train_step(batch, 0)  # lazy initialisation (cuBLAS handles, optimizer state) may sync
         torch.cuda.synchronize()
@@ -71,5 +67,3 @@ def test_train_step_waits_for_the_gpu_nowhere(recipe_path, tiny_data, tmp_path, 
             trainer.train_step(batch, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    finally:
-        trainer.close()

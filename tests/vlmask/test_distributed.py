@@ -90,7 +90,7 @@ def test_fsdp_checkpoints_hold_full_tensors_and_the_same_state_as_ddp(runs):
 
 
 def test_an_fsdp_run_resumes_exactly_and_loads_in_one_process(runs, isolated_cache):
-    from vlmask.runs import load_run
+    from vlmask.runs import open_run
 
     source, resumed = runs["root"] / "fsdp", runs["root"] / "fsdp-resumed"
     shutil.copytree(source, resumed)
@@ -102,6 +102,5 @@ def test_an_fsdp_run_resumes_exactly_and_loads_in_one_process(runs, isolated_cac
     for a, b in zip(metrics(source), metrics(resumed), strict=True):
         assert {k: v for k, v in b.items() if k != "clips_per_s"} == pytest.approx(
             {k: v for k, v in a.items() if k != "clips_per_s"}, rel=1e-6), a["step"]
-    trainer = load_run(source)  # a sharded run's checkpoint in a single process
-    assert trainer.resumed_from.name == "step_00000004" and trainer.world_size == 1
-    trainer.close()
+    run = open_run(source)  # a sharded run's checkpoint in a single process, loaded strictly
+    assert run.checkpoint.name == "step_00000004"

@@ -28,9 +28,8 @@ def tiny_overrides(tiny_synth, tiny_scale):
 
 def test_run_writes_the_contract_run_directory(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir)))
-    summary = trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir))) as trainer:
+        summary = trainer.train()
     config = (run_dir / "config.yaml").read_text()
     assert "versions:" in config and "torch:" in config and "vlmask" in config
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -59,11 +58,8 @@ class StopAfterCheckpoint:
 def test_resume_continues_to_the_same_final_loss(tiny_overrides, tmp_path):
     def final_loss(run_dir: Path, stop_at: int | None = None) -> float:
         extra = [("stopper", StopAfterCheckpoint(stop_at))] if stop_at else []
-        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir, steps=6, workers=2)), load_plugins(extra))
-        try:
+        with Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir, steps=6, workers=2)), load_plugins(extra)) as trainer:
             return trainer.train()["final_loss"]
-        finally:
-            trainer.close()
 
     uninterrupted = final_loss(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
@@ -111,9 +107,8 @@ class Recorder:
 
 def test_lifecycle_hooks_fire_in_order(tiny_overrides, tmp_path):
     recorder = Recorder()
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tmp_path / "r", steps=4)), load_plugins([("recorder", recorder)]))
-    trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(tmp_path / "r", steps=4)), load_plugins([("recorder", recorder)])) as trainer:
+        trainer.train()
     assert recorder.calls == [
         ("train_start", 0),
         ("after_optimizer_step", 1), ("after_optimizer_step", 2), ("step_end", 2),
@@ -127,9 +122,8 @@ def interrupted_mae_run(tiny_overrides, tmp_path: Path) -> tuple[Path, list[str]
     """A 3-step MAE run with its summary removed, so the next Trainer resumes it."""
     run_dir = tmp_path / "r"
     overrides = tiny_overrides(run_dir, steps=3)
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        trainer.train()
     (run_dir / "summary.json").unlink()
     return run_dir, overrides
 
@@ -200,9 +194,8 @@ def test_a_third_party_head_joins_a_recipe_without_editing_vlmask(tiny_overrides
     recipe = load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tmp_path / "r", steps=2), *extra])
     assert validate(recipe, plugins.registry) == []
     assert validate(recipe, load_plugins().registry) != [], "without the plugin the name is unknown"
-    trainer = Trainer(recipe, plugins)
-    trainer.train()
-    trainer.close()
+    with Trainer(recipe, plugins) as trainer:
+        trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert {"pixels", "var", "var/mean_std"} <= set(rows[-1])
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["pixels"] + 0.5 * rows[-1]["var"], rel=1e-5)
@@ -225,9 +218,8 @@ def test_a_manifest_with_bad_lines_trains_and_reports_exactly_those(tiny_synth, 
     manifest = tmp_path / "mixed.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     run_dir = tmp_path / "run"
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_scale, f"data.train={manifest}", f"run.dir={run_dir}", "train.max_steps=2"]))
-    trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_scale, f"data.train={manifest}", f"run.dir={run_dir}", "train.max_steps=2"])) as trainer:
+        trainer.train()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["skipped_clips"] == 4
     assert [s["line"] for s in summary["skipped"]] == [3, 5, 6, 8]
@@ -236,17 +228,15 @@ def test_a_manifest_with_bad_lines_trains_and_reports_exactly_those(tiny_synth, 
 def test_gradient_accumulation_steps_over_micro_batches(tiny_overrides, tmp_path):
     run_dir = tmp_path / "acc"
     overrides = [*tiny_overrides(run_dir, steps=2), "train.batch_size=2", "train.accumulate=2", "train.log_every=1"]
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    assert trainer.effective["batch_size"] == 4
-    batches = [trainer.prepare(b) for b, _ in zip(trainer.loader, range(2))]
-    before = [p.detach().clone() for p in trainer.student.parameters()]
-    logged = trainer.train_step(batches, 0)
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
-    assert set(logged) >= {"loss", "pixels", "grad_norm"}
-    trainer.close()
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    summary = trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        assert trainer.effective["batch_size"] == 4
+        batches = [trainer.prepare(b) for b, _ in zip(trainer.loader, range(2))]
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        logged = trainer.train_step(batches, 0)
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
+        assert set(logged) >= {"loss", "pixels", "grad_norm"}
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        summary = trainer.train()
     assert summary["steps"] == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -256,10 +246,7 @@ def test_gradient_accumulation_steps_over_micro_batches(tiny_overrides, tmp_path
 @pytest.mark.slow
 def test_compiled_student_trains_like_the_eager_one(tiny_overrides, tmp_path):
     def run(extra: list[str]) -> float:
-        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tmp_path / str(len(extra)), steps=2), *extra]))
-        try:
+        with Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tmp_path / str(len(extra)), steps=2), *extra])) as trainer:
             return trainer.train()["final_loss"]
-        finally:
-            trainer.close()
 
     assert run(["train.compile=true"]) == pytest.approx(run([]), rel=1e-4)

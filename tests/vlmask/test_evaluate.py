@@ -53,11 +53,8 @@ def tiny_overrides(data: tuple[Path, Path, list[str]], steps: int = 3) -> list[s
 def mae_run(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "mae"
     with OneThread():
-        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tiny_data), f"run.dir={run_dir}"]))
-        try:
+        with Trainer(load_recipe(RECIPES / "mae.yaml", [*tiny_overrides(tiny_data), f"run.dir={run_dir}"])) as trainer:
             trainer.train()
-        finally:
-            trainer.close()
     return run_dir
 
 
@@ -164,11 +161,8 @@ def test_eval_on_cuda_gives_the_same_sections(tiny_data, tmp_path):
         pytest.skip("needs CUDA")
     run_dir = tmp_path / "cuda"
     overrides = [o for o in tiny_overrides(tiny_data) if o != "device=cpu"] + ["device=cuda", f"run.dir={run_dir}"]
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    try:
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         trainer.train()
-    finally:
-        trainer.close()
     on_cuda = evaluate_run(run_dir, progress=False)  # bf16 autocast extraction, probes on CUDA
     on_cpu = evaluate_run(run_dir, ["device=cpu"], progress=False)
     assert set(on_cuda) == set(on_cpu)

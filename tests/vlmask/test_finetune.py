@@ -29,7 +29,7 @@ from vlmask.finetune import (
     smoothed_targets,
     soft_target_cross_entropy,
 )
-from vlmask.runs import load_run
+from vlmask.runs import open_run
 from vlmask_plugins.encoders.vit import VideoViT
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -54,11 +54,8 @@ def mae_run(tiny_synth, tiny_scale, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-        try:
+        with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
             trainer.train()
-        finally:
-            trainer.close()
     finally:
         torch.set_num_threads(threads)
     return run_dir
@@ -115,14 +112,11 @@ def test_finetuned_weights_load_strictly_and_reproduce_the_reported_top1(finetun
     moved = tensors["encoder.blocks.0.attn.qkv.weight"] - pretrained["encoder.blocks.0.attn.qkv.weight"]
     assert 0 < moved.abs().max() < 0.1
     # the reloaded model classifies the val manifest exactly as reported
-    trainer = load_run(run_dir)
-    try:
-        val_set = eval_dataset(trainer, tiny_synth[1])
-        train_set = eval_dataset(trainer, tiny_synth[0])
-        verbs, nouns = class_parts(train_set, classes)
-        again = evaluate_classifier(model, val_set, classes, verbs, nouns, batch_size=4)
-    finally:
-        trainer.close()
+    run = open_run(run_dir)
+    val_set = eval_dataset(run, tiny_synth[1])
+    train_set = eval_dataset(run, tiny_synth[0])
+    verbs, nouns = class_parts(train_set, classes)
+    again = evaluate_classifier(model, val_set, classes, verbs, nouns, batch_size=4)
     assert again["top1"] == pytest.approx(result["top1"])
     assert again["verb_top1"] == pytest.approx(result["verb_top1"])
 

@@ -17,7 +17,7 @@ class TemplateCaptioner:
     This captioner READS THE ROW, NOT THE PIXELS: the caption says no more than the label
     does, which is honest for label-only data (no invented detail) but adds no information.
     ``caption_row`` fills every ``{field}`` of the template from the row; ``label`` falls
-    back to ``"<verb> <noun>"`` as in the manifest contract; any other field (e.g. a custom
+    back to ``"<verb> <noun>"`` as in the manifest format (docs/contract.md, "Data manifest"); any other field (e.g. a custom
     ``{colour}``) is read as is. A row lacking a field, or with it empty or not a string or
     number, gets None (no caption) and ``fill_captions`` keeps the line uncaptioned.
 

@@ -14,7 +14,7 @@ Vocabulary (the label space)
     the class count stays small (31 = 8 x 4 classes, "rotate circle" is excluded because a
     spinning disc looks still). ``label`` is ``"<verb> <noun>"``, e.g. ``"move left square"``.
 
-Manifest lines (see the contract's "Data manifest") carry ``video``, ``caption``, ``verb``,
+Manifest lines (docs/contract.md, "Data manifest") carry ``video``, ``caption``, ``verb``,
 ``noun``, ``label``, ``action_box`` (the union over frames of the acting object's pixel
 bounding box, as fractions ``[x0, y0, x1, y1]`` with x1/y1 exclusive), and the extra fields
 ``camera_pan``, ``colour``, ``background`` and ``distractors``.

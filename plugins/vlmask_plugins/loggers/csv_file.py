@@ -35,7 +35,7 @@ def _cell(value: Any) -> str:
 class CsvLogger:
     """Writes the metrics of every logged step (``step``, ``loss``, one column per loss term,
     ``lr``, ``clips_per_s``, ...) as a row of a CSV file in the run directory, for spreadsheets and
-    pandas; the engine's ``metrics.jsonl`` stays the reference record (vlmask contract).
+    pandas; the engine's ``metrics.jsonl`` stays the reference record (docs/contract.md).
 
     The header **grows**: when a step reports a key no earlier row had, the column is appended
     and the file is rewritten (atomically) with the new header, earlier rows leaving that cell

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,13 +11,12 @@ from safetensors import safe_open
 from vlmask_plugins.encoders.vit import VideoViT
 
 from vlmask.checkpoint import CheckpointError
-from vlmask.interop import (
+from vlmask_plugins.interop import (
     InteropError,
     StateDictMismatchError,
     encoder_to_hf_videomae,
     export_hf_videomae,
     export_timm_state_dict,
-    git_commit,
     hf_videomae_config,
     import_hf_videomae,
     load_videomae_state_dict,
@@ -28,7 +25,7 @@ from vlmask.interop import (
 
 transformers = pytest.importorskip("transformers")
 
-RECIPES = Path(__file__).parents[2] / "recipes"
+RECIPES = Path(__file__).parents[3] / "recipes"
 SMALL = {"num_frames": 4, "img_size": 32, "patch": 16, "tubelet": 2, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
@@ -248,7 +245,7 @@ def test_export_of_a_trained_run_directory(tmp_path: Path) -> None:
 
     from vlmask.config import load_recipe
     from vlmask.engine import Trainer
-    from vlmask.runs import load_run
+    from vlmask.runs import open_run
 
     train, _ = generate(tmp_path / "data", clips=8, seed=1, frames=8, size=32, progress=False)
     run_dir = tmp_path / "run"
@@ -258,9 +255,8 @@ def test_export_of_a_trained_run_directory(tmp_path: Path) -> None:
         "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2", "model.predictor.dim=32",
         "model.predictor.depth=1", "model.predictor.num_heads=2", "optim.warmup_steps=1", "device=cpu",
     ]
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", overrides))
-    trainer.train()
-    trainer.close()
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        trainer.train()
 
     out = export_hf_videomae(run_dir, tmp_path / "hf")
 
@@ -274,9 +270,7 @@ def test_export_of_a_trained_run_directory(tmp_path: Path) -> None:
     info = json.loads((out / "vlmask_export.json").read_text())
     assert info["checkpoint"].endswith("step_00000002") and info["verified"]["max_abs_difference"] < 1e-5
 
-    reloaded = load_run(run_dir, ["device=cpu"])
-    encoder = reloaded.student.encoder.eval()
-    reloaded.close()
+    encoder = open_run(run_dir, ["device=cpu"]).encoder
     video = clips(frames=4, size=32)
     torch.testing.assert_close(hf_features(model.eval(), video), features(encoder, video), atol=1e-5, rtol=0)
 
@@ -284,33 +278,3 @@ def test_export_of_a_trained_run_directory(tmp_path: Path) -> None:
 def test_export_of_a_folder_without_a_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         export_hf_videomae(tmp_path, tmp_path / "out")
-
-
-# ---------------------------------------------------------------------------- reproducibility
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs a git executable")
-def test_git_commit_marks_uncommitted_changes(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
-                               "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-    git("init", "-q")
-    recipe = repo / "recipe.yaml"
-    recipe.write_text("seed: 0\n")
-    assert git_commit(recipe) is None  # no commit yet
-    git("add", "recipe.yaml")
-    git("commit", "-q", "-m", "first")
-    head = git("rev-parse", "HEAD")
-
-    assert git_commit(recipe) == head
-    (repo / "untracked.txt").write_text("x")
-    assert git_commit(repo) == head  # untracked files do not count
-    recipe.write_text("seed: 1\n")
-    assert git_commit(recipe) == head + "+dirty"
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    probe = subprocess.run(["git", "-C", str(outside), "rev-parse"], check=False, capture_output=True)
-    if probe.returncode != 0:  # tmp_path itself is outside any repository
-        assert git_commit(outside) is None

@@ -52,11 +52,8 @@ class StopAfterLogging:
 
 
 def train(recipe_overrides: list[str], extra: list | None = None) -> dict:
-    trainer = Trainer(load_recipe(RECIPES / "mae.yaml", recipe_overrides), load_plugins(extra) if extra else None)
-    try:
+    with Trainer(load_recipe(RECIPES / "mae.yaml", recipe_overrides), load_plugins(extra) if extra else None) as trainer:
         return trainer.train()
-    finally:
-        trainer.close()
 
 
 def run_info(run_dir: Path, rank: int = 0, start_step: int = 0) -> RunInfo:
