@@ -1,9 +1,11 @@
-"""The engine: build a run from a recipe, train it, checkpoint and resume it.
+"""The engine: train a recipe's parts, checkpoint and resume the run.
 
-The algorithm a reader looks for is in two short places: ``Student.forward`` (encode the
-visible tokens, predict the masked ones, ask the teacher, compute every loss term) and
-``Trainer.train_step`` (mask, forward, weighted sum, backward, clip, optimizer step, teacher
-update). Everything else here is plumbing: devices, data, checkpoints, logging.
+The algorithm a reader looks for is in two short places: ``Student.forward`` (``vlmask.build``:
+encode the visible tokens, predict the masked ones, ask the teacher, compute every loss term)
+and ``Trainer.train_step`` (mask, forward, weighted sum, backward, clip, optimizer step,
+teacher update). Everything else here is plumbing: devices, data, checkpoints, logging. The
+parts come from ``vlmask.build.build_components``; a finished run is reopened with
+``vlmask.runs.open_run``, not with a Trainer.
 """
 
 from __future__ import annotations
