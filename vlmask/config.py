@@ -170,6 +170,11 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
     return key, parsed, False
 
 
+def _forget(provenance: dict[str, str], key: str) -> None:
+    for stale in [k for k in provenance if k == key or k.startswith(key + ".")]:
+        del provenance[stale]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a recipe file with its bases and apply command-line overrides.
 
@@ -189,12 +194,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 problems.append(f"{source}: key {key} is not in the recipe, nothing to remove")
                 continue
             del parent[leaf]
+            _forget(provenance, key)
+            provenance[key] = source  # a default that now applies was chosen on the command line
             continue
         try:
             OmegaConf.update(config, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as exc:
             problems.append(f"{source}: cannot set {key}: {exc}")
             continue
+        _forget(provenance, key)  # keys under a replaced value no longer come from the file
         for leaf in _leaves(value, key):  # the key itself included
             provenance[leaf] = source
     if problems:
