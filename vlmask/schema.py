@@ -373,7 +373,7 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     train, optim, model = (config.get(k) or {} for k in ("train", "optim", "model"))
     problems: list[str] = []
     if train.get("max_steps") is None and train.get("epochs") is None:
-        problems.append(f"{where('train')}: key train: set train.max_steps or train.epochs")
+        problems.append(f"{where('train.max_steps')}: key train.max_steps: set train.max_steps or train.epochs")
     if model.get("projection") and not config.get("text_encoder"):
         problems.append(f"{where('model.projection')}: key model.projection: the projection maps into a text space "
                         f"and needs a text_encoder (set text_encoder or model.projection=false)")
@@ -538,6 +538,11 @@ def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dic
         if name in params and name not in kwargs:
             kwargs[name] = value
     try:
-        return entry.factory(**kwargs)
+        product = entry.factory(**kwargs)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise RecipeError([f"{recipe.where(key)}: key {key} ({kind} {node['name']!r}): {exc}"]) from exc
+    missing = missing_members(kind, product)
+    if missing:
+        raise RecipeError([f"{recipe.where(key)}: key {key}: {kind} {node['name']!r} (from {entry.provider}) breaks the "
+                           f"{kind} contract (vlmask.kinds): it lacks {', '.join(missing)}"])
+    return product
