@@ -164,7 +164,13 @@ class Dataset(Protocol):
 
 @runtime_checkable
 class ActionAreaDetector(Protocol):
-    """kind ``action_area``: the action box of a clip, as fractions [x0, y0, x1, y1]."""
+    """kind ``action_area``: the action box of a clip, as fractions (x0, y0, x1, y1).
+
+    ``detect_file(path, start, end)`` is what ``vlmask data boxes`` needs. Optional extras:
+    ``detect_file_area(path, start, end)`` returning an object with ``box`` and ``fallback``
+    (fallbacks are then counted), and ``params() -> dict`` (JSON-able; without it the results
+    are not cached, since nothing would tell two detectors' boxes apart).
+    """
 
     def detect_file(self, path: Any, start: float | None = None, end: float | None = None) -> Any: ...
 
