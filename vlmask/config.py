@@ -48,7 +48,7 @@ class Recipe:
             if probe in self.provenance:
                 source = self.provenance[probe]
                 copied = self.interpolations.get(probe)
-                if copied is not None and copied != probe and self.where(copied) != source:
+                if copied is not None and copied != probe and copied in self.provenance and self.where(copied) != source:
                     return f"{self.where(copied)} (through ${{{copied}}} at {source})"
                 return source
             probe = probe.rpartition(".")[0]

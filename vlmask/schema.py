@@ -387,15 +387,6 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     if precision == "fp16" and train.get("parallel") == "fsdp":
         problems.append(f"{where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16 "
                         f"(train.precision set by {where('train.precision')})")
-    warmup, steps = optim.get("warmup_steps"), train.get("max_steps")
-    if isinstance(warmup, int) and isinstance(steps, int) and warmup > steps:
-        problems.append(f"{where('optim.warmup_steps')}: key optim.warmup_steps: {warmup} warmup steps in a run of "
-                        f"train.max_steps={steps} ({where('train.max_steps')})")
-    warmup_epochs, epochs = optim.get("warmup_epochs"), train.get("epochs")
-    if warmup is None and steps is None and isinstance(warmup_epochs, (int, float)) and isinstance(epochs, (int, float)) \
-            and warmup_epochs > epochs:
-        problems.append(f"{where('optim.warmup_epochs')}: key optim.warmup_epochs: {warmup_epochs} warmup epochs in a run "
-                        f"of train.epochs={epochs} ({where('train.epochs')})")
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")

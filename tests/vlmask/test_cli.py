@@ -113,8 +113,8 @@ VALIDATE_FAILURES = [
     ("turbo.yaml", ["masker.reconstruct_ratio=0"], "- command line: masker.reconstruct_ratio=0: key "
                                                    "masker.reconstruct_ratio: 0 should be a masking ratio in (0, 1)"),
     ("mae.yaml", ["optim.lr=0"], "- command line: optim.lr=0: key optim.lr: 0 should be greater than 0"),
-    ("mae.yaml", ["optim.warmup_steps=500"], "- command line: optim.warmup_steps=500: key optim.warmup_steps: 500 warmup "
-                                             "steps in a run of train.max_steps=200 (recipes/base/demo.yaml:31)"),
+    ("mae.yaml", ["optim.warmup_steps=-5"], "- command line: optim.warmup_steps=-5: key optim.warmup_steps: -5 should be "
+                                            "greater than or equal to 0"),
     ("mae.yaml", ["data.dataset.num_frames=7"], "- command line: data.dataset.num_frames=7 (through ${data.dataset.num_frames} at recipes/base/demo.yaml:22): "
                                                 "key model.encoder.num_frames: "
                                                 "7 frames do not split into tubelets of 2"),
