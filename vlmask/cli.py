@@ -41,11 +41,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from vlmask.schema import validate
+    from vlmask.schema import requirements_report, validate
 
     plugins = _plugins()
     recipe = load_recipe(args.recipe, args.overrides)
     problems = validate(recipe, plugins.registry)
+    for note in requirements_report(recipe, plugins.registry):  # what only the data can provide
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if problems:
         console.print(f"[red]{args.recipe}: {len(problems)} problem(s)[/]")
         for p in problems:

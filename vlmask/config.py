@@ -35,6 +35,7 @@ class Recipe:
     config: DictConfig
     provenance: dict[str, str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    interpolations: dict[str, str] = field(default_factory=dict)  # key -> the key its ${...} copies
 
     @property
     def name(self) -> str:
@@ -45,7 +46,11 @@ class Recipe:
         probe = key
         while probe:
             if probe in self.provenance:
-                return self.provenance[probe]
+                source = self.provenance[probe]
+                copied = self.interpolations.get(probe)
+                if copied is not None and copied != probe and copied in self.provenance and self.where(copied) != source:
+                    return f"{self.where(copied)} (through ${{{copied}}} at {source})"
+                return source
             probe = probe.rpartition(".")[0]
         return str(self.path)
 
@@ -170,6 +175,29 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
     return key, parsed, False
 
 
+def _interpolations(config: DictConfig) -> dict[str, str]:
+    """Keys whose value is exactly ``${other.key}``: an error about them names where ``other.key`` was set."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    found: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, str):
+            match = re.fullmatch(r"\$\{([\w.]+)\}", node.strip())
+            if match:
+                found[prefix] = match.group(1)
+
+    walk(raw, "")
+    return found
+
+
+def _forget(provenance: dict[str, str], key: str) -> None:
+    for stale in [k for k in provenance if k == key or k.startswith(key + ".")]:
+        del provenance[stale]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a recipe file with its bases and apply command-line overrides.
 
@@ -189,17 +217,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 problems.append(f"{source}: key {key} is not in the recipe, nothing to remove")
                 continue
             del parent[leaf]
+            _forget(provenance, key)
+            provenance[key] = source  # a default that now applies was chosen on the command line
             continue
         try:
             OmegaConf.update(config, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as exc:
             problems.append(f"{source}: cannot set {key}: {exc}")
             continue
+        _forget(provenance, key)  # keys under a replaced value no longer come from the file
         for leaf in _leaves(value, key):  # the key itself included
             provenance[leaf] = source
     if problems:
         raise RecipeError(problems)
-    recipe = Recipe(path=path, config=config, provenance=provenance, overrides=list(overrides))
+    recipe = Recipe(path=path, config=config, provenance=provenance, overrides=list(overrides),
+                    interpolations=_interpolations(config))
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as exc:

@@ -115,6 +115,11 @@ class VideoClassifier(nn.Module):
             self.head.weight.mul_(head_init_scale)
         nn.init.zeros_(self.head.bias)
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's layer grouping (``param_groups_layer_decay``): a parameter name -> :func:`layer_id`."""
+        depth = self.depth
+        return lambda name: layer_id(name, depth)
+
     @property
     def depth(self) -> int:
         """Transformer blocks of the encoder (0 when it has no ``blocks``)."""
@@ -151,23 +156,22 @@ def _no_decay(name: str, param: Tensor) -> bool:
 
 
 def layer_decay_groups(model: VideoClassifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: one per (layer, decay or not), each with ``lr_scale`` =
-    ``layer_decay ** (depth + 1 - layer)`` (VideoMAE ``LayerDecayValueAssigner``),
-    ``weight_decay``, ``layer`` and ``names``. ``layer_decay=1`` gives every group scale 1."""
+    """AdamW parameter groups from timm's ``param_groups_layer_decay`` (BEiT's layer-wise decay):
+    one per (layer, decay or not), each with ``lr_scale`` = ``layer_decay ** (depth + 1 - layer)``
+    (VideoMAE ``LayerDecayValueAssigner``; layers from :func:`layer_id` through
+    :meth:`VideoClassifier.group_matcher`), ``weight_decay`` (0 for 1-D parameters, biases,
+    ``pos_embed`` and ``cls_token``), and, for logging, ``layer`` and ``names``.
+    ``layer_decay=1`` gives every group scale 1."""
+    from timm.optim import param_groups_layer_decay
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                      no_weight_decay_list=("encoder.pos_embed", "encoder.cls_token"))
     depth = model.depth
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer, skip = layer_id(name, depth), _no_decay(name, param)
-        group = groups.setdefault((layer, skip), {
-            "params": [], "names": [], "layer": layer,
-            "weight_decay": 0.0 if skip else weight_decay,
-            "lr_scale": layer_decay ** (depth + 1 - layer),
-        })
-        group["params"].append(param)
-        group["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    for group in groups:
+        group["names"] = [names[id(p)] for p in group["params"]]
+        group["layer"] = layer_id(group["names"][0], depth)
+    return sorted(groups, key=lambda g: (g["layer"], g["weight_decay"] == 0.0))
 
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -200,7 +204,9 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     >>> bool(torch.isclose(loss, F.cross_entropy(logits, torch.tensor([0]), label_smoothing=0.1)))
     True
     """
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+    from timm.loss import SoftTargetCrossEntropy
+
+    return SoftTargetCrossEntropy()(logits.float(), targets)
 
 
 class MixupCutmix:

@@ -12,16 +12,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
+import torch
 from omegaconf import OmegaConf
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
+from vlmask.kinds import DATA_REQUIREMENTS, REQUIREMENTS, RequirementError, missing_members, requirements_of
 from vlmask.registry import Registry, RegistryError
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
@@ -42,15 +46,15 @@ class RunSettings:
 
 @dataclass
 class TrainSettings:
-    batch_size: int = 8  # clips per micro-batch per process
-    accumulate: int = 1  # micro-batches whose gradients accumulate into one optimizer step
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    epochs: float | None = None
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
+    batch_size: Annotated[int, Field(ge=1)] = 8  # clips per micro-batch per process
+    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches whose gradients accumulate into one optimizer step
+    max_steps: Annotated[int, Field(ge=1)] | None = None  # optimizer steps; overrides epochs
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    log_every: Annotated[int, Field(ge=1)] = 10
+    ckpt_every: Annotated[int, Field(ge=1)] = 100
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with loss scaling)
-    grad_clip: float | None = 1.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     find_unused_parameters: bool = False  # DDP
     parallel: str = "ddp"  # with several processes: ddp (replicate the student) | fsdp (shard student and teacher)
     compile: bool = False  # torch.compile the student's forward (first steps include compilation)
@@ -60,23 +64,23 @@ class TrainSettings:
 class OptimSettings:
     """AdamW with linear warmup then cosine decay (VideoMAE / FILS supplement)."""
 
-    lr: float = 1.5e-4  # peak learning rate (after scaling, see lr_scaling)
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_steps: int | None = None  # takes precedence over warmup_epochs
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.05
+    lr: Annotated[float, Field(gt=0)] = 1.5e-4  # peak learning rate (after scaling, see lr_scaling)
+    min_lr: Annotated[float, Field(ge=0)] = 1e-5
+    warmup_lr: Annotated[float, Field(ge=0)] = 1e-6
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None  # takes precedence over warmup_epochs
+    warmup_epochs: Annotated[float, Field(ge=0)] | None = None
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    eps: Annotated[float, Field(gt=0)] = 1e-8
     lr_scaling: str = "none"  # none | linear: lr * effective_batch / base_batch_size (VideoMAE)
-    base_batch_size: int = 256
+    base_batch_size: Annotated[int, Field(ge=1)] = 256
 
 
 @dataclass
 class DataSettings:
     train: str | None = None  # manifest path; None: the built-in synthetic set
     val: str | None = None
-    num_workers: int = 2
+    num_workers: Annotated[int, Field(ge=0)] = 2
     synthetic: dict[str, Any] = field(default_factory=dict)  # arguments of the built-in set
     dataset: dict[str, Any] = field(default_factory=dict)  # plugin node, kind dataset
 
@@ -147,43 +151,75 @@ def _nearest(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_CONSTRAINTS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                "too_short", "too_long", "finite_number")
+
+
+@functools.lru_cache(maxsize=512)
+def _adapter(annotation: Any) -> TypeAdapter:
+    try:
+        return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True, strict=True))
+    except Exception:  # a type with its own config (pydantic models): their own rules
+        return TypeAdapter(annotation)
+
+
+def _tuples(value: Any) -> Any:
+    """YAML has no tuples: lists become tuples for a second try against tuple annotations."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def value_problem(value: Any, annotation: Any) -> str | None:
+    """Why a plain (YAML) value does not fit an annotation, or None when it fits.
+
+    The check is pydantic's strict mode (no ``"3"`` for an int, no ``true`` for an int) with
+    ``typing.Annotated`` constraints (``Annotated[int, Field(ge=1)]``); lists also fit tuples.
+    Returns ``"is not of type int"`` or, for a value of the right type out of its range,
+    ``"should be greater than or equal to 1"``. Unknown (string) annotations accept.
+
+    >>> value_problem(-4, Annotated[int, Field(ge=1)])
+    'should be greater than or equal to 1'
+    >>> value_problem("many", int)
+    'is not of type int'
+    >>> value_problem([0.5, 1.0], tuple[float, float]) is None
+    True
+    """
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
+        return None
+    try:
+        adapter = _adapter(annotation)
+    except Exception:  # not hashable, or no schema: accept (the factory checks its own arguments)
+        return None
+    errors: list[Any] = []
+    for candidate in (value, _tuples(value)):
+        try:
+            adapter.validate_python(candidate)
+            return None
+        except ValidationError as exc:
+            errors += exc.errors()
+    for error in errors:
+        if error["type"] in _CONSTRAINTS:
+            return str(error["msg"]).replace("Input should", "should")
+    return f"is not of type {_type_name(annotation)}"
+
+
 def type_matches(value: Any, annotation: Any) -> bool:
-    """Whether a plain (YAML) value fits a type annotation; unknown annotations accept."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if annotation is type(None) or annotation is None:
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation in (str, Path):
-        return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(args) == len(value) and all(type_matches(v, a) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        return all(type_matches(v, inner) for v in value)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if isinstance(annotation, type):
-        # Objects a YAML file cannot spell (modules, tensors): only the engine injects them.
-        return isinstance(value, annotation)
-    return True
+    """Whether a plain (YAML) value fits a type annotation (see :func:`value_problem`)."""
+    return value_problem(value, annotation) is None
 
 
 def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
 
@@ -192,7 +228,7 @@ def factory_parameters(factory: Callable[..., Any]) -> dict[str, tuple[Any, bool
     """name -> (annotation, required) of a factory's keyword arguments."""
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:
         hints = {}
     params: dict[str, tuple[Any, bool]] = {}
@@ -259,11 +295,12 @@ def check_plugin_node(registry: Registry, key: str, kind: str, node: Any, where:
             )
             continue
         annotation, _ = params[arg]
-        if not type_matches(value, annotation):
-            problems.append(
-                f"{where(f'{key}.{arg}')}: key {key}.{arg}: {value!r} is not of type {_type_name(annotation)} "
-                f"({kind} {name!r})"
-            )
+        problem = value_problem(value, annotation)
+        if problem is None and kind == "masker" and arg.endswith("ratio") and isinstance(value, (int, float)) \
+                and not 0 < value < 1:
+            problem = "should be a masking ratio in (0, 1)"
+        if problem is not None:
+            problems.append(f"{where(f'{key}.{arg}')}: key {key}.{arg}: {value!r} {problem} ({kind} {name!r})")
     for arg, (_, required) in params.items():
         if required and arg not in node and arg not in INJECTED and arg not in provided:
             problems.append(f"{where(key)}: key {key}: {kind} {name!r} needs argument {arg!r}")
@@ -274,7 +311,7 @@ def check_section(section: str, value: Any, schema: type, where: Callable[[str],
     if not isinstance(value, dict):
         return [f"{where(section)}: key {section}: expected a mapping, got {value!r}"]
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     problems = []
     for key, v in value.items():
         dotted = f"{section}.{key}"
@@ -283,8 +320,9 @@ def check_section(section: str, value: Any, schema: type, where: Callable[[str],
             continue
         if any(dotted == slot for slot in PLUGIN_SLOTS):
             continue  # checked as a plugin node
-        if not type_matches(v, hints[key]):
-            problems.append(f"{where(dotted)}: key {dotted}: {v!r} is not of type {_type_name(hints[key])}")
+        problem = value_problem(v, hints[key])
+        if problem is not None:
+            problems.append(f"{where(dotted)}: key {dotted}: {v!r} {problem}")
         elif dotted in CHOICES and v not in CHOICES[dotted]:
             problems.append(f"{where(dotted)}: key {dotted}: {v!r} is not one of {', '.join(CHOICES[dotted])}")
     return problems
@@ -299,8 +337,9 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
         if key in SECTIONS:
             problems += check_section(key, value, SECTIONS[key], recipe.where)
         elif key in TOP_LEVEL:
-            if not type_matches(value, TOP_LEVEL[key]):
-                problems.append(f"{recipe.where(key)}: key {key}: {value!r} is not of type {_type_name(TOP_LEVEL[key])}")
+            problem = value_problem(value, TOP_LEVEL[key])
+            if problem is not None:
+                problems.append(f"{recipe.where(key)}: key {key}: {value!r} {problem}")
             elif key in CHOICES and value not in CHOICES[key]:
                 problems.append(f"{recipe.where(key)}: key {key}: {value!r} is not one of {', '.join(CHOICES[key])}")
         else:
@@ -312,6 +351,10 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
             continue
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
+    if not problems:  # rules across keys assume every key has its type
+        problems += check_rules(config, recipe, registry)
+        errors, _ = check_requirements(config, recipe, registry)
+        problems += errors
     if config.get("finetune") is not None:
         try:
             finetune_settings(recipe)
@@ -323,6 +366,129 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
         except RecipeError as exc:
             problems += exc.problems
     return problems
+
+
+def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> list[str]:
+    """Rules across keys that the engine would otherwise meet at set-up or at step 1.
+
+    Single-value ranges (``train.batch_size >= 1``, ``optim.lr > 0``, masking ratios in (0, 1))
+    are the settings' annotations; these are the rules that need several keys or the machine.
+    """
+    where = recipe.where
+    train, optim, model = (config.get(k) or {} for k in ("train", "optim", "model"))
+    problems: list[str] = []
+    if train.get("max_steps") is None and train.get("epochs") is None:
+        problems.append(f"{where('train.max_steps')}: key train.max_steps: set train.max_steps or train.epochs")
+    if model.get("projection") and not config.get("text_encoder"):
+        problems.append(f"{where('model.projection')}: key model.projection: the projection maps into a text space "
+                        f"and needs a text_encoder (set text_encoder or model.projection=false)")
+    precision, device = train.get("precision", "auto"), config.get("device", "auto")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        problems.append(f"{where('device')}: key device: 'cuda' was asked for but torch sees no CUDA device")
+    if precision == "fp16" and (device == "cpu" or (device == "auto" and not cuda)):
+        problems.append(f"{where('train.precision')}: key train.precision: fp16 needs CUDA "
+                        f"(device {device!r}, set by {where('device')}); use bf16 or fp32 on CPU")
+    if precision == "fp16" and train.get("parallel") == "fsdp":
+        problems.append(f"{where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16 "
+                        f"(train.precision set by {where('train.precision')})")
+    if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
+        problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
+                        f"({where('optim.lr')})")
+    problems += _check_clip_geometry(config, recipe, registry)
+    return problems
+
+
+def _arguments(registry: Registry, kind: str, node: Any) -> dict[str, Any] | None:
+    """A plugin node's arguments with the factory's defaults filled in (None: not a known plugin)."""
+    if not isinstance(node, dict) or (kind, node.get("name")) not in registry:
+        return None
+    factory = registry.get(kind, node["name"]).factory
+    values = {n: p.default for n, p in inspect.signature(factory).parameters.items() if p.default is not inspect.Parameter.empty}
+    values.update({k: v for k, v in node.items() if k != "name"})
+    return values
+
+
+def _check_clip_geometry(config: dict[str, Any], recipe: Recipe, registry: Registry) -> list[str]:
+    """The encoder's frames and size split into whole tubelets and patches, and the dataset's
+    clips have the encoder's shape (else the engine fails when it reads the first clip)."""
+    where = recipe.where
+    encoder = _arguments(registry, "encoder", (config.get("model") or {}).get("encoder"))
+    if encoder is None or not all(isinstance(encoder.get(k), int) for k in ("num_frames", "img_size", "tubelet", "patch")):
+        return []
+    problems = []
+    frames, size, tubelet, patch = (encoder[k] for k in ("num_frames", "img_size", "tubelet", "patch"))
+    if tubelet >= 1 and (frames < 1 or frames % tubelet):
+        problems.append(f"{where('model.encoder.num_frames')}: key model.encoder.num_frames: {frames} frames do not split "
+                        f"into tubelets of {tubelet} (model.encoder.tubelet)")
+    if patch >= 1 and (size < 1 or size % patch):
+        problems.append(f"{where('model.encoder.img_size')}: key model.encoder.img_size: {size} pixels do not split "
+                        f"into patches of {patch} (model.encoder.patch)")
+    dataset = _arguments(registry, "dataset", (config.get("data") or {}).get("dataset"))
+    for data_key, model_key, expected in (("num_frames", "num_frames", frames), ("size", "img_size", size)):
+        value = (dataset or {}).get(data_key)
+        if isinstance(value, int) and value != expected:
+            problems.append(f"{where(f'data.dataset.{data_key}')}: key data.dataset.{data_key}: the dataset gives {value} "
+                            f"but the encoder expects model.encoder.{model_key}={expected} ({where(f'model.encoder.{model_key}')})")
+    return problems
+
+
+#: Slots whose plugins may declare requirements (vlmask.kinds.REQUIREMENTS).
+_REQUIRING = {"targets.*": "target", "heads.*": "head", "masker": "masker"}
+
+
+def _requirers(config: dict[str, Any], registry: Registry) -> list[tuple[str, str, str, frozenset[str] | str]]:
+    """(key, kind, plugin name, requirements or the reason they cannot be read) per requiring plugin."""
+    found = []
+    for key, kind, node, _ in plugin_nodes(config):
+        if kind not in _REQUIRING.values() or not isinstance(node, dict) or (kind, node.get("name")) not in registry:
+            continue
+        entry = registry.get(kind, node["name"])
+        try:
+            needs: frozenset[str] | str = requirements_of(entry.factory, {k: v for k, v in node.items() if k != "name"})
+        except RequirementError as exc:
+            needs = str(exc)
+        found.append((key, kind, node["name"], needs))
+    return found
+
+
+def check_requirements(config: dict[str, Any], recipe: Recipe, registry: Registry) -> tuple[list[str], list[str]]:
+    """(errors, notes): what targets, heads and maskers require against what the recipe provides.
+
+    A missing predictor, teacher, projection or text encoder is an error naming the key that
+    removed it (or the file) and the plugin that needs it; what the data provides (action boxes,
+    labels) cannot be known without reading it and is a note.
+    """
+    where = recipe.where
+    provided = {
+        "predictor": bool((config.get("model") or {}).get("predictor")),
+        "teacher": bool(config.get("teacher")),
+        "projection": bool((config.get("model") or {}).get("projection")),
+        "text_embedding": bool(config.get("text_encoder")),
+    }
+    provider_key = {"predictor": "model.predictor", "teacher": "teacher", "projection": "model.projection",
+                    "text_embedding": "text_encoder"}
+    errors, notes = [], []
+    for key, kind, name, needs in _requirers(config, registry):
+        if isinstance(needs, str):
+            errors.append(f"{where(key)}: key {key}: {needs}")
+            continue
+        for need in sorted(needs):
+            what = f"{kind} {name!r} ({key}, {where(key)})"
+            if need in DATA_REQUIREMENTS:
+                notes.append(f"{where(key)}: {kind} {name!r} ({key}) needs {REQUIREMENTS[need]}")
+            elif not provided[need]:
+                slot = provider_key[need]
+                errors.append(f"{where(slot)}: key {slot}: {what} requires {REQUIREMENTS[need]}; the recipe has none")
+    return errors, notes
+
+
+def requirements_report(recipe: Recipe, registry: Registry) -> list[str]:
+    """Notes on what the data must provide (``action_box``, ``label``) for the recipe's targets,
+    heads and masker: not errors, since only reading the manifest can tell."""
+    config = OmegaConf.to_container(recipe.config, resolve=True)
+    assert isinstance(config, dict)
+    return check_requirements(config, recipe, registry)[1]
 
 
 def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
@@ -341,7 +507,7 @@ def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
         problems.append(f"{recipe.where('loss_weights.' + term)}: key loss_weights.{term}: weight for a loss term "
                         f"that no target or head produces{_nearest(term, sorted(terms))}")
     for term, w in weights.items():
-        if not type_matches(w, float):
+        if value_problem(w, float) is not None:
             problems.append(f"{recipe.where('loss_weights.' + term)}: key loss_weights.{term}: {w!r} is not a number")
     return problems
 
@@ -368,9 +534,14 @@ def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dic
         if name in params and name not in kwargs:
             kwargs[name] = value
     try:
-        return entry.factory(**kwargs)
+        product = entry.factory(**kwargs)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise RecipeError([f"{recipe.where(key)}: key {key} ({kind} {node['name']!r}): {exc}"]) from exc
+    missing = missing_members(kind, product)
+    if missing:
+        raise RecipeError([f"{recipe.where(key)}: key {key}: {kind} {node['name']!r} (from {entry.provider}) breaks the "
+                           f"{kind} contract (vlmask.kinds): it lacks {', '.join(missing)}"])
+    return product
 
 
 # --------------------------------------------------------------------------- sections of commands

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import os
 import subprocess
 import sys
@@ -72,3 +74,81 @@ def test_data_synth_then_boxes(tmp_path, isolated_cache):
         return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
     assert sum(iou(a, b) for a, b in zip(detected, truth)) / len(truth) > 0.7
+
+
+# Each recipe-only rule of `vlmask validate`: (recipe, overrides, the one line it must print).
+VALIDATE_FAILURES = [
+    ("fils.yaml", ["teacher=null"], "- command line: teacher=null: key teacher: target 'language_space' (targets.fp, "
+                                    "recipes/fils.yaml:14) requires a teacher (teacher:) giving target features"),
+    ("fils.yaml", ["model.projection=false"], "- command line: model.projection=false: key model.projection: target "
+                                              "'language_space' (targets.fp, recipes/fils.yaml:14) requires the student's "
+                                              "video-to-text projection"),
+    ("fils.yaml", ["text_encoder=null"], "- recipes/fils.yaml:9: key model.projection: the projection maps into a text "
+                                         "space and needs a text_encoder"),
+    ("fils.yaml", ["model.predictor=null"], "- command line: model.predictor=null: key model.predictor: target "
+                                            "'language_space' (targets.fp, recipes/fils.yaml:14) requires a predictor"),
+    ("mae_clip.yaml", ["text_encoder=null", "model.projection=false"],
+     "- command line: text_encoder=null: key text_encoder: head 'video_text_infonce' (heads.clip, recipes/mae_clip.yaml:9) "
+     "requires a caption embedding per clip"),
+    ("fils.yaml", ["train.accumulate=0"], "- command line: train.accumulate=0: key train.accumulate: 0 should be greater "
+                                          "than or equal to 1"),
+    ("fils.yaml", ["train.precision=fp16", "device=cpu"], "- command line: train.precision=fp16: key train.precision: "
+                                                         "fp16 needs CUDA (device 'cpu', set by command line: device=cpu)"),
+    ("fils.yaml", ["train.parallel=fsdp", "train.precision=fp16"], "- command line: train.parallel=fsdp: key "
+                                                                  "train.parallel: fsdp runs in fp32 or bf16, not fp16"),
+    ("mae.yaml", ["train.batch_size=-4"], "- command line: train.batch_size=-4: key train.batch_size: -4 should be "
+                                          "greater than or equal to 1"),
+    ("mae.yaml", ["train.batch_size=0"], "- command line: train.batch_size=0: key train.batch_size: 0 should be"),
+    ("mae.yaml", ["train.log_every=0"], "- command line: train.log_every=0: key train.log_every: 0 should be"),
+    ("mae.yaml", ["train.ckpt_every=0"], "- command line: train.ckpt_every=0: key train.ckpt_every: 0 should be"),
+    ("mae.yaml", ["train.keep_checkpoints=0"], "- command line: train.keep_checkpoints=0: key train.keep_checkpoints: 0"),
+    ("mae.yaml", ["train.max_steps=0"], "- command line: train.max_steps=0: key train.max_steps: 0 should be"),
+    ("mae.yaml", ["train.max_steps=-1"], "- command line: train.max_steps=-1: key train.max_steps: -1 should be"),
+    ("mae.yaml", ["~train.max_steps"], "- command line: ~train.max_steps: key train.max_steps: set train.max_steps or "
+                                       "train.epochs"),
+    ("mae.yaml", ["train.max_steps=null", "train.epochs=0"], "- command line: train.epochs=0: key train.epochs: 0 "
+                                                             "should be greater than 0"),
+    ("mae.yaml", ["masker.ratio=1.5"], "- command line: masker.ratio=1.5: key masker.ratio: 1.5 should be a masking "
+                                       "ratio in (0, 1) (masker 'tube')"),
+    ("turbo.yaml", ["masker.reconstruct_ratio=0"], "- command line: masker.reconstruct_ratio=0: key "
+                                                   "masker.reconstruct_ratio: 0 should be a masking ratio in (0, 1)"),
+    ("mae.yaml", ["optim.lr=0"], "- command line: optim.lr=0: key optim.lr: 0 should be greater than 0"),
+    ("mae.yaml", ["optim.warmup_steps=-5"], "- command line: optim.warmup_steps=-5: key optim.warmup_steps: -5 should be "
+                                            "greater than or equal to 0"),
+    ("mae.yaml", ["data.dataset.num_frames=7"], "- command line: data.dataset.num_frames=7 (through ${data.dataset.num_frames} at recipes/base/demo.yaml:22): "
+                                                "key model.encoder.num_frames: "
+                                                "7 frames do not split into tubelets of 2"),
+    ("mae.yaml", ["model.encoder.img_size=60"], "- command line: model.encoder.img_size=60: key model.encoder.img_size: "
+                                                "60 pixels do not split into patches of 8"),
+    ("mae.yaml", ["model.encoder.num_frames=4"], "- command line: data.dataset.num_frames=" if False else
+     "key data.dataset.num_frames: the dataset gives 8 but the encoder expects model.encoder.num_frames=4 "
+     "(command line: model.encoder.num_frames=4)"),
+]
+
+
+@pytest.mark.parametrize("recipe, overrides, line", VALIDATE_FAILURES, ids=lambda v: v if isinstance(v, str) and "=" in v
+                         and not v.startswith("-") else None)
+def test_validate_refuses_each_recipe_only_rule_naming_the_source(recipe, overrides, line, capsys, monkeypatch):
+    from vlmask.cli import main
+
+    monkeypatch.chdir(RECIPES.parent)  # the recipe paths print relative to the working directory
+    assert main(["validate", f"recipes/{recipe}", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert f"recipes/{recipe}: " in err and line in err, err
+
+
+def test_validate_through_a_subprocess_refuses_fils_without_a_teacher():
+    result = vlmask("validate", "recipes/fils.yaml", "teacher=null", cwd=RECIPES.parent)
+    assert result.returncode == 1
+    assert "command line: teacher=null: key teacher: target 'language_space'" in result.stderr, result.stderr
+
+
+def test_validate_notes_what_only_the_data_can_provide(capsys, monkeypatch):
+    from vlmask.cli import main
+
+    monkeypatch.chdir(RECIPES.parent)
+    assert main(["validate", "recipes/fils.yaml"]) == 0
+    captured = capsys.readouterr()
+    assert "recipes/fils.yaml: valid" in captured.out
+    assert ("note: recipes/fils.yaml:16: head 'video_text_infonce' (heads.actclip) needs an action box per clip "
+            "(action_box in the manifest, or an action-area detector)") in captured.err

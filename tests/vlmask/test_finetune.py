@@ -228,3 +228,31 @@ def test_finetuning_is_reproducible(finetuned, tmp_path):
     again = finetune_run(copy, FINETUNE, progress=False)
     assert [row["loss"] for row in again["history"]] == [row["loss"] for row in result["history"]]
     assert again["top1"] == result["top1"]
+
+
+def _videomae_groups_by_hand(model: VideoClassifier, weight_decay: float, layer_decay: float) -> dict[str, tuple[float, float]]:
+    """The hand-written groups vlmask used before timm's (VideoMAE ``get_parameter_groups``):
+    parameter name -> (lr_scale, weight_decay)."""
+    depth, found = model.depth, {}
+    for name, param in model.named_parameters():
+        skip = param.ndim <= 1 or name.endswith(".bias") or name.rpartition(".")[2] in ("pos_embed", "cls_token")
+        found[name] = (layer_decay ** (depth + 1 - layer_id(name, depth)), 0.0 if skip else weight_decay)
+    return found
+
+
+@pytest.mark.parametrize("layer_decay", [0.5, 0.75, 1.0])
+def test_timm_layer_decay_groups_equal_the_hand_written_ones(layer_decay):
+    encoder = VideoViT(num_frames=4, img_size=16, patch=8, embed_dim=16, depth=3, num_heads=2, pos_embed="learned")
+    model = VideoClassifier(encoder, num_classes=5)
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=layer_decay)
+    by_timm = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["names"]}
+    assert by_timm == pytest.approx(_videomae_groups_by_hand(model, 0.05, layer_decay))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_timm_soft_target_loss_equals_the_hand_written_one():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g)
+    targets = torch.softmax(torch.randn(6, 5, generator=g), dim=-1)  # mixup-like soft targets
+    by_hand = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    assert torch.allclose(soft_target_cross_entropy(logits, targets), by_hand, atol=1e-6)

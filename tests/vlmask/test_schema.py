@@ -1,12 +1,14 @@
 """``vlmask validate``: every name and argument checked against factory signatures, all errors at once."""
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
+from pydantic import Field
 
 from vlmask.config import load_recipe
-from vlmask.plugins import default_plugins
+from vlmask import hookimpl
+from vlmask.plugins import default_plugins, load_plugins
 from vlmask.schema import CHOICES, type_matches, validate
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -73,3 +75,31 @@ def test_type_matches(value, annotation, ok):
 def test_every_closed_choice_is_checked(key):
     problems = validate(load_recipe(RECIPES / "mae.yaml", [f"{key}=nonsense"]), default_plugins().registry)
     assert len(problems) == 1 and f"key {key}: 'nonsense' is not one of" in problems[0], problems
+
+
+class BandMasker:
+    """A masker stating its argument's range in its signature (pydantic ``Field`` in ``Annotated``)."""
+
+    def __init__(self, keep: "Annotated[float, Field(gt=0, lt=1)]" = 0.5, width: int = 2) -> None:
+        self.keep, self.width = keep, width
+
+
+class BandPlugin:
+    @hookimpl
+    def vlmask_register_plugins(self, register):
+        register("masker", "band", BandMasker)
+
+
+def test_plugin_argument_ranges_and_types_come_from_pydantic_annotations():
+    registry = load_plugins(extra=[("band", BandPlugin())]).registry
+    problems = validate(load_recipe(RECIPES / "mae.yaml", ["masker={name: band, keep: 1.5, width: true}"]), registry)
+    assert problems == [
+        "command line: masker={name: band, keep: 1.5, width: true}: key masker.keep: 1.5 should be less than 1 (masker 'band')",
+        "command line: masker={name: band, keep: 1.5, width: true}: key masker.width: True is not of type int (masker 'band')",
+    ]
+    assert validate(load_recipe(RECIPES / "mae.yaml", ["masker={name: band, keep: 0.25}"]), registry) == []
+
+
+def test_a_replaced_plugin_node_forgets_the_files_provenance_of_its_old_arguments():
+    recipe = load_recipe(RECIPES / "mae.yaml", ["masker={name: random}"])
+    assert recipe.where("masker.ratio") == "command line: masker={name: random}"

@@ -16,23 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
+from vlmask.kinds import ActionAreaDetector
 from vlmask.paths import cache_dir as default_cache_root
 from vlmask_plugins.data.fill import ClipJsonCache, ManifestLine, fill_manifest, manifest_paths
 from vlmask_plugins.data.manifest import ManifestClip, SkippedClip
 
 Box = tuple[float, float, float, float]
-
-
-@runtime_checkable
-class ActionAreaDetector(Protocol):
-    """What :func:`fill_boxes` needs from a detector: ``detect_file``. Optional extras:
-    ``detect_file_area(path, start, end)`` returning an object with ``box`` and ``fallback``
-    (fallbacks are then counted), and ``params() -> dict`` (JSON-able; without it the results
-    are not cached, since nothing would tell two detectors' boxes apart)."""
-
-    def detect_file(self, path: str | Path, start: float | None = None, end: float | None = None) -> Box: ...
 
 
 @dataclass
@@ -97,7 +88,7 @@ def fill_boxes(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if not callable(getattr(detector, "detect_file", None)):
+    if not isinstance(detector, ActionAreaDetector):
         raise ValueError(f"detector must have a detect_file(path, start, end) method, got {type(detector).__name__}")
     source, target = manifest_paths(manifest_in, manifest_out)
     params = _detector_params(detector) if use_cache else None

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmask.kinds import Captioner, RowCaptioner
 from vlmask.paths import cache_dir as default_cache_root
 from vlmask_plugins.captioners.interface import DEFAULT_FRAMES_PER_CLIP
 from vlmask_plugins.data.decode import FrameSampler, decode_clip, probe_video
@@ -111,8 +112,8 @@ def fill_captions(
     identity = getattr(captioner, "identity", None)
     if not isinstance(identity, str) or not identity:
         raise ValueError(f"captioner {type(captioner).__name__} has no identity string (got {identity!r})")
-    by_row = callable(getattr(captioner, "caption_row", None))
-    if not by_row and not callable(getattr(captioner, "caption", None)):
+    by_row = isinstance(captioner, RowCaptioner)
+    if not by_row and not isinstance(captioner, Captioner):
         raise ValueError(f"captioner {type(captioner).__name__} has neither caption(frames) nor caption_row(row)")
     frames_per_clip = getattr(captioner, "frames_per_clip", DEFAULT_FRAMES_PER_CLIP)
     short_side = getattr(captioner, "short_side", None)

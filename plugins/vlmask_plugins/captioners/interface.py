@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
-import numpy as np
+from vlmask.kinds import Captioner, RowCaptioner
 
 #: Frames decoded per clip when a captioner does not say (``frames_per_clip``).
 DEFAULT_FRAMES_PER_CLIP = 4
 
 
-@runtime_checkable
-class Captioner(Protocol):
-    """kind ``captioner`` reading pixels: sampled frames of one clip -> a caption (FILS, BMVC 2024)."""
+__all__ = ["Captioner", "RowCaptioner", "DEFAULT_FRAMES_PER_CLIP", "word_overlap", "consensus_caption"]
 
-    identity: str
-
-    def caption(self, frames: list[np.ndarray]) -> str: ...
-
-
-@runtime_checkable
-class RowCaptioner(Protocol):
-    """kind ``captioner`` reading the manifest line, not the pixels: a row -> a caption or None."""
-
-    identity: str
-
-    def caption_row(self, row: dict[str, Any]) -> str | None: ...
+# The captioner contracts are vlmask's (one table of kinds); re-exported here for plugin code.
 
 
 def word_overlap(a: str, b: str) -> float:

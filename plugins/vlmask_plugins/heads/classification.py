@@ -18,6 +18,9 @@ class ClassificationHead(nn.Module):
     multiplies the loss by ``1 / log(num_classes)`` (lambda_CE). Stats: ``top1`` of the batch.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"label"})
+
     def __init__(
         self, num_classes: int, encoder_dim: int, label_smoothing: float = 0.0, turbo_weight: bool = False
     ) -> None:

@@ -57,6 +57,13 @@ class VideoTextInfoNCEHead(nn.Module):
     Under autocast the projection runs in the autocast dtype and the logits and loss in fp32.
     """
 
+    @classmethod
+    def requirements(cls, pooling: str = "mean", **_: object) -> frozenset[str]:
+        """What the recipe must provide (vlmask.kinds.REQUIREMENTS): a caption embedding and the
+        projection always, the action box with ``pooling="action_area"`` (ActCLIP)."""
+        needs = {"text_embedding", "projection"}
+        return frozenset(needs | {"action_box"}) if pooling == "action_area" else frozenset(needs)
+
     def __init__(
         self,
         pooling: str = "mean",

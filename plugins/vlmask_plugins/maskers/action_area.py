@@ -39,6 +39,9 @@ class ActionAreaMasker:
     from the wrong index range; this is the rule the paper describes, not that code.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"action_box"})
+
     def __init__(self, ratio: float = 0.9, inside_fraction: float = 0.75) -> None:
         self.ratio = validate_ratio("ratio", ratio)
         inside_fraction = float(inside_fraction)

@@ -51,6 +51,9 @@ class DenseInfoNCETarget:
     The logits and the loss are computed in fp32 under any autocast precision.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"predictor", "teacher"})
+
     def __init__(self, temperature: float = 0.07, normalize: bool = True) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

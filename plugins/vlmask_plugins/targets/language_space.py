@@ -41,6 +41,9 @@ class LanguageSpaceTarget:
     which lets the contrastive term dominate. Kept as a documented option only.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"predictor", "teacher", "projection"})
+
     def __init__(self, loss: str = "l1_norm") -> None:
         if loss not in LANGUAGE_SPACE_LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LANGUAGE_SPACE_LOSSES)}, got {loss!r}")

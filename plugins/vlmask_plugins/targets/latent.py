@@ -21,6 +21,9 @@ class LatentTarget:
     ``smooth_l1`` (data2vec, with ``smooth_l1_beta``) or ``mse``.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"predictor", "teacher"})
+
     def __init__(self, loss: str = "l1", smooth_l1_beta: float = 1.0) -> None:
         if loss not in LATENT_LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LATENT_LOSSES)}, got {loss!r}")

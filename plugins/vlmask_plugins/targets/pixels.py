@@ -61,6 +61,9 @@ class NormalizedPixelsTarget:
     ``out.mask.predict``; the loss is the mean squared error over every predicted value.
     """
 
+    #: What the recipe must provide (vlmask.kinds.REQUIREMENTS); ``vlmask validate`` checks it.
+    requires: frozenset[str] = frozenset({"predictor"})
+
     def __init__(
         self,
         mean: tuple[float, float, float] = IMAGENET_MEAN,

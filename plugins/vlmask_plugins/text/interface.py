@@ -20,22 +20,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Sequence
 
 import torch
 
+from vlmask.kinds import TextEncoder  # the contract is vlmask's (one table of kinds)
+
 #: Bytes read from the start, middle and end of each weight file for its fingerprint.
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
-
-
-@runtime_checkable
-class TextEncoder(Protocol):
-    """kind ``text_encoder``: a frozen text tower, captions -> embeddings (FILS, BMVC 2024)."""
-
-    dim: int
-    identity: str
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor: ...
 
 
 def files_fingerprint(files: Sequence[Path], root: Path | None = None) -> str:

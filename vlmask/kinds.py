@@ -1,0 +1,266 @@
+"""The table of plugin kinds: what the engine and the rest of vlmask use of each kind.
+
+Every plugin kind has a :class:`typing.Protocol` (``runtime_checkable``) stating the attributes
+and methods the code that calls it relies on; :data:`PROTOCOLS` maps each kind to them. The
+engine checks every component it builds against its kind (``vlmask.schema.build``) and the test
+suite builds every registered plugin at tiny scale and checks it
+(``tests/vlmask/test_kinds.py``), so a plugin that breaks its contract fails by name.
+
+What a plugin needs from the rest of the recipe
+-----------------------------------------------
+Targets, heads and maskers declare what they require, so that ``vlmask validate`` catches a
+missing predictor or teacher before the first training step. A factory declares either
+
+* a class attribute ``requires: frozenset[str] = frozenset({"predictor", "teacher"})`` when the
+  needs do not depend on the arguments, or
+* a classmethod ``requirements(**kwargs) -> frozenset[str]`` when they do; it is called with the
+  recipe node's arguments (without ``name``) and must not build anything: e.g. the
+  ``video_text_infonce`` head needs ``action_box`` only with ``pooling="action_area"``.
+
+The names come from the closed set :data:`REQUIREMENTS`. ``validate`` turns a missing
+``predictor``, ``teacher``, ``projection`` or ``text_embedding`` into an error naming the file
+and key; ``action_box`` and ``label`` live in the data, so ``validate`` reports them as notes
+(:func:`vlmask.schema.requirements_report`), never as errors.
+
+>>> sorted(REQUIREMENTS)
+['action_box', 'label', 'predictor', 'projection', 'teacher', 'text_embedding']
+>>> class NeedsTeacher:
+...     requires = frozenset({"teacher"})
+>>> sorted(requirements_of(NeedsTeacher, {}))
+['teacher']
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from vlmask.features import Evaluator
+from vlmask.types import Batch, Mask, Masker, Objective, TokenGrid
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: What a target, head or masker may require, and what provides it.
+REQUIREMENTS: dict[str, str] = {
+    "predictor": "a predictor (model.predictor) giving predictions at the masked tokens",
+    "teacher": "a teacher (teacher:) giving target features",
+    "projection": "the student's video-to-text projection (model.projection: true, with a text_encoder)",
+    "text_embedding": "a caption embedding per clip (a text_encoder and captions in the manifest)",
+    "action_box": "an action box per clip (action_box in the manifest, or an action-area detector)",
+    "label": "a class label per clip (label in the manifest)",
+}
+
+#: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.
+DATA_REQUIREMENTS: frozenset[str] = frozenset({"action_box", "label"})
+
+
+class RequirementError(ValueError):
+    """A factory declares a requirement outside :data:`REQUIREMENTS`, or computes it wrongly."""
+
+
+def requirements_of(factory: Callable[..., Any], arguments: dict[str, Any]) -> frozenset[str]:
+    """What the plugin ``factory(**arguments)`` would require, read without building it.
+
+    A ``requirements(**arguments)`` classmethod wins over a ``requires`` attribute; a factory
+    with neither requires nothing. Raises :class:`RequirementError` for a name outside
+    :data:`REQUIREMENTS`.
+    """
+    compute = getattr(factory, "requirements", None)
+    if callable(compute):
+        try:
+            found = compute(**arguments)
+        except TypeError as exc:  # arguments that do not fit: validate reports those elsewhere
+            raise RequirementError(f"{getattr(factory, '__name__', factory)}.requirements: {exc}") from None
+    else:
+        found = getattr(factory, "requires", frozenset())
+    found = frozenset(found)
+    unknown = sorted(found - set(REQUIREMENTS))
+    if unknown:
+        raise RequirementError(
+            f"{getattr(factory, '__name__', factory)} requires {', '.join(map(repr, unknown))}, "
+            f"not among the known requirements: {', '.join(REQUIREMENTS)}"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """kind ``encoder``: the student video encoder (an ``nn.Module``).
+
+    ``grid`` is its token grid (the engine checks the clips against it), ``embed_dim`` its
+    feature width D; ``forward(video, index)`` maps clips (B, C, T, H, W) and the visible token
+    indices (B, Nv) (or None: every token) to features (B, Nv, D).
+    """
+
+    grid: TokenGrid
+    embed_dim: int
+
+    def forward(self, video: Tensor, index: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """kind ``predictor``: ``forward(visible_features (B, Nv, D), mask) -> (B, Np, D_out)``."""
+
+    def forward(self, visible_features: Tensor, mask: Mask) -> Tensor: ...
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """kind ``teacher`` (an ``nn.Module`` built with the ``student``): target features without gradient.
+
+    ``forward(video)`` gives features of every token (B, N, D); ``update(student, step)`` is
+    called once per optimizer step (an EMA moves, a frozen teacher does nothing);
+    ``module(name)`` returns the teacher's copy of a student part (``"projection"``) or None.
+    """
+
+    def forward(self, video: Tensor) -> Tensor: ...
+
+    def update(self, student: torch.nn.Module, step: int) -> None: ...
+
+    def module(self, name: str) -> torch.nn.Module | None: ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """kind ``text_encoder``: a frozen text tower, captions -> embeddings (FILS, BMVC 2024).
+
+    ``dim`` is the embedding width, ``identity`` keys the caption-embedding cache (equal
+    identities give equal embeddings), ``encode`` returns (len(texts), dim) float32 on CPU.
+    """
+
+    dim: int
+    identity: str
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> Tensor: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """kind ``dataset``: clips of a manifest, built with ``manifest=`` and ``train=``.
+
+    ``__getitem__`` returns a dict the dataset's collate function (its ``collate`` attribute or
+    its module's ``collate``) turns into a :class:`vlmask.types.Batch`. ``captions`` (one string
+    per clip, "" when none), ``classes`` (the class names) and ``skipped`` (lines that could not
+    be read) are read by the engine, evaluation and finetuning.
+    """
+
+    captions: Sequence[str]
+    classes: Sequence[str]
+
+    @property
+    def skipped(self) -> Sequence[Any]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ActionAreaDetector(Protocol):
+    """kind ``action_area``: the action box of a clip, as fractions (x0, y0, x1, y1).
+
+    ``detect_file(path, start, end)`` is what ``vlmask data boxes`` needs. Optional extras:
+    ``detect_file_area(path, start, end)`` returning an object with ``box`` and ``fallback``
+    (fallbacks are then counted), and ``params() -> dict`` (JSON-able; without it the results
+    are not cached, since nothing would tell two detectors' boxes apart).
+    """
+
+    def detect_file(self, path: Any, start: float | None = None, end: float | None = None) -> Any: ...
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """kind ``captioner`` reading pixels: sampled frames of one clip -> a caption."""
+
+    identity: str
+
+    def caption(self, frames: list["np.ndarray"]) -> str: ...
+
+
+@runtime_checkable
+class RowCaptioner(Protocol):
+    """kind ``captioner`` reading the manifest line, not the pixels: a row -> a caption or None."""
+
+    identity: str
+
+    def caption_row(self, row: dict[str, Any]) -> str | None: ...
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """kind ``logger``: a pluggy hook implementation receiving the run's metrics.
+
+    It implements ``vlmask_step_end(step, metrics, run)`` (see ``vlmask.hookspecs``) and may
+    implement any other lifecycle hook (``vlmask_train_start``, ``vlmask_train_end``, ...).
+    """
+
+    def vlmask_step_end(self, step: int, metrics: dict[str, Any], run: Any) -> None: ...
+
+
+#: kind -> the protocols an object of that kind satisfies (any one of them).
+PROTOCOLS: dict[str, tuple[type, ...]] = {
+    "masker": (Masker,),
+    "target": (Objective,),
+    "head": (Objective,),
+    "teacher": (Teacher,),
+    "encoder": (Encoder,),
+    "predictor": (Predictor,),
+    "text_encoder": (TextEncoder,),
+    "dataset": (Dataset,),
+    "action_area": (ActionAreaDetector,),
+    "captioner": (Captioner, RowCaptioner),
+    "evaluator": (Evaluator,),
+    "logger": (Logger,),
+}
+
+
+def missing_members(kind: str, component: Any) -> list[str]:
+    """Members of the kind's protocol that ``component`` lacks (empty: it conforms).
+
+    With several protocols (captioners), the shortest list of the nearest one.
+
+    >>> missing_members("evaluator", object())
+    ['evaluate']
+    """
+    best: list[str] | None = None
+    for protocol in PROTOCOLS[kind]:
+        members = sorted(_protocol_members(protocol))
+        missing = [m for m in members if not hasattr(component, m)]
+        missing += [m for m in members if m not in missing and _is_method(protocol, m) and not callable(getattr(component, m))]
+        if best is None or len(missing) < len(best):
+            best = missing
+    return best or []
+
+
+def conforms(kind: str, component: Any) -> bool:
+    """Whether ``component`` satisfies one of its kind's protocols (``isinstance``)."""
+    return any(isinstance(component, protocol) for protocol in PROTOCOLS[kind])
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    members = getattr(protocol, "__protocol_attrs__", None)
+    if members is None:  # Python < 3.12
+        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
+
+        members = _get_protocol_attrs(protocol)
+    return set(members)
+
+
+def _is_method(protocol: type, name: str) -> bool:
+    return inspect.isfunction(inspect.getattr_static(protocol, name, None))
+
+
+__all__ = [
+    "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
+    "Masker", "Objective", "Encoder", "Predictor", "Teacher", "TextEncoder", "Dataset",
+    "ActionAreaDetector", "Captioner", "RowCaptioner", "Evaluator", "Logger", "Batch",
+    "missing_members", "conforms",
+]
