@@ -44,24 +44,40 @@ def memory_expectation(logits: Tensor, memory: Tensor) -> Tensor:
     return probabilities @ memory
 
 
-def slot_groups(index: Tensor, grid: TokenGrid) -> list[Tensor]:
-    """The columns of ``index`` (B, K) grouped by temporal slot, slots in ascending time.
+def slot_chunks(index: Tensor, grid: TokenGrid) -> list[slice]:
+    """The columns of ``index`` (B, K) cut into whole temporal slots, in the order of the columns.
 
-    Every row must place the same columns in the same slot (as the future-blocks masker does),
-    so that each slot is predicted for the whole batch at once.
+    The tokens to predict must be whole slots listed in order (as the future-blocks masker
+    gives them): K a multiple of ``grid.spatial`` and each run of ``grid.spatial`` columns one
+    slot, in the same columns for every row. The shape is always checked; the values are
+    checked with a clear error on the CPU, and on an accelerator by an asynchronous device
+    assertion (a host check would stall every step).
 
     >>> grid = TokenGrid(t=3, h=1, w=2)
-    >>> [g.tolist() for g in slot_groups(torch.tensor([[2, 3, 4, 5]]), grid)]
-    [[0, 1], [2, 3]]
+    >>> slot_chunks(torch.tensor([[2, 3, 4, 5]]), grid)
+    [slice(0, 2, None), slice(2, 4, None)]
     """
-    slots = torch.div(index, grid.spatial, rounding_mode="floor")
-    if not bool((slots == slots[:1]).all()):
+    spatial = grid.spatial
+    if index.ndim != 2 or index.shape[1] % spatial:
         raise ValueError(
-            "recursive prediction needs the same temporal slots in the same columns of every row of the mask "
+            f"recursive prediction needs whole temporal slots of {spatial} tokens to predict, got {tuple(index.shape)} "
             "(use the future_blocks masker)"
         )
-    first = slots[0]
-    return [torch.nonzero(first == s).flatten() for s in torch.unique(first, sorted=True)]
+    slots = index.reshape(index.shape[0], -1, spatial)
+    first = torch.div(slots[:, :, :1], spatial, rounding_mode="floor")
+    whole = (torch.remainder(slots, spatial) == torch.arange(spatial, device=index.device)) & (
+        torch.div(slots, spatial, rounding_mode="floor") == first
+    )
+    whole = whole.all() & (first == first[:1]).all()
+    if index.device.type == "cpu":
+        if not bool(whole):
+            raise ValueError(
+                "recursive prediction needs the tokens to predict as whole temporal slots, in the same columns of "
+                "every row (use the future_blocks masker)"
+            )
+    else:
+        torch._assert_async(whole, "recursive prediction needs whole temporal slots in the same columns of every row")
+    return [slice(k * spatial, (k + 1) * spatial) for k in range(index.shape[1] // spatial)]
 
 
 class FuturePredictor(nn.Module):
@@ -113,20 +129,21 @@ class FuturePredictor(nn.Module):
         predictions back into the context (DPC's recursion, eq. 2.3).
 
         Slots go in ascending time (``reverse=False``: the future from the past) or descending
-        time (``reverse=True``: the past from the future, MemDPC's backward direction). Returns
+        time (``reverse=True``: the past from the future, MemDPC's backward direction), each slot
+        a run of ``grid.spatial`` columns (:func:`slot_chunks`). Returns
         (B, Nq, encoder_dim) in the column order of ``query_index``.
         """
-        groups = slot_groups(query_index, self.grid)
-        if reverse:
-            groups = groups[::-1]
-        predictions = context.new_empty(query_index.shape[0], query_index.shape[1], self.encoder_dim)
-        for columns in groups:
+        chunks = slot_chunks(query_index, self.grid)
+        predictions: list[Tensor] = []
+        for columns in reversed(chunks) if reverse else chunks:
             query = query_index[:, columns]
             predicted = self.predict_slot(context, context_index, query)
-            predictions = predictions.index_copy(1, columns, predicted.to(predictions.dtype))
+            predictions.append(predicted)
             context = torch.cat([context, predicted.to(context.dtype)], dim=1)
             context_index = torch.cat([context_index, query], dim=1)
-        return predictions
+        if reverse:
+            predictions.reverse()
+        return torch.cat(predictions, dim=1)
 
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor:
         """(B, Nv, encoder_dim) features of ``mask.visible`` -> (B, Np, encoder_dim) at ``mask.predict``."""
