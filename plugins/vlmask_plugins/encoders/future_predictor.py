@@ -88,7 +88,9 @@ class FuturePredictor(nn.Module):
     :meth:`rollout`. ``memory_slots=None``: the transformer regresses the features directly
     (DPC, eq. 2.2); ``memory_slots=k``: it outputs k logits per token and the prediction is the
     expectation over a learnable (k, encoder_dim) memory (MemDPC, eq. 3.3-3.4; the paper uses
-    k = 1024). ``encoder_dim`` and ``grid`` are injected by the engine.
+    k = 1024; initialised N(0, 1) as in the released code). MemDPC's backward direction uses its
+    own aggregator (``agg_b``) with the shared prediction head and memory; here one transformer
+    serves both directions (its positions say which slots are context). ``encoder_dim`` and ``grid`` are injected by the engine.
     """
 
     def __init__(
@@ -115,7 +117,7 @@ class FuturePredictor(nn.Module):
             attention=attention, grad_checkpointing=grad_checkpointing,
         )  # fmt: skip
         if self.memory_slots is not None:
-            self.memory = nn.Parameter(torch.randn(self.memory_slots, encoder_dim) * encoder_dim**-0.5)
+            self.memory = nn.Parameter(torch.randn(self.memory_slots, encoder_dim))  # MemDPC: randn, std 1
         else:
             self.register_parameter("memory", None)
 

@@ -54,7 +54,11 @@ class FutureInfoNCETarget:
 
     ``bidirectional`` (MemDPC): also predict the past from the future, recursively backwards
     in time (the same predictor, context = the online future features), scored against the
-    online past features (``out.visible_features``); the loss is the mean of both directions.
+    online past features (``out.visible_features``); the loss is the SUM of both directions, as
+    in the released MemDPC code (``loss = loss + loss_tmp_b``). MemDPC's backward context is the
+    last N - k blocks reversed and it predicts the first k; here the context is the k future
+    slots and every past slot is predicted (the same when the clip has 2k slots, as at demo
+    scale: 4 slots, 2 future).
     Stats: ``top1`` (forward direction), and ``top1_backward`` when bidirectional.
     """
 
@@ -88,5 +92,5 @@ class FutureInfoNCETarget:
             check_same_shape(past, out.visible_features, term)
             backward_loss, stats["top1_backward"] = self.score(past, out.visible_features)
             stats["forward"], stats["backward"] = loss.detach(), backward_loss.detach()
-            loss = (loss + backward_loss) / 2
+            loss = loss + backward_loss
         return loss, stats
