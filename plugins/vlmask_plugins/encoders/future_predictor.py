@@ -90,7 +90,8 @@ class FuturePredictor(nn.Module):
     expectation over a learnable (k, encoder_dim) memory (MemDPC, eq. 3.3-3.4; the paper uses
     k = 1024; initialised N(0, 1) as in the released code). MemDPC's backward direction uses its
     own aggregator (``agg_b``) with the shared prediction head and memory; here one transformer
-    serves both directions (its positions say which slots are context). ``encoder_dim`` and ``grid`` are injected by the engine.
+    serves both directions (its positions say which slots are context). ``encoder_dim`` and
+    ``grid`` are injected by the engine.
     """
 
     def __init__(
@@ -106,7 +107,8 @@ class FuturePredictor(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if memory_slots is not None and (isinstance(memory_slots, bool) or int(memory_slots) != memory_slots or memory_slots < 1):
+        whole = not isinstance(memory_slots, bool) and memory_slots is not None and int(memory_slots) == memory_slots
+        if memory_slots is not None and not (whole and memory_slots >= 1):
             raise ValueError(f"memory_slots must be a positive integer or None, got {memory_slots!r}")
         self.grid = grid
         self.encoder_dim = encoder_dim

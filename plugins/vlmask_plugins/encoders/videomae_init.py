@@ -106,7 +106,8 @@ def checkpoint_format(state: Mapping[str, Tensor]) -> str:
         return "original"
     shown = ", ".join(sorted(state)[:6])
     raise VideoMAEInitError(
-        f"not a VideoMAE pretraining checkpoint (expected videomae.* or encoder.* and decoder.* keys, found {shown} ...)"
+        "not a VideoMAE pretraining checkpoint (expected videomae.* or encoder.* and decoder.* keys, "
+        f"found {shown} ...)"
     )
 
 

@@ -7,7 +7,14 @@ from vlmask_plugins.targets.language_space import LanguageSpaceTarget
 from vlmask_plugins.targets.latent import LatentTarget
 from vlmask_plugins.targets.pixels import NormalizedPixelsTarget
 
-__all__ = ["DenseInfoNCETarget", "FutureInfoNCETarget", "LanguageSpaceTarget", "LatentTarget", "NormalizedPixelsTarget", "register_plugins"]
+__all__ = [
+    "DenseInfoNCETarget",
+    "FutureInfoNCETarget",
+    "LanguageSpaceTarget",
+    "LatentTarget",
+    "NormalizedPixelsTarget",
+    "register_plugins",
+]
 
 
 def register_plugins(register: Register) -> None:

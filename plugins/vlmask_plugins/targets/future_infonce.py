@@ -87,7 +87,8 @@ class FutureInfoNCETarget:
         if self.bidirectional:
             rollout = getattr(out.predictor, "rollout", None)
             if rollout is None:
-                raise ValueError(f"{term} with bidirectional=true needs a predictor with rollout() (predictor 'future')")
+                hint = "a predictor with rollout() (predictor 'future')"
+                raise ValueError(f"{term} with bidirectional=true needs {hint}")
             past = rollout(true_future, out.mask.predict, out.mask.visible, reverse=True)
             check_same_shape(past, out.visible_features, term)
             backward_loss, stats["top1_backward"] = self.score(past, out.visible_features)

@@ -68,7 +68,8 @@ def test_rollout_backwards_predicts_the_latest_slot_first() -> None:
     slot 1 is predicted first (1 + 1 = 2), then slot 0 from (0, 2, 2): 4/3 + 1 = 7/3."""
     grid = TokenGrid(t=4, h=1, w=1)
     predictor = hand_predictor(grid)
-    past = predictor.rollout(torch.tensor([[[0.0], [2.0]]]), torch.tensor([[2, 3]]), torch.tensor([[0, 1]]), reverse=True)
+    future, future_index = torch.tensor([[[0.0], [2.0]]]), torch.tensor([[2, 3]])
+    past = predictor.rollout(future, future_index, torch.tensor([[0, 1]]), reverse=True)
     assert past.flatten().tolist() == pytest.approx([7 / 3, 2.0])
 
 
@@ -95,7 +96,8 @@ def test_transformer_rollout_equals_step_by_step_prediction() -> None:
     past = torch.randn(2, 8, 8)
     rolled = predictor(past, mask)
     first = predictor.predict_slot(past, mask.visible, mask.predict[:, :4])
-    second = predictor.predict_slot(torch.cat([past, first], 1), torch.cat([mask.visible, mask.predict[:, :4]], 1), mask.predict[:, 4:])
+    context, context_index = torch.cat([past, first], 1), torch.cat([mask.visible, mask.predict[:, :4]], 1)
+    second = predictor.predict_slot(context, context_index, mask.predict[:, 4:])
     assert torch.allclose(rolled, torch.cat([first, second], 1), atol=1e-6)
     at_once = predictor.aggregate(past, mask)
     assert not torch.allclose(rolled[:, 4:], at_once[:, 4:], atol=1e-3)  # not one parallel prediction

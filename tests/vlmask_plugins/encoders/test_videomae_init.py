@@ -133,7 +133,8 @@ def test_size_mismatch_names_the_first_key_and_loads_nothing() -> None:
     encoder, predictor = vlmask_parts(predictor_dim=64)
     before = {k: v.clone() for k, v in predictor.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    with pytest.raises(VideoMAEInitError, match=r"predictor key embed.weight: checkpoint \(32, 32\) vs recipe \(64, 32\)"):
+    first_key = r"predictor key embed.weight: checkpoint \(32, 32\) vs recipe \(64, 32\)"
+    with pytest.raises(VideoMAEInitError, match=first_key):
         load_videomae_pretraining(encoder, predictor, hf_model().state_dict())
     assert all(torch.equal(v, predictor.state_dict()[k]) for k, v in before.items())
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in encoder_before.items())  # encoder untouched too
