@@ -57,6 +57,8 @@ class Student(nn.Module):
             teacher_features=teacher_features,
             projection=self.projection,
             teacher_projection=teacher.module("projection") if hasattr(teacher, "module") else None,
+            encoder=self.encoder,
+            predictor=self.predictor,
         )
         return {name: objective(out) for name, objective in self.objectives.items()}
 

@@ -136,7 +136,10 @@ class StepOutputs:
     the recipe has no predictor. ``teacher_features``: the teacher's features of every token
     (B, N, D), computed without gradient, or None without a teacher. ``projection`` is the
     student's video-to-text projection (None when the recipe has no text space) and
-    ``teacher_projection`` the teacher's copy of it (EMA teacher) or None.
+    ``teacher_projection`` the teacher's copy of it (EMA teacher) or None. ``encoder`` and
+    ``predictor`` are the student's own modules, for terms that must run them again with
+    gradient (faithful DPC encodes the true future blocks online; MemDPC's backward direction
+    predicts the past from them); None when the step does not provide them.
     """
 
     batch: Batch
@@ -147,6 +150,8 @@ class StepOutputs:
     teacher_features: Tensor | None = None
     projection: torch.nn.Module | None = None
     teacher_projection: torch.nn.Module | None = None
+    encoder: torch.nn.Module | None = None
+    predictor: torch.nn.Module | None = None
 
 
 @runtime_checkable

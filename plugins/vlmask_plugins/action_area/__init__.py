@@ -1,4 +1,4 @@
-"""Action-area detection (MoFo, Huang et al. 2023): where in the frame the action happens.
+"""Action-area detection (MoFo, Ahmadian, Guerin & Gilbert 2023): where in the frame the action happens.
 
 - ``flow``: :class:`FlowActionArea` (registered as action_area ``flow``): DIS optical flow,
   camera motion removed, motion thresholded, boxes united over the clip.

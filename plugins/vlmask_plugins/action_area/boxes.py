@@ -1,7 +1,7 @@
 """Filling a manifest's ``action_box`` fields once per data set (``vlmask data boxes``).
 
 :func:`fill_boxes` reads a JSONL manifest, detects the action area of every clip that has no
-``action_box`` (MoFo's action area, Huang et al. 2023, by default through
+``action_box`` (MoFo's action area, Ahmadian, Guerin & Gilbert 2023, by default through
 :class:`~vlmask_plugins.action_area.flow.FlowActionArea`) and writes the manifest with the
 boxes filled in. Lines that already have a box are kept as they are; unknown fields are kept;
 bad lines (invalid JSON, a missing file, a file that does not decode) are skipped and counted,

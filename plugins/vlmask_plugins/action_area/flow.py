@@ -1,6 +1,6 @@
 """Action-area detection from motion with the camera's motion removed (MoFo's action area).
 
-MoFo (Huang et al., "MoFo: Motion-focused self-supervision for video understanding", 2023)
+MoFo (Ahmadian, Guerin & Gilbert, "MoFo: Motion-focused self-supervision for video understanding", 2023)
 finds the action area of a clip from dense optical flow: the camera's motion is removed, the
 remaining motion magnitude is thresholded, and the box of the moving region, united over the
 clip, is the area its masking and loss focus on. :class:`FlowActionArea` does this on the CPU
@@ -92,7 +92,7 @@ class _Sampled:
 
 
 class FlowActionArea:
-    """MoFo's action area (Huang et al., "MoFo: Motion-focused self-supervision for video
+    """MoFo's action area (Ahmadian, Guerin & Gilbert, "MoFo: Motion-focused self-supervision for video
     understanding", 2023) from OpenCV DIS optical flow with the camera's motion removed.
 
     ``detect(frames)`` takes (T, H, W, 3) uint8 RGB frames; ``detect_file(path, start, end)``

@@ -4,7 +4,7 @@
 (:func:`vlmask_plugins.data.synthetic.generate`: real H.264 clips whose ``action_box`` is the
 union over frames of the acting object's bounding box, ``camera_pan`` true in about 30% of
 them), runs each method of :class:`~vlmask_plugins.action_area.flow.FlowActionArea` (MoFo's
-action area, Huang et al. 2023) through ``detect_file`` (decoding included) and prints one JSON
+action area, Ahmadian, Guerin & Gilbert 2023) through ``detect_file`` (decoding included) and prints one JSON
 object: per method, the mean IoU with the true box on clips without and with a camera pan, the
 share of clips at IoU >= 0.5, fallbacks, the mean signed error of each box edge in pixels
 (negative x0/y0 or positive x1/y1: the box is too large on that side) and seconds per clip on

@@ -6,7 +6,7 @@ lines (invalid JSON, a missing file, a file that does not decode) as
 stay correct from the output folder (:func:`relocate_row`), runs a per-clip job in a thread pool
 behind a rich progress bar (:func:`run_per_clip`; OpenCV and the decoders release the GIL),
 records the clips whose job failed as skipped, and writes the output manifest in input order.
-:func:`fill_manifest` is that driver; the producer (MoFo's action area, Huang et al. 2023; the
+:func:`fill_manifest` is that driver; the producer (MoFo's action area, Ahmadian, Guerin & Gilbert 2023; the
 offline captions of FILS, BMVC 2024) gives it callbacks. :class:`ClipJsonCache` keeps one small
 JSON file per clip, keyed by the file's absolute path, size and mtime, the segment and the
 producer's parameters, written atomically.

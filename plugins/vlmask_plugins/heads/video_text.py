@@ -72,6 +72,7 @@ class VideoTextInfoNCEHead(nn.Module):
         max_logit_scale: float = 100.0,
         gather: bool = True,
         turbo_weight: bool = False,
+        patch_iterations: int = 1,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -86,6 +87,11 @@ class VideoTextInfoNCEHead(nn.Module):
             raise ValueError(
                 f"init_temperature={init_temperature} gives a logit scale above max_logit_scale={max_logit_scale}"
             )
+        if isinstance(patch_iterations, bool) or int(patch_iterations) != patch_iterations or patch_iterations < 1:
+            raise ValueError(f"patch_iterations must be a positive integer, got {patch_iterations!r}")
+        if patch_iterations > 1 and (pooling != "action_area" or action_strategy != "patch"):
+            raise ValueError("patch_iterations > 1 needs pooling='action_area' and action_strategy='patch'")
+        self.patch_iterations = int(patch_iterations)
         self.pooling = pooling
         self.action_strategy = action_strategy
         self.max_logit_scale = float(max_logit_scale)
@@ -108,28 +114,36 @@ class VideoTextInfoNCEHead(nn.Module):
             raise ValueError("head 'video_text_infonce' needs the student's video-to-text projection (text_dim)")
         stats: dict[str, Tensor] = {}
         if self.pooling == "mean":
-            pooled = out.visible_features.mean(dim=1)
+            draws = [out.visible_features.mean(dim=1)]
         else:
             if out.batch.action_box is None:
                 raise ValueError(
                     "head 'video_text_infonce' with pooling='action_area' needs batch.action_box; add action_box "
                     "to the manifest or an action-area detector, or use pooling='mean'"
                 )
-            pooled, fell_back = pool_visible_in_box(
-                out.visible_features, out.mask.visible, out.grid, out.batch.action_box, self.action_strategy
-            )
+            draws = []
+            for _ in range(self.patch_iterations):
+                pooled, fell_back = pool_visible_in_box(
+                    out.visible_features, out.mask.visible, out.grid, out.batch.action_box, self.action_strategy
+                )
+                draws.append(pooled)
             stats["fallback_rate"] = fell_back.float().mean().detach()
-        video = F.normalize(out.projection(pooled).float(), dim=-1)  # the loss in fp32 (see below)
-        if out.batch.text_embedding.shape != video.shape:
-            raise ValueError(
-                f"head 'video_text_infonce': projected video features {tuple(video.shape)} do not match the text "
-                f"embeddings {tuple(out.batch.text_embedding.shape)}; the projection must map to text_dim"
-            )
         text = F.normalize(out.batch.text_embedding.float(), dim=-1)
         if self.gather:
-            video, text = gather_with_local_gradient(video), gather_with_local_gradient(text)
-        with without_autocast(video.device):  # bf16 logits near 100 would step by 0.5
-            loss = symmetric_infonce(video, text, self.logit_scale.float().exp())
+            text = gather_with_local_gradient(text)
+        losses = []
+        for pooled in draws:
+            video = F.normalize(out.projection(pooled).float(), dim=-1)  # the loss in fp32 (see below)
+            if out.batch.text_embedding.shape != video.shape:
+                raise ValueError(
+                    f"head 'video_text_infonce': projected video features {tuple(video.shape)} do not match the text "
+                    f"embeddings {tuple(out.batch.text_embedding.shape)}; the projection must map to text_dim"
+                )
+            if self.gather:
+                video = gather_with_local_gradient(video)
+            with without_autocast(video.device):  # bf16 logits near 100 would step by 0.5
+                losses.append(symmetric_infonce(video, text, self.logit_scale.float().exp()))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if self.turbo_weight:
             loss = loss / math.log(video.shape[0])
         stats["logit_scale"] = self.logit_scale.detach().exp()

@@ -1,4 +1,4 @@
-"""Action-area tube masking in the style of MoFo (Huang et al., 2023)."""
+"""Action-area tube masking in the style of MoFo (Ahmadian, Guerin & Gilbert, 2023)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _rank_within(group: Tensor, noise: Tensor) -> Tensor:
 class ActionAreaMasker:
     """Tube masking that takes a fixed share of the masked positions from the action area.
 
-    MoFo (Huang et al., "MoFo: Motion Focused Self-Supervision for Video Understanding", 2023):
+    MoFo (Ahmadian, Guerin & Gilbert, "MoFo: Motion Focused Self-Supervision for Video Understanding", 2023):
     of the ``count = floor(ratio * h * w)`` masked spatial positions (VideoMAE's floor),
     ``round(inside_fraction * count)`` (halves rounded up) are drawn at random from the
     positions inside ``batch.action_box`` and the rest from outside; the same spatial mask is

@@ -1,6 +1,6 @@
 """Where tokens sit in the frame: the one place that decides whether a token is in a box.
 
-Shared by the action-area masker (MoFo, Huang et al. 2023) and ActCLIP pooling (FILS, eq. 3-6),
+Shared by the action-area masker (MoFo, Ahmadian, Guerin & Gilbert 2023) and ActCLIP pooling (FILS, eq. 3-6),
 so masking and pooling always agree on which tokens belong to the action area.
 """
 

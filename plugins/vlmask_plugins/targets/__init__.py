@@ -2,11 +2,19 @@
 
 from vlmask.registry import Register
 from vlmask_plugins.targets.dense_infonce import DenseInfoNCETarget
+from vlmask_plugins.targets.future_infonce import FutureInfoNCETarget
 from vlmask_plugins.targets.language_space import LanguageSpaceTarget
 from vlmask_plugins.targets.latent import LatentTarget
 from vlmask_plugins.targets.pixels import NormalizedPixelsTarget
 
-__all__ = ["DenseInfoNCETarget", "LanguageSpaceTarget", "LatentTarget", "NormalizedPixelsTarget", "register_plugins"]
+__all__ = [
+    "DenseInfoNCETarget",
+    "FutureInfoNCETarget",
+    "LanguageSpaceTarget",
+    "LatentTarget",
+    "NormalizedPixelsTarget",
+    "register_plugins",
+]
 
 
 def register_plugins(register: Register) -> None:
@@ -15,3 +23,4 @@ def register_plugins(register: Register) -> None:
     register("target", "latent", LatentTarget)
     register("target", "language_space", LanguageSpaceTarget)
     register("target", "dense_infonce", DenseInfoNCETarget)
+    register("target", "future_infonce", FutureInfoNCETarget)

@@ -198,6 +198,34 @@ def test_actclip_patch_strategy_draws_one_in_box_token() -> None:
     assert drawn == {0, 2}  # random, not always the first
 
 
+def test_actclip_patch_iterations_average_the_loss_of_independent_draws() -> None:
+    """Table 3a's ``patch`` with N iterations: N random in-box tokens per clip, one InfoNCE per
+    draw, the loss their mean (the same global random stream, replayed by hand)."""
+    features, visible, boxes = actclip_case()
+    text, theta = torch.randn(3, 6), nn.Linear(5, 6)
+    head = VideoTextInfoNCEHead(pooling="action_area", action_strategy="patch", patch_iterations=10)
+    torch.manual_seed(11)
+    loss, stats = head(step_outputs(features, visible, text, boxes, theta))
+    torch.manual_seed(11)
+    by_hand = []
+    for _ in range(10):
+        pooled, _ = pool_visible_in_box(features, visible, GRID, boxes, "patch")
+        z_v, z_t = F.normalize(theta(pooled), dim=-1), F.normalize(text, dim=-1)
+        by_hand.append(symmetric_infonce(z_v, z_t, torch.tensor(1 / 0.07)))
+    torch.testing.assert_close(loss, torch.stack(by_hand).mean())
+    assert len({round(v.item(), 6) for v in by_hand}) > 1  # the draws differ
+    assert stats["fallback_rate"].item() == pytest.approx(1 / 3)
+    torch.manual_seed(11)
+    one_draw, _ = VideoTextInfoNCEHead(pooling="action_area", action_strategy="patch")(
+        step_outputs(features, visible, text, boxes, theta)
+    )
+    torch.testing.assert_close(one_draw, by_hand[0])
+    with pytest.raises(ValueError, match="patch_iterations > 1 needs"):
+        VideoTextInfoNCEHead(pooling="action_area", patch_iterations=10)  # patch-average has nothing to draw
+    with pytest.raises(ValueError, match="positive integer"):
+        VideoTextInfoNCEHead(pooling="action_area", action_strategy="patch", patch_iterations=0)
+
+
 # ---- classification -----------------------------------------------------------------------------------
 
 

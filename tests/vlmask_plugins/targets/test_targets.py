@@ -59,7 +59,7 @@ def test_register_plugins_registers_every_target() -> None:
     seen: list[tuple[str, str]] = []
     register_plugins(lambda kind, name, factory: seen.append((kind, name)))
     assert sorted(seen) == sorted(
-        [("target", n) for n in ("normalized_pixels", "latent", "language_space", "dense_infonce")]
+        [("target", n) for n in ("normalized_pixels", "latent", "language_space", "dense_infonce", "future_infonce")]
     )
 
 

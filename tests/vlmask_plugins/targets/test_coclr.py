@@ -1,0 +1,70 @@
+"""CoCLR's losses (thesis eq. 4.2-4.5) on inputs small enough to compute by hand."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import vlmask_plugins.targets.coclr as coclr
+from vlmask_plugins.targets.coclr import (
+    enqueue,
+    label_positive_mask,
+    multi_instance_infonce,
+    queue_infonce,
+    topk_positive_mask,
+)
+
+QUERY = torch.tensor([[1.0, 0.0]])
+KEY = torch.tensor([[1.0, 0.0]])
+QUEUE = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # logits at temperature 1: [1, 0, -1]
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(coclr).failed == 0
+
+
+def test_queue_infonce_by_hand() -> None:
+    """eq. 4.2: -log(e / (e + 1 + e^-1)) = log(1 + e^-1 + e^-2) = 0.407606."""
+    assert queue_infonce(QUERY, KEY, QUEUE, temperature=1.0).item() == pytest.approx(0.407606, abs=1e-6)
+
+
+def test_multi_instance_infonce_sums_the_positive_probabilities() -> None:
+    """eq. 4.4 with P = {own key, queue 0}: -log((e + 1) / (e + 1 + e^-1)) = 0.094344; with the
+    own key only it is eq. 4.2."""
+    positives = torch.tensor([[True, True, False]])
+    assert multi_instance_infonce(QUERY, KEY, QUEUE, positives, 1.0).item() == pytest.approx(0.094344, abs=1e-6)
+    only_self = torch.tensor([[True, False, False]])
+    assert multi_instance_infonce(QUERY, KEY, QUEUE, only_self, 1.0).item() == pytest.approx(0.407606, abs=1e-6)
+    with pytest.raises(ValueError, match="column 0"):
+        multi_instance_infonce(QUERY, KEY, QUEUE, torch.tensor([[False, True, False]]), 1.0)
+
+
+def test_topk_positives_come_from_the_other_stream() -> None:
+    """The RGB queue would rank entry 0 first; the flow stream ranks entries 2 then 1: the
+    positives are the clip itself and flow's top-2 (queue columns 3 and 2), not RGB's."""
+    flow_query = torch.tensor([[1.0, 0.0]])
+    flow_queue = torch.tensor([[-1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])
+    mask = topk_positive_mask(flow_query, flow_queue, k=2)
+    assert mask.tolist() == [[True, False, True, True]]
+    assert topk_positive_mask(flow_query, flow_queue, k=0).tolist() == [[True, False, False, False]]
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_positive_mask(flow_query, flow_queue, k=4)
+
+
+def test_ubernce_takes_positives_by_label() -> None:
+    """eq. 4.5: label 3, queue labels [3, 1, 3], temperature 0.5, key [0.6, 0.8]: logits
+    [1.2, 2, 0, -2], positives columns 0, 1, 3: -log((e^1.2 + e^2 + e^-2) / sum) = 0.088206."""
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    positives = label_positive_mask(torch.tensor([3]), torch.tensor([3, 1, 3]))
+    assert positives.tolist() == [[True, True, False, True]]
+    loss = multi_instance_infonce(QUERY, torch.tensor([[0.6, 0.8]]), queue, positives, temperature=0.5)
+    assert loss.item() == pytest.approx(0.088206, abs=1e-6)
+
+
+def test_enqueue_is_first_in_first_out() -> None:
+    queue, pointer = enqueue(torch.zeros(4, 1), torch.tensor([[1.0], [2.0]]), 0)
+    queue, pointer = enqueue(queue, torch.tensor([[3.0], [4.0]]), pointer)
+    queue, pointer = enqueue(queue, torch.tensor([[5.0], [6.0]]), pointer)
+    assert queue.flatten().tolist() == [5.0, 6.0, 3.0, 4.0] and pointer == 2
