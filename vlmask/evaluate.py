@@ -444,16 +444,71 @@ def _recorded_overrides(run_dir: Path) -> list[str] | None:
     return list(value) if isinstance(value, list) else None
 
 
+@dataclass
+class _Planned:
+    recipe: str
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+
+
+def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequence[int] | None, out: Path,
+                 registry: Registry | None = None) -> list[_Planned]:
+    """Every (recipe, seed) run of a comparison, each recipe validated first with the overrides
+    (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, a finished run
+    in ``out`` was trained with these overrides). Raises one RecipeError listing every problem
+    of every recipe, so that nothing trains when any recipe would fail at start."""
+    from vlmask.engine import is_finished
+    from vlmask.schema import validate
+
+    if registry is None:
+        from vlmask.plugins import default_plugins
+
+        registry = default_plugins().registry
+    planned: list[_Planned] = []
+    problems: list[str] = []
+    taken: set[str] = set()
+    for recipe_path in recipes:
+        try:
+            recipe = load_recipe(recipe_path, list(overrides))
+        except RecipeError as exc:
+            problems += exc.problems
+            continue
+        found = validate(recipe, registry)
+        for key in ("data.train", "data.val"):
+            manifest = recipe.get(key)
+            if manifest and not Path(str(manifest)).is_file():
+                found.append(f"{recipe.where(key)}: key {key}: manifest {manifest} does not exist")
+        problems += found
+        run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
+        for seed in run_seeds:
+            run_dir = out / _run_name(recipe_path, taken, seed)
+            run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
+            if is_finished(run_dir):
+                recorded = _recorded_overrides(run_dir)
+                if recorded is not None and _without_run_dir(recorded) != _without_run_dir(run_overrides):
+                    problems.append(f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
+                                    f"compare into another folder, or remove it")
+            planned.append(_Planned(str(recipe_path), seed, run_dir, run_overrides))
+    if problems:
+        raise RecipeError(problems)
+    return planned
+
+
 def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-            out_dir: Path | str | None = None, progress: bool = True) -> Path:
+            out_dir: Path | str | None = None, progress: bool = True, baseline: str | None = None) -> Path:
     """Train every recipe for every seed with the same overrides, evaluate each, and write
     ``comparison.json``, ``comparison.md`` and ``comparison.png`` into ``out_dir``; returns it.
 
+    Every recipe is validated first (:func:`plan_compare`): with any problem nothing trains.
     Runs live in ``OUT_DIR/<recipe stem>-seed<S>/``. Running again with the same ``out_dir``
     reuses what is done: a run with ``summary.json`` is not retrained (an interrupted one
     resumes from its last checkpoint), and an ``eval.json`` of its latest checkpoint is reused.
+    A run that fails (training or evaluation) is reported in ``comparison.json``'s ``failed``
+    list and on stderr; the others still run and are tabulated.
     ``seeds=None`` runs each recipe once with the seed it sets (after ``overrides``).
-    ``out_dir=None``: a new folder ``runs/compare-<time>``.
+    ``out_dir=None``: a new folder ``runs/compare-<time>``. ``baseline`` (a recipe path or stem
+    given in ``recipes``) adds the paired differences to it (``paired``; see vlmask.statistics).
     """
     from vlmask.checkpoint import latest_checkpoint
     from vlmask.engine import Trainer, is_finished
@@ -461,26 +516,22 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     if not recipes:
         raise ValueError("compare needs at least one recipe")
     overrides = list(overrides)
+    if baseline is not None and baseline not in {str(r) for r in recipes} | {Path(r).stem for r in recipes}:
+        raise ValueError(f"--baseline {baseline!r} is not one of the compared recipes "
+                         f"({', '.join(Path(r).stem for r in recipes)})")
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    planned = plan_compare(recipes, overrides, seeds, out)
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    taken: set[str] = set()
-    for recipe_path in recipes:
-        run_seeds = list(seeds) if seeds is not None else [int(load_recipe(recipe_path, overrides).get("seed", 0))]
-        for seed in run_seeds:
-            run_dir = out / _run_name(recipe_path, taken, seed)
-            run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
+    failed: list[dict[str, Any]] = []
+    for run in planned:
+        recipe_path, seed, run_dir = run.recipe, run.seed, run.run_dir
+        try:
             if is_finished(run_dir):
-                recorded = _recorded_overrides(run_dir)
-                if recorded is not None and _without_run_dir(recorded) != _without_run_dir(run_overrides):
-                    raise ValueError(
-                        f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
-                        f"compare into another folder, or remove it"
-                    )
                 console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False)
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False)
-                trainer = Trainer(load_recipe(recipe_path, run_overrides))
+                trainer = Trainer(load_recipe(recipe_path, run.overrides))
                 try:
                     trainer.train()
                 finally:
@@ -489,14 +540,104 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             if evaluation is None:
                 evaluation = evaluate_run(run_dir, progress=progress)
             summary = json.loads((run_dir / "summary.json").read_text())
-            entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
-                            "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
-    write_json(out / "comparison.json", {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
-                                          "runs": entries})
-    (out / "comparison.md").write_text(comparison_table(entries, overrides))
+            if "train_flops" not in summary:
+                summary["train_flops"] = _train_flops_of(recipe_path, run.overrides, summary)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one failed recipe must not lose the others
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            console.print(f"[red]{recipe_path} seed {seed} failed:[/] {reason}", highlight=False)
+            failed.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
+                           "run_dir": str(run_dir), "error": reason})
+            continue
+        entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
+                        "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
+    stats = comparison_stats(entries)
+    result: dict[str, Any] = {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
+                              "runs": entries, "stats": [row.as_json() for row in stats]}
+    paired = None
+    if baseline is not None:
+        paired = paired_to_baseline(entries, baseline)
+        result["baseline"] = baseline
+        result["paired"] = [row.as_json() for row in paired]
+    if failed:
+        result["failed"] = failed
+    write_json(out / "comparison.json", result)
+    (out / "comparison.md").write_text(comparison_table(entries, overrides, stats=stats, paired=paired, failed=failed))
     comparison_plot(entries, out / "comparison.png")
     console.print(f"comparison written to {out}", highlight=False)
     return out
+
+
+def _train_flops_of(recipe_path: str, run_overrides: list[str], summary: dict[str, Any]) -> float | None:
+    """``train_flops`` for a summary.json that lacks it (runs of an engine that does not write
+    it): counted at the run's own scale by vlmask.flops; None when it cannot be counted."""
+    from vlmask.flops import train_flops
+
+    try:
+        recipe = load_recipe(recipe_path, run_overrides)
+        return train_flops(recipe_path, _without_run_dir(run_overrides), trained_clips(recipe, summary))
+    except Exception as exc:  # FLOPs are an annotation: a counter failure must not fail the run
+        console.print(f"[yellow]{recipe_path}: training FLOPs not counted: {exc}[/]", highlight=False)
+        return None
+
+
+def trained_clips(recipe: Recipe, summary: dict[str, Any]) -> int:
+    """Clips trained: steps x batch size x world size x accumulation (from the run's summary)."""
+    steps = int(summary.get("steps") or 0)
+    batch = int(recipe.get("train.batch_size") or 1)
+    accumulate = int(recipe.get("train.accumulate") or 1)
+    return steps * batch * int(summary.get("world_size") or 1) * accumulate
+
+
+def _recipe_names(entries: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["recipe"]: e["name"] for e in entries}
+
+
+def comparison_stats(entries: list[dict[str, Any]]) -> list[Any]:
+    """vlmask.statistics.SeedStats per recipe (its stem) and metric, metrics in first-seen order."""
+    from vlmask.statistics import seed_stats
+
+    rows = []
+    for group in _groups(entries):
+        metrics: list[str] = []
+        for run in group.runs:
+            metrics += [m for m in eval_metrics(run["eval"]) if m not in metrics and m != "chance_top1"]
+        for metric in metrics:
+            row = seed_stats(group.name, metric, [eval_metrics(r["eval"]).get(metric) for r in group.runs])
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def paired_to_baseline(entries: list[dict[str, Any]], baseline: str) -> list[Any]:
+    """vlmask.statistics.PairedDifference of every other recipe to ``baseline`` (path or stem)
+    per metric both have, paired by seed."""
+    from vlmask.statistics import paired_difference
+
+    groups = _groups(entries)
+    base = next((g for g in groups if baseline in (g.recipe, g.name)), None)
+    if base is None:
+        return []
+    base_values: dict[str, dict[int, float]] = {}
+    for run in base.runs:
+        for metric, value in eval_metrics(run["eval"]).items():
+            base_values.setdefault(metric, {})[int(run["seed"])] = value
+    rows = []
+    for group in groups:
+        if group is base:
+            continue
+        values: dict[str, dict[int, float]] = {}
+        for run in group.runs:
+            for metric, value in eval_metrics(run["eval"]).items():
+                values.setdefault(metric, {})[int(run["seed"])] = value
+        for metric, by_seed in values.items():
+            if metric == "chance_top1" or metric not in base_values:
+                continue
+            row = paired_difference(group.name, base.name, metric, by_seed, base_values[metric])
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def _reusable_eval(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
@@ -553,21 +694,39 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = ()) -> str:
-    """Markdown: one row per recipe; each metric as mean ± sample std over seeds (just the mean
-    for one seed; "-" where a run lacks it), then training wall time and clips/s."""
+def _interval_cell(row: Any, digits: int) -> str:
+    if row is None:
+        return "-"
+    text = f"{row.mean:.{digits}f}"
+    if row.std is not None:
+        text += f" ± {row.std:.{digits}f} [{row.ci95[0]:.{digits}f}, {row.ci95[1]:.{digits}f}]"
+    return text
+
+
+def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (), stats: list[Any] | None = None,
+                     paired: list[Any] | None = None, failed: list[dict[str, Any]] | None = None) -> str:
+    """Markdown: one row per recipe; each metric as mean ± sample std [95% interval] over seeds
+    (just the mean for one seed; "-" where a run lacks it), then training wall time, clips/s and
+    training FLOPs; then, with ``paired`` (vlmask.statistics.PairedDifference rows), one
+    sentence per recipe and metric saying whether it differs from the baseline beyond seed
+    noise; then the failed runs."""
+    from vlmask.statistics import describe_difference
+
+    stats = comparison_stats(entries) if stats is None else stats
+    by_key = {(row.recipe, row.metric): row for row in stats}
     metrics: list[str] = []
     for entry in entries:
         for name in eval_metrics(entry["eval"]):
             if name not in metrics:
                 metrics.append(name)
-    header = ["recipe", "seeds", *metrics, "wall s", "clips/s"]
+    header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP"]
     lines = [
         "# vlmask compare",
         "",
         f"overrides: `{' '.join(overrides)}`" if overrides else "overrides: none",
         "",
-        "Metrics are mean ± sample standard deviation over seeds (one seed: the value).",
+        "Metrics are mean ± sample standard deviation [95% confidence interval of the mean, Student t] "
+        "over seeds; with one seed, the value alone (no interval can be computed from one seed).",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |",
@@ -575,11 +734,29 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
     for group in _groups(entries):
         row = [group.name, str(len(group.runs))]
         for metric in metrics:
-            values = [eval_metrics(r["eval"]).get(metric) for r in group.runs]
-            row.append(_cell([v for v in values if v is not None], 3))
+            if metric == "chance_top1":
+                values = [eval_metrics(r["eval"]).get(metric) for r in group.runs]
+                row.append(_cell([v for v in values if v is not None], 3))
+            else:
+                row.append(_interval_cell(by_key.get((group.name, metric)), 3))
         row.append(_cell([float(r["summary"].get("wall_s") or math.nan) for r in group.runs], 1))
         row.append(_cell([float(r["summary"].get("clips_per_s") or math.nan) for r in group.runs], 1))
+        row.append(_cell([float(r["summary"].get("train_flops") or math.nan) / 1e15 for r in group.runs], 4))
         lines.append("| " + " | ".join(row) + " |")
+    if paired is not None:
+        base = paired[0].baseline if paired else None
+        lines += ["", f"## Paired differences to the baseline{f' ({base})' if base else ''}", "",
+                  "Each recipe minus the baseline on the same seeds (same clips, crops and, for equal maskers, "
+                  "masks), in points (1 point = 0.01 of a fraction). A difference is beyond seed noise when "
+                  "its 95% interval excludes 0.", ""]
+        if not paired:
+            lines.append("No recipe shares a seed and a metric with the baseline.")
+        significant = [r for r in paired if r.significant]
+        lines += [f"- **{describe_difference(r)}**" for r in significant]
+        lines += [f"- {describe_difference(r)}" for r in paired if not r.significant]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {f['name']} seed {f['seed']} (`{f['run_dir']}`): {f['error']}" for f in failed]
     lines += ["", "Runs:", ""]
     lines += [f"- {e['name']} seed {e['seed']}: `{e['run_dir']}`" for e in entries]
     return "\n".join(lines) + "\n"
