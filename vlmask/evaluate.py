@@ -49,6 +49,7 @@ from vlmask_plugins.evaluation.features import (
     EvalFeatures,
     Evaluator,
     FeatureCache,
+    TOKENS,
     SplitFeatures,
     extract_features,
     finite_rows,
@@ -69,6 +70,7 @@ DEFAULT_EVALUATORS: dict[str, dict[str, Any]] = {
     "linear_probe": {"name": "linear_probe"},
     "linear_probe_temporal": {"name": "linear_probe", "pooling": "temporal"},
     "knn": {"name": "knn"},
+    "attentive_probe": {"name": "attentive_probe"},
     "retrieval": {"name": "retrieval"},
     "zero_shot": {"name": "zero_shot"},
 }
@@ -189,27 +191,32 @@ def eval_dataset(trainer: Any, manifest: Path) -> Any:
 
 
 def run_features(trainer: Any, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,
-                 description: str) -> dict[str, Tensor]:
+                 description: str, token_budget: int | None = None) -> dict[str, Tensor]:
     """Pooled features (rows = the dataset's clips, NaN for clips that did not load) of the
-    run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there."""
+    run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there; with
+    ``token_budget`` also ``tokens`` (float16, cached under a key that includes the budget)."""
     checkpoint: Path = trainer.resumed_from
     cache = FeatureCache(Path(trainer.run_dir) / "features")
-    key = FeatureCache.key(checkpoint, manifest, {
+    data_settings = {
         "dataset": trainer.recipe.get("data.dataset"),
         "precision": trainer.precision,
         "device": trainer.device.type,
         "clips": len(dataset),
-    })
-    found = {p: cache.load(key, p) for p in POOLINGS}
+    }
+    key = FeatureCache.key(checkpoint, manifest, data_settings)
+    keys = {p: key for p in POOLINGS}
+    if token_budget is not None:
+        keys[TOKENS] = FeatureCache.key(checkpoint, manifest, {**data_settings, "token_budget": token_budget})
+    found = {p: cache.load(k, p) for p, k in keys.items()}
     if all(v is not None and v.shape[0] == len(dataset) for v in found.values()):
         return {p: v for p, v in found.items() if v is not None}
     extracted = extract_features(
         trainer.student.encoder, dataset, collate_of(dataset),
         batch_size=settings.batch_size, num_workers=settings.num_workers, device=trainer.device,
-        autocast=trainer.autocast, progress=progress, description=description,
+        autocast=trainer.autocast, progress=progress, description=description, token_budget=token_budget,
     )
     for pooling, value in extracted.items():
-        cache.save(key, pooling, value)
+        cache.save(keys[pooling], pooling, value)
     return extracted
 
 
@@ -224,7 +231,8 @@ def split_features(dataset: Any, pooled: dict[str, Tensor]) -> tuple[SplitFeatur
     verbs = list(getattr(dataset, "verbs", [None] * n))
     nouns = list(getattr(dataset, "nouns", [None] * n))
     split = SplitFeatures(
-        pooled={p: v[keep] for p, v in pooled.items()},
+        pooled={p: v[keep] for p, v in pooled.items() if p != TOKENS},
+        tokens=pooled[TOKENS][keep] if TOKENS in pooled else None,
         labels=torch.tensor([label_ids[i] for i in rows], dtype=torch.long),
         labelled=torch.tensor([names[i] is not None for i in rows], dtype=torch.bool),
         captions=[captions[i] for i in rows],
@@ -294,10 +302,12 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
         elif built:
             train_set = eval_dataset(trainer, trainer.train_manifest)
             val_set = eval_dataset(trainer, val_path)
-            train_split, train_dropped = split_features(
-                train_set, run_features(trainer, train_set, trainer.train_manifest, settings, progress, "features: train"))
+            budgets = [int(b) for b in (getattr(e, "token_budget", None) for e in built.values()) if b is not None]
+            budget = max(budgets) if budgets else None  # evaluators asking for fewer tokens pool further
+            train_split, train_dropped = split_features(train_set, run_features(
+                trainer, train_set, trainer.train_manifest, settings, progress, "features: train", budget))
             val_split, val_dropped = split_features(
-                val_set, run_features(trainer, val_set, val_path, settings, progress, "features: val"))
+                val_set, run_features(trainer, val_set, val_path, settings, progress, "features: val", budget))
             verbs, nouns = class_parts(train_set, classes)
             features = EvalFeatures(
                 train=train_split, val=val_split, classes=classes, class_verbs=verbs, class_nouns=nouns,

@@ -4,17 +4,21 @@
   :class:`EvalFeatures` / :class:`Evaluator` (the interface: ``evaluate(features) -> dict | None``).
 - ``classification``: ``linear_probe`` (:class:`LinearProbe`), ``knn`` (:class:`KNNClassifier`),
   verb/noun marginalisation.
+- ``attentive``: ``attentive_probe`` (:class:`AttentiveProbe`), V-JEPA's cross-attention pooler
+  with learnable queries over the frozen token features.
 - ``text_space``: ``retrieval`` (:class:`RetrievalEvaluator`), ``zero_shot`` (:class:`ZeroShotClassifier`).
 
 ``vlmask.evaluate`` drives them (``vlmask eval``, ``vlmask embed``, ``vlmask compare``).
 """
 
 from vlmask.registry import Register
+from vlmask_plugins.evaluation.attentive import AttentiveProbe
 from vlmask_plugins.evaluation.classification import KNNClassifier, LinearProbe, marginalise
 from vlmask_plugins.evaluation.features import EvalFeatures, Evaluator, SplitFeatures, pool_tokens
 from vlmask_plugins.evaluation.text_space import RetrievalEvaluator, ZeroShotClassifier
 
 __all__ = [
+    "AttentiveProbe",
     "EvalFeatures",
     "Evaluator",
     "KNNClassifier",
@@ -32,5 +36,6 @@ def register_plugins(register: Register) -> None:
     """Register this package's plugins (called from vlmask_plugins.builtin)."""
     register("evaluator", "linear_probe", LinearProbe)
     register("evaluator", "knn", KNNClassifier)
+    register("evaluator", "attentive_probe", AttentiveProbe)
     register("evaluator", "retrieval", RetrievalEvaluator)
     register("evaluator", "zero_shot", ZeroShotClassifier)
