@@ -772,24 +772,45 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
     return "\n".join(lines) + "\n"
 
 
-def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    steps: list[int] = []
-    losses: list[float] = []
+#: metrics.jsonl keys drawn by ``compare`` when a run logs them (vlmask.diagnostics names).
+DIAGNOSTICS = ("rankme", "student_std", "teacher_std", "student_teacher_cos")
+
+
+def _curves(run_dir: Path, keys: Sequence[str] = ("loss",)) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) per key of ``metrics.jsonl`` (rows lacking a key are skipped for it)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in keys}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return steps, losses
+        return curves
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            steps.append(int(row["step"]))
-            losses.append(float(row["loss"]))
+            step = int(row["step"])
         except (ValueError, KeyError, TypeError):
             continue
-    return steps, losses
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                curves[key][0].append(step)
+                curves[key][1].append(float(value))
+    return curves
+
+
+def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    return _curves(run_dir)["loss"]
+
+
+def _flops_per_step(summary: dict[str, Any]) -> float | None:
+    flops, steps = summary.get("train_flops"), summary.get("steps")
+    if isinstance(flops, (int, float)) and flops > 0 and isinstance(steps, int) and steps > 0:
+        return float(flops) / steps
+    return None
 
 
 def comparison_plot(entries: list[dict[str, Any]], path: Path) -> Path:
-    """Training loss curves (left) and metric bars with ± std error bars (right), Agg backend."""
+    """Training loss against steps and against training FLOPs (``summary.train_flops`` spread
+    evenly over the steps), metric bars with ± std error bars, and, when ``metrics.jsonl`` has
+    them, the diagnostics curves (:data:`DIAGNOSTICS`) against steps; Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -799,20 +820,40 @@ def comparison_plot(entries: list[dict[str, Any]], path: Path) -> Path:
         for name in eval_metrics(entry["eval"]):
             if name not in metrics and name != "chance_top1":
                 metrics.append(name)
-    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    curves_of = {run["run_dir"]: _curves(Path(run["run_dir"]), ("loss", *DIAGNOSTICS)) for run in entries}
+    diagnostics = [k for k in DIAGNOSTICS if any(c[k][0] for c in curves_of.values())]
+    rows = 2 if diagnostics else 1
+    figure = Figure(figsize=(17, 4.8 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    curves, bars = figure.subplots(1, 2, width_ratios=[1, 1.4])
+    grid = figure.add_gridspec(rows, max(3, len(diagnostics)))
+    top = grid[0, :].subgridspec(1, 3, width_ratios=[1, 1, 1.4])
+    curves, by_flops, bars = (figure.add_subplot(top[0, i]) for i in range(3))
     colours = [f"C{i % 10}" for i in range(len(groups))]
     for colour, group in zip(colours, groups):
         for i, run in enumerate(group.runs):
-            steps, losses = _loss_curve(Path(run["run_dir"]))
+            steps, losses = curves_of[run["run_dir"]]["loss"]
+            label = group.name if i == 0 else None
             if steps:
-                curves.plot(steps, losses, color=colour, alpha=0.9 if i == 0 else 0.5,
-                            label=group.name if i == 0 else None)
+                curves.plot(steps, losses, color=colour, alpha=0.9 if i == 0 else 0.5, label=label)
+                per_step = _flops_per_step(run["summary"])
+                if per_step is not None:
+                    by_flops.plot([s * per_step for s in steps], losses, color=colour, alpha=0.9 if i == 0 else 0.5, label=label)
     curves.set(xlabel="step", ylabel="training loss", title="loss")
-    curves.grid(alpha=0.3)
-    if groups:
-        curves.legend(fontsize="small")
+    by_flops.set(xlabel="training FLOPs", ylabel="training loss", title="loss against training compute")
+    for axis in (curves, by_flops):
+        axis.grid(alpha=0.3)
+        if groups and axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    for d, key in enumerate(diagnostics):
+        axis = figure.add_subplot(grid[1, d])
+        for colour, group in zip(colours, groups):
+            for i, run in enumerate(group.runs):
+                steps, values = curves_of[run["run_dir"]][key]
+                if steps:
+                    axis.plot(steps, values, color=colour, alpha=0.9 if i == 0 else 0.5, label=group.name if i == 0 else None)
+        axis.set(xlabel="step", ylabel=key, title=f"diagnostics: {key}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
     if metrics:
         width = 0.8 / max(1, len(groups))
         positions = np.arange(len(metrics))

@@ -1,4 +1,5 @@
-"""Classification of frozen features: the linear probe and k-NN (evaluators ``linear_probe``, ``knn``).
+"""Classification of frozen features: linear probes and k-NN (evaluators ``linear_probe``:
+:class:`LogisticRegressionProbe`, L-BFGS; ``linear_probe_adam``: :class:`LinearProbe`; ``knn``).
 
 Both read the training manifest's features as the labelled set and report top-1 accuracy on
 the validation manifest. Accuracy is over every *labelled* validation clip: a clip whose label
