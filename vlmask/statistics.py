@@ -144,7 +144,9 @@ def describe_difference(row: PairedDifference, scale: float = 100.0, unit: str =
     'fils beats mae on knn.top1 by 4.1 points (95% CI 1.2 to 7.0, 3 seeds): beyond seed noise.'
     """
     amount = abs(row.mean_difference) * scale
-    if row.mean_difference > 0:
+    if round(amount, 1) == 0:  # what the sentence would show as 0.0
+        verb = f"ties {row.baseline} on {row.metric}"
+    elif row.mean_difference > 0:
         verb = f"beats {row.baseline} on {row.metric} by {amount:.1f} {unit}"
     elif row.mean_difference < 0:
         verb = f"trails {row.baseline} on {row.metric} by {amount:.1f} {unit}"
