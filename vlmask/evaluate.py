@@ -15,11 +15,19 @@ Evaluators come from the recipe's optional ``evaluation`` section; every key is 
       evaluators:             # section of eval.json -> evaluator plugin node (merged over the defaults)
         knn: {name: knn, k: 10}
         linear_probe_temporal: null   # null drops a default section
+        attentive_probe: {name: attentive_probe, queries: 1, heads: 4, epochs: 20, lr: 1.0e-3,
+                          weight_decay: 0.01, batch_size: 64, token_budget: 64}
+        linear_probe_adam: {name: linear_probe_adam}   # the mini-batch Adam probe, beside L-BFGS
 
 The default sections are :data:`DEFAULT_EVALUATORS`. An evaluator is any object with
 ``evaluate(features: EvalFeatures) -> dict[str, float] | None`` (see
 ``vlmask_plugins.evaluation.features``); None means "cannot be computed for this run" and the
-section is left out of ``eval.json``.
+section is left out of ``eval.json``. An evaluator with a ``token_budget`` attribute (the
+attentive probe) also gets the token features (``SplitFeatures.tokens``, float16, at most that
+many tokens per clip), extracted and cached once for the largest budget asked.
+
+``compare`` adds seed statistics (vlmask.statistics) to ``comparison.json`` (``stats``, and with a
+baseline ``paired``) and ``comparison.md``; see :func:`compare`.
 """
 
 from __future__ import annotations

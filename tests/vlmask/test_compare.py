@@ -142,3 +142,23 @@ def test_a_killed_compare_resumes_without_retraining_finished_runs(tiny_synth, t
     assert summary["steps"] == 12 and summary["resumed_from_step"]  # the second resumed from its checkpoint
     comparison = json.loads((out_dir / "comparison.json").read_text())
     assert [r["name"] for r in comparison["runs"]] == ["mae", "mae80"]
+
+
+def test_the_plot_gains_a_row_of_diagnostics_curves_when_metrics_jsonl_has_them(tmp_path):
+    from PIL import Image
+
+    from vlmask.evaluate import comparison_plot
+
+    entries = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"mae-{seed}"
+        run_dir.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        entries.append({**entry("mae", seed, knn=0.5), "run_dir": str(run_dir)})
+    plain = Image.open(comparison_plot(entries, tmp_path / "plain.png")).size
+    for seed in (0, 1):
+        rows = [{"step": s, "loss": 1.0 / s, "rankme": 5.0 + s, "student_std": 0.1} for s in (1, 2, 3)]
+        (tmp_path / f"mae-{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_diagnostics = Image.open(comparison_plot(entries, tmp_path / "diag.png")).size
+    assert with_diagnostics[0] == plain[0] and with_diagnostics[1] == 2 * plain[1]  # a second row of panels
