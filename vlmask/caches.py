@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmask.features import check_pooling, pool_tokens
-from vlmask.types import Batch
+from vlmask.features import TOKENS, check_pooling, pool_tokens, reduce_tokens
+from vlmask.types import Batch, TokenGrid
 
 #: A text encoder (plugin kind ``text_encoder``): ``identity`` (str), ``dim`` (int) and
 #: ``encode(texts, batch_size) -> (n, dim)``; see ``vlmask.kinds``.
@@ -316,8 +316,10 @@ def extract_features(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     progress: bool = True,
     description: str = "features",
+    token_budget: int | None = None,
 ) -> dict[str, Tensor]:
-    """Pooled features of every clip of ``dataset`` (rows in dataset order), encoder in eval mode.
+    """Pooled features of every clip of ``dataset`` (rows in dataset order), encoder in eval mode;
+    with ``token_budget``, also ``tokens`` (N, T' <= token_budget, D) float16 (:func:`reduce_tokens`).
 
     A clip whose file fails to load is replaced by the dataset with another clip (see
     ``VideoManifestDataset``); rows are written at the ``index`` each item reports, so the row
@@ -345,12 +347,14 @@ def extract_features(
                 with autocast():
                     tokens = encoder(video)
                 pooled = pool_tokens(tokens, grid)
+                if token_budget is not None:
+                    pooled[TOKENS] = reduce_tokens(tokens.float(), grid, token_budget).half()
                 index = batch.index
                 if index is None:
                     raise ValueError("the dataset's batches carry no index; cannot place features in manifest order")
                 for name, value in pooled.items():
                     if name not in out:
-                        out[name] = torch.full((size, value.shape[1]), float("nan"))
+                        out[name] = torch.full((size, *value.shape[1:]), float("nan"), dtype=value.dtype)
                     out[name][index] = value.cpu()
                 advance(batch.size)
     finally:
@@ -435,7 +439,8 @@ class FeatureCache:
         return parts
 
     def path(self, key: dict[str, str], pooling: str) -> Path:
-        return self.folder / f"{key['stem']}-{check_pooling(pooling)}.safetensors"
+        """``pooling`` is one of :data:`POOLINGS` or :data:`TOKENS` (float16 token features)."""
+        return self.folder / f"{key['stem']}-{pooling if pooling == TOKENS else check_pooling(pooling)}.safetensors"
 
     def load(self, key: dict[str, str], pooling: str) -> Tensor | None:
         from safetensors import SafetensorError, safe_open
@@ -457,6 +462,7 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(key, pooling)
         temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-        save_file({"features": features.float().contiguous()}, str(temporary), metadata={**key, "pooling": pooling})
+        stored = features.half() if pooling == TOKENS else features.float()
+        save_file({"features": stored.contiguous()}, str(temporary), metadata={**key, "pooling": pooling})
         os.replace(temporary, path)
         return path

@@ -140,7 +140,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not recipes:
         raise RecipeError(["vlmask compare needs at least one recipe"])
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None)
+    folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None,
+                     baseline=args.baseline)
     out.print((folder / "comparison.md").read_text())
     out.print(f"comparison: {folder}")
     return 0
@@ -186,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("items", nargs="+", help="RECIPE ... [KEY=VALUE ...]")
     cmp_.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: each recipe's seed)")
     cmp_.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    cmp_.add_argument("--baseline", help="recipe (path or stem) to which every other recipe's metrics are "
+                      "compared, paired by seed (95%% interval of the difference)")
     cmp_.set_defaults(func=cmd_compare)
 
     from vlmask.bench import add_bench_arguments, cmd_bench

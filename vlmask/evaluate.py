@@ -15,11 +15,19 @@ Evaluators come from the recipe's optional ``evaluation`` section; every key is 
       evaluators:             # section of eval.json -> evaluator plugin node (merged over the defaults)
         knn: {name: knn, k: 10}
         linear_probe_temporal: null   # null drops a default section
+        attentive_probe: {name: attentive_probe, queries: 1, heads: 4, epochs: 20, lr: 1.0e-3,
+                          weight_decay: 0.01, batch_size: 64, token_budget: 64}
+        linear_probe_adam: {name: linear_probe_adam}   # the mini-batch Adam probe, beside L-BFGS
 
 The default sections are :data:`DEFAULT_EVALUATORS`. An evaluator is any object with
 ``evaluate(features: EvalFeatures) -> dict[str, float] | None`` (see
 ``vlmask.features``); None means "cannot be computed for this run" and the
-section is left out of ``eval.json``.
+section is left out of ``eval.json``. An evaluator with a ``token_budget`` attribute (the
+attentive probe) also gets the token features (``SplitFeatures.tokens``, float16, at most that
+many tokens per clip), extracted and cached once for the largest budget asked.
+
+``compare`` adds seed statistics (vlmask.statistics) to ``comparison.json`` (``stats``, and with a
+baseline ``paired``) and ``comparison.md``; see :func:`compare`.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from torch import Tensor
 from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
-from vlmask.features import POOLINGS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
+from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
 from vlmask.paths import cache_dir
 from vlmask.registry import Registry
 from vlmask.runs import OpenRun, open_run
@@ -123,27 +131,32 @@ def eval_dataset(run: OpenRun, manifest: Path) -> Any:
 
 
 def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,
-                 description: str) -> dict[str, Tensor]:
+                 description: str, token_budget: int | None = None) -> dict[str, Tensor]:
     """Pooled features (rows = the dataset's clips, NaN for clips that did not load) of the
-    run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there."""
+    run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there; with
+    ``token_budget`` also ``tokens`` (float16, cached under a key that includes the budget)."""
     checkpoint: Path = run.checkpoint
     cache = FeatureCache(Path(run.run_dir) / "features")
-    key = FeatureCache.key(checkpoint, manifest, {
+    data_settings = {
         "dataset": run.recipe.get("data.dataset"),
         "precision": run.precision,
         "device": run.device.type,
         "clips": len(dataset),
-    })
-    found = {p: cache.load(key, p) for p in POOLINGS}
+    }
+    key = FeatureCache.key(checkpoint, manifest, data_settings)
+    keys = {p: key for p in POOLINGS}
+    if token_budget is not None:
+        keys[TOKENS] = FeatureCache.key(checkpoint, manifest, {**data_settings, "token_budget": token_budget})
+    found = {p: cache.load(k, p) for p, k in keys.items()}
     if all(v is not None and v.shape[0] == len(dataset) for v in found.values()):
         return {p: v for p, v in found.items() if v is not None}
     extracted = extract_features(
         run.student.encoder, dataset, collate_of(dataset),
         batch_size=settings.batch_size, num_workers=settings.num_workers, device=run.device,
-        autocast=run.autocast, progress=progress, description=description,
+        autocast=run.autocast, progress=progress, description=description, token_budget=token_budget,
     )
     for pooling, value in extracted.items():
-        cache.save(key, pooling, value)
+        cache.save(keys[pooling], pooling, value)
     return extracted
 
 
@@ -158,7 +171,8 @@ def split_features(dataset: Any, pooled: dict[str, Tensor]) -> tuple[SplitFeatur
     verbs = list(getattr(dataset, "verbs", [None] * n))
     nouns = list(getattr(dataset, "nouns", [None] * n))
     split = SplitFeatures(
-        pooled={p: v[keep] for p, v in pooled.items()},
+        pooled={p: v[keep] for p, v in pooled.items() if p != TOKENS},
+        tokens=pooled[TOKENS][keep] if TOKENS in pooled else None,
         labels=torch.tensor([label_ids[i] for i in rows], dtype=torch.long),
         labelled=torch.tensor([names[i] is not None for i in rows], dtype=torch.bool),
         captions=[captions[i] for i in rows],
@@ -225,10 +239,12 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     elif built:
         train_set = eval_dataset(run, run.train_manifest)
         val_set = eval_dataset(run, val_path)
-        train_split, train_dropped = split_features(
-            train_set, run_features(run, train_set, run.train_manifest, settings, progress, "features: train"))
+        budgets = [int(b) for b in (getattr(e, "token_budget", None) for e in built.values()) if b is not None]
+        budget = max(budgets) if budgets else None  # evaluators asking for fewer tokens pool further
+        train_split, train_dropped = split_features(train_set, run_features(
+            run, train_set, run.train_manifest, settings, progress, "features: train", budget))
         val_split, val_dropped = split_features(
-            val_set, run_features(run, val_set, val_path, settings, progress, "features: val"))
+            val_set, run_features(run, val_set, val_path, settings, progress, "features: val", budget))
         verbs, nouns = class_parts(train_set, classes)
         features = EvalFeatures(
             train=train_split, val=val_split, classes=classes, class_verbs=verbs, class_nouns=nouns,
@@ -365,16 +381,71 @@ def _recorded_overrides(run_dir: Path) -> list[str] | None:
     return list(value) if isinstance(value, list) else None
 
 
+@dataclass
+class _Planned:
+    recipe: str
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+
+
+def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequence[int] | None, out: Path,
+                 registry: Registry | None = None) -> list[_Planned]:
+    """Every (recipe, seed) run of a comparison, each recipe validated first with the overrides
+    (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, a finished run
+    in ``out`` was trained with these overrides). Raises one RecipeError listing every problem
+    of every recipe, so that nothing trains when any recipe would fail at start."""
+    from vlmask.engine import is_finished
+    from vlmask.schema import validate
+
+    if registry is None:
+        from vlmask.plugins import default_plugins
+
+        registry = default_plugins().registry
+    planned: list[_Planned] = []
+    problems: list[str] = []
+    taken: set[str] = set()
+    for recipe_path in recipes:
+        try:
+            recipe = load_recipe(recipe_path, list(overrides))
+        except RecipeError as exc:
+            problems += exc.problems
+            continue
+        found = validate(recipe, registry)
+        for key in ("data.train", "data.val"):
+            manifest = recipe.get(key)
+            if manifest and not Path(str(manifest)).is_file():
+                found.append(f"{recipe.where(key)}: key {key}: manifest {manifest} does not exist")
+        problems += found
+        run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
+        for seed in run_seeds:
+            run_dir = out / _run_name(recipe_path, taken, seed)
+            run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
+            if is_finished(run_dir):
+                recorded = _recorded_overrides(run_dir)
+                if recorded is not None and _without_run_dir(recorded) != _without_run_dir(run_overrides):
+                    problems.append(f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
+                                    f"compare into another folder, or remove it")
+            planned.append(_Planned(str(recipe_path), seed, run_dir, run_overrides))
+    if problems:
+        raise RecipeError(problems)
+    return planned
+
+
 def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-            out_dir: Path | str | None = None, progress: bool = True) -> Path:
+            out_dir: Path | str | None = None, progress: bool = True, baseline: str | None = None) -> Path:
     """Train every recipe for every seed with the same overrides, evaluate each, and write
     ``comparison.json``, ``comparison.md`` and ``comparison.png`` into ``out_dir``; returns it.
 
+    Every recipe is validated first (:func:`plan_compare`): with any problem nothing trains.
     Runs live in ``OUT_DIR/<recipe stem>-seed<S>/``. Running again with the same ``out_dir``
     reuses what is done: a run with ``summary.json`` is not retrained (an interrupted one
     resumes from its last checkpoint), and an ``eval.json`` of its latest checkpoint is reused.
+    A run that fails (training or evaluation) is reported in ``comparison.json``'s ``failed``
+    list and on stderr; the others still run and are tabulated.
     ``seeds=None`` runs each recipe once with the seed it sets (after ``overrides``).
-    ``out_dir=None``: a new folder ``runs/compare-<time>``.
+    ``out_dir=None``: a new folder ``runs/compare-<time>``. ``baseline`` (a recipe path or stem
+    given in ``recipes``) adds the paired differences to it (``paired``; see vlmask.statistics).
     """
     from vlmask.checkpoint import latest_checkpoint
     from vlmask.engine import Trainer, is_finished
@@ -382,39 +453,125 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     if not recipes:
         raise ValueError("compare needs at least one recipe")
     overrides = list(overrides)
+    if baseline is not None and baseline not in {str(r) for r in recipes} | {Path(r).stem for r in recipes}:
+        raise ValueError(f"--baseline {baseline!r} is not one of the compared recipes "
+                         f"({', '.join(Path(r).stem for r in recipes)})")
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    planned = plan_compare(recipes, overrides, seeds, out)
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    taken: set[str] = set()
-    for recipe_path in recipes:
-        run_seeds = list(seeds) if seeds is not None else [int(load_recipe(recipe_path, overrides).get("seed", 0))]
-        for seed in run_seeds:
-            run_dir = out / _run_name(recipe_path, taken, seed)
-            run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
+    failed: list[dict[str, Any]] = []
+    for run in planned:
+        recipe_path, seed, run_dir = run.recipe, run.seed, run.run_dir
+        try:
             if is_finished(run_dir):
-                recorded = _recorded_overrides(run_dir)
-                if recorded is not None and _without_run_dir(recorded) != _without_run_dir(run_overrides):
-                    raise ValueError(
-                        f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
-                        f"compare into another folder, or remove it"
-                    )
                 console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False)
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False)
-                with Trainer(load_recipe(recipe_path, run_overrides)) as trainer:
+                with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
                     trainer.train()
             evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
             if evaluation is None:
                 evaluation = evaluate_run(run_dir, progress=progress)
             summary = json.loads((run_dir / "summary.json").read_text())
-            entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
-                            "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
-    write_json(out / "comparison.json", {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
-                                          "runs": entries})
-    (out / "comparison.md").write_text(comparison_table(entries, overrides))
+            if "train_flops" not in summary:
+                summary["train_flops"] = _train_flops_of(recipe_path, run.overrides, summary)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one failed recipe must not lose the others
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            console.print(f"[red]{recipe_path} seed {seed} failed:[/] {reason}", highlight=False)
+            failed.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
+                           "run_dir": str(run_dir), "error": reason})
+            continue
+        entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
+                        "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
+    stats = comparison_stats(entries)
+    result: dict[str, Any] = {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
+                              "runs": entries, "stats": [row.as_json() for row in stats]}
+    paired = None
+    if baseline is not None:
+        paired = paired_to_baseline(entries, baseline)
+        result["baseline"] = baseline
+        result["paired"] = [row.as_json() for row in paired]
+    if failed:
+        result["failed"] = failed
+    write_json(out / "comparison.json", result)
+    (out / "comparison.md").write_text(comparison_table(entries, overrides, stats=stats, paired=paired, failed=failed))
     comparison_plot(entries, out / "comparison.png")
     console.print(f"comparison written to {out}", highlight=False)
     return out
+
+
+def _train_flops_of(recipe_path: str, run_overrides: list[str], summary: dict[str, Any]) -> float | None:
+    """``train_flops`` for a summary.json that lacks it (runs of an engine that does not write
+    it): counted at the run's own scale by vlmask.flops; None when it cannot be counted."""
+    from vlmask.flops import train_flops
+
+    try:
+        recipe = load_recipe(recipe_path, run_overrides)
+        return train_flops(recipe_path, _without_run_dir(run_overrides), trained_clips(recipe, summary))
+    except Exception as exc:  # FLOPs are an annotation: a counter failure must not fail the run
+        console.print(f"[yellow]{recipe_path}: training FLOPs not counted: {exc}[/]", highlight=False)
+        return None
+
+
+def trained_clips(recipe: Recipe, summary: dict[str, Any]) -> int:
+    """Clips trained: steps x batch size x world size x accumulation (from the run's summary)."""
+    steps = int(summary.get("steps") or 0)
+    batch = int(recipe.get("train.batch_size") or 1)
+    accumulate = int(recipe.get("train.accumulate") or 1)
+    return steps * batch * int(summary.get("world_size") or 1) * accumulate
+
+
+def _recipe_names(entries: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["recipe"]: e["name"] for e in entries}
+
+
+def comparison_stats(entries: list[dict[str, Any]]) -> list[Any]:
+    """vlmask.statistics.SeedStats per recipe (its stem) and metric, metrics in first-seen order."""
+    from vlmask.statistics import seed_stats
+
+    rows = []
+    for group in _groups(entries):
+        metrics: list[str] = []
+        for run in group.runs:
+            metrics += [m for m in eval_metrics(run["eval"]) if m not in metrics and m != "chance_top1"]
+        for metric in metrics:
+            row = seed_stats(group.name, metric, [eval_metrics(r["eval"]).get(metric) for r in group.runs])
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def paired_to_baseline(entries: list[dict[str, Any]], baseline: str) -> list[Any]:
+    """vlmask.statistics.PairedDifference of every other recipe to ``baseline`` (path or stem)
+    per metric both have, paired by seed."""
+    from vlmask.statistics import paired_difference
+
+    groups = _groups(entries)
+    base = next((g for g in groups if baseline in (g.recipe, g.name)), None)
+    if base is None:
+        return []
+    base_values: dict[str, dict[int, float]] = {}
+    for run in base.runs:
+        for metric, value in eval_metrics(run["eval"]).items():
+            base_values.setdefault(metric, {})[int(run["seed"])] = value
+    rows = []
+    for group in groups:
+        if group is base:
+            continue
+        values: dict[str, dict[int, float]] = {}
+        for run in group.runs:
+            for metric, value in eval_metrics(run["eval"]).items():
+                values.setdefault(metric, {})[int(run["seed"])] = value
+        for metric, by_seed in values.items():
+            if metric == "chance_top1" or metric not in base_values:
+                continue
+            row = paired_difference(group.name, base.name, metric, by_seed, base_values[metric])
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def _reusable_eval(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
@@ -471,21 +628,39 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = ()) -> str:
-    """Markdown: one row per recipe; each metric as mean ± sample std over seeds (just the mean
-    for one seed; "-" where a run lacks it), then training wall time and clips/s."""
+def _interval_cell(row: Any, digits: int) -> str:
+    if row is None:
+        return "-"
+    text = f"{row.mean:.{digits}f}"
+    if row.std is not None:
+        text += f" ± {row.std:.{digits}f} [{row.ci95[0]:.{digits}f}, {row.ci95[1]:.{digits}f}]"
+    return text
+
+
+def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (), stats: list[Any] | None = None,
+                     paired: list[Any] | None = None, failed: list[dict[str, Any]] | None = None) -> str:
+    """Markdown: one row per recipe; each metric as mean ± sample std [95% interval] over seeds
+    (just the mean for one seed; "-" where a run lacks it), then training wall time, clips/s and
+    training FLOPs; then, with ``paired`` (vlmask.statistics.PairedDifference rows), one
+    sentence per recipe and metric saying whether it differs from the baseline beyond seed
+    noise; then the failed runs."""
+    from vlmask.statistics import describe_difference
+
+    stats = comparison_stats(entries) if stats is None else stats
+    by_key = {(row.recipe, row.metric): row for row in stats}
     metrics: list[str] = []
     for entry in entries:
         for name in eval_metrics(entry["eval"]):
             if name not in metrics:
                 metrics.append(name)
-    header = ["recipe", "seeds", *metrics, "wall s", "clips/s"]
+    header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP"]
     lines = [
         "# vlmask compare",
         "",
         f"overrides: `{' '.join(overrides)}`" if overrides else "overrides: none",
         "",
-        "Metrics are mean ± sample standard deviation over seeds (one seed: the value).",
+        "Metrics are mean ± sample standard deviation [95% confidence interval of the mean, Student t] "
+        "over seeds; with one seed, the value alone (no interval can be computed from one seed).",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |",
@@ -493,34 +668,73 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
     for group in _groups(entries):
         row = [group.name, str(len(group.runs))]
         for metric in metrics:
-            values = [eval_metrics(r["eval"]).get(metric) for r in group.runs]
-            row.append(_cell([v for v in values if v is not None], 3))
+            if metric == "chance_top1":
+                values = [eval_metrics(r["eval"]).get(metric) for r in group.runs]
+                row.append(_cell([v for v in values if v is not None], 3))
+            else:
+                row.append(_interval_cell(by_key.get((group.name, metric)), 3))
         row.append(_cell([float(r["summary"].get("wall_s") or math.nan) for r in group.runs], 1))
         row.append(_cell([float(r["summary"].get("clips_per_s") or math.nan) for r in group.runs], 1))
+        row.append(_cell([float(r["summary"].get("train_flops") or math.nan) / 1e15 for r in group.runs], 4))
         lines.append("| " + " | ".join(row) + " |")
+    if paired is not None:
+        base = paired[0].baseline if paired else None
+        lines += ["", f"## Paired differences to the baseline{f' ({base})' if base else ''}", "",
+                  "Each recipe minus the baseline on the same seeds (same clips, crops and, for equal maskers, "
+                  "masks), in points (1 point = 0.01 of a fraction). A difference is beyond seed noise when "
+                  "its 95% interval excludes 0.", ""]
+        if not paired:
+            lines.append("No recipe shares a seed and a metric with the baseline.")
+        significant = [r for r in paired if r.significant]
+        lines += [f"- **{describe_difference(r)}**" for r in significant]
+        lines += [f"- {describe_difference(r)}" for r in paired if not r.significant]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {f['name']} seed {f['seed']} (`{f['run_dir']}`): {f['error']}" for f in failed]
     lines += ["", "Runs:", ""]
     lines += [f"- {e['name']} seed {e['seed']}: `{e['run_dir']}`" for e in entries]
     return "\n".join(lines) + "\n"
 
 
-def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    steps: list[int] = []
-    losses: list[float] = []
+#: metrics.jsonl keys drawn by ``compare`` when a run logs them (vlmask.diagnostics names).
+DIAGNOSTICS = ("rankme", "student_std", "teacher_std", "student_teacher_cos")
+
+
+def _curves(run_dir: Path, keys: Sequence[str] = ("loss",)) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) per key of ``metrics.jsonl`` (rows lacking a key are skipped for it)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in keys}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return steps, losses
+        return curves
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            steps.append(int(row["step"]))
-            losses.append(float(row["loss"]))
+            step = int(row["step"])
         except (ValueError, KeyError, TypeError):
             continue
-    return steps, losses
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                curves[key][0].append(step)
+                curves[key][1].append(float(value))
+    return curves
+
+
+def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    return _curves(run_dir)["loss"]
+
+
+def _flops_per_step(summary: dict[str, Any]) -> float | None:
+    flops, steps = summary.get("train_flops"), summary.get("steps")
+    if isinstance(flops, (int, float)) and flops > 0 and isinstance(steps, int) and steps > 0:
+        return float(flops) / steps
+    return None
 
 
 def comparison_plot(entries: list[dict[str, Any]], path: Path) -> Path:
-    """Training loss curves (left) and metric bars with ± std error bars (right), Agg backend."""
+    """Training loss against steps and against training FLOPs (``summary.train_flops`` spread
+    evenly over the steps), metric bars with ± std error bars, and, when ``metrics.jsonl`` has
+    them, the diagnostics curves (:data:`DIAGNOSTICS`) against steps; Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -530,20 +744,40 @@ def comparison_plot(entries: list[dict[str, Any]], path: Path) -> Path:
         for name in eval_metrics(entry["eval"]):
             if name not in metrics and name != "chance_top1":
                 metrics.append(name)
-    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    curves_of = {run["run_dir"]: _curves(Path(run["run_dir"]), ("loss", *DIAGNOSTICS)) for run in entries}
+    diagnostics = [k for k in DIAGNOSTICS if any(c[k][0] for c in curves_of.values())]
+    rows = 2 if diagnostics else 1
+    figure = Figure(figsize=(17, 4.8 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    curves, bars = figure.subplots(1, 2, width_ratios=[1, 1.4])
+    grid = figure.add_gridspec(rows, max(3, len(diagnostics)))
+    top = grid[0, :].subgridspec(1, 3, width_ratios=[1, 1, 1.4])
+    curves, by_flops, bars = (figure.add_subplot(top[0, i]) for i in range(3))
     colours = [f"C{i % 10}" for i in range(len(groups))]
     for colour, group in zip(colours, groups):
         for i, run in enumerate(group.runs):
-            steps, losses = _loss_curve(Path(run["run_dir"]))
+            steps, losses = curves_of[run["run_dir"]]["loss"]
+            label = group.name if i == 0 else None
             if steps:
-                curves.plot(steps, losses, color=colour, alpha=0.9 if i == 0 else 0.5,
-                            label=group.name if i == 0 else None)
+                curves.plot(steps, losses, color=colour, alpha=0.9 if i == 0 else 0.5, label=label)
+                per_step = _flops_per_step(run["summary"])
+                if per_step is not None:
+                    by_flops.plot([s * per_step for s in steps], losses, color=colour, alpha=0.9 if i == 0 else 0.5, label=label)
     curves.set(xlabel="step", ylabel="training loss", title="loss")
-    curves.grid(alpha=0.3)
-    if groups:
-        curves.legend(fontsize="small")
+    by_flops.set(xlabel="training FLOPs", ylabel="training loss", title="loss against training compute")
+    for axis in (curves, by_flops):
+        axis.grid(alpha=0.3)
+        if groups and axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    for d, key in enumerate(diagnostics):
+        axis = figure.add_subplot(grid[1, d])
+        for colour, group in zip(colours, groups):
+            for i, run in enumerate(group.runs):
+                steps, values = curves_of[run["run_dir"]][key]
+                if steps:
+                    axis.plot(steps, values, color=colour, alpha=0.9 if i == 0 else 0.5, label=group.name if i == 0 else None)
+        axis.set(xlabel="step", ylabel=key, title=f"diagnostics: {key}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
     if metrics:
         width = 0.8 / max(1, len(groups))
         positions = np.arange(len(metrics))

@@ -45,7 +45,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from rich.console import Console
 from torch import Tensor, nn

@@ -17,7 +17,6 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import torch

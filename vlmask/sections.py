@@ -17,6 +17,7 @@ DEFAULT_EVALUATORS: dict[str, dict[str, Any]] = {
     "linear_probe": {"name": "linear_probe"},
     "linear_probe_temporal": {"name": "linear_probe", "pooling": "temporal"},
     "knn": {"name": "knn"},
+    "attentive_probe": {"name": "attentive_probe"},
     "retrieval": {"name": "retrieval"},
     "zero_shot": {"name": "zero_shot"},
 }

@@ -72,18 +72,20 @@ def test_eval_writes_the_contract_eval_json_and_reuses_cached_features(mae_run, 
     assert saved["num_classes"] == 18  # 18 training clips, classes cycle: one clip per class
     assert saved["chance_top1"] == pytest.approx(1 / 18)
     val_clips = len(tiny_data[1].read_text().splitlines())
-    for section in ("linear_probe", "linear_probe_temporal", "knn"):
+    for section in ("linear_probe", "linear_probe_temporal", "knn", "attentive_probe"):
         assert fraction_of(saved[section]["top1"], val_clips), (section, saved[section]["top1"])
     # the synthetic manifests carry verb and noun
-    assert {"top1", "verb_top1", "noun_top1"} == set(saved["linear_probe"])
+    assert {"top1", "verb_top1", "noun_top1"} == set(saved["linear_probe"]) == set(saved["attentive_probe"])
     # mae.yaml has no text encoder and no projection: these sections cannot be computed
     assert "retrieval" not in saved and "zero_shot" not in saved
     assert saved["data"]["train_clips"] == 18 and saved["data"]["val_clips"] == 6
     assert saved["evaluators"]["knn"] == {"name": "knn"}  # the settings behind each section
-    assert set(saved["evaluators"]) == {"linear_probe", "linear_probe_temporal", "knn"}
+    assert set(saved["evaluators"]) == {"linear_probe", "linear_probe_temporal", "knn", "attentive_probe"}
 
     cached = sorted((mae_run / "features").glob("*.safetensors"))
-    assert len(cached) == 4  # (train, val) x (mean, temporal)
+    assert len(cached) == 6  # (train, val) x (mean, temporal, tokens)
+    tokens = load_file(str(next(p for p in cached if p.name.endswith("-tokens.safetensors"))))["features"]
+    assert tokens.dtype == torch.float16 and tokens.ndim == 3 and tokens.shape[1] <= 64  # the probe's token budget
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = evaluate_run(mae_run, progress=False)
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not extracted again

@@ -184,7 +184,7 @@ def _loss_inputs(name: str) -> StepOutputs:
 
 
 def _eval_features() -> Any:
-    from vlmask_plugins.evaluation.features import EvalFeatures, SplitFeatures
+    from vlmask.features import EvalFeatures, SplitFeatures
 
     g = torch.Generator().manual_seed(2)
 

@@ -14,7 +14,6 @@ Two dense contrastive targets ship with vlmask; this module is the faithful one.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from vlmask.types import StepOutputs

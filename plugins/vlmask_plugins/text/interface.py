@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vlmask.kinds import TextEncoder  # the contract is vlmask's (one table of kinds)
+from vlmask.kinds import TextEncoder  # noqa: F401 (re-exported) the contract is vlmask's (one table of kinds)
 
 #: Bytes read from the start, middle and end of each weight file for its fingerprint.
 FINGERPRINT_SAMPLE_BYTES = 1 << 20

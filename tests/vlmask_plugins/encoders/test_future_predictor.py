@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import vlmask_plugins.encoders.future_predictor as future_module
-from vlmask.types import Mask, TokenGrid, gather_tokens
+from vlmask.types import Mask, TokenGrid
 from vlmask_plugins.encoders.future_predictor import FuturePredictor, memory_expectation, slot_chunks
 from vlmask_plugins.maskers.future_blocks import FutureBlocksMasker
 from vlmask.types import Batch

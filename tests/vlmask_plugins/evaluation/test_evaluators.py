@@ -12,6 +12,7 @@ from vlmask_plugins.evaluation import (
     Evaluator,
     KNNClassifier,
     LinearProbe,
+    LogisticRegressionProbe,
     RetrievalEvaluator,
     SplitFeatures,
     ZeroShotClassifier,
@@ -47,6 +48,10 @@ def clusters(per_class: int, num_classes: int, dim: int, seed: int, spread: floa
 CLASSES = ["open drawer", "close drawer", "open door", "close door"]
 
 
+#: Both linear probes (``linear_probe``: L-BFGS; ``linear_probe_adam``: Adam) must pass the same tests.
+PROBES = [LogisticRegressionProbe, LinearProbe]
+
+
 def gaussian_features(**extra) -> EvalFeatures:
     train_x, train_y = clusters(30, 4, 16, seed=0)
     val_x, val_y = clusters(10, 4, 16, seed=1)
@@ -58,22 +63,28 @@ def test_evaluators_satisfy_the_protocol():
         assert isinstance(evaluator, Evaluator)
 
 
+@pytest.mark.parametrize("probe", PROBES)
+def test_linear_probes_classify_separable_clusters_almost_perfectly(probe):
+    assert probe().evaluate(gaussian_features())["top1"] >= 0.95
+
+
 def test_separable_clusters_are_classified_almost_perfectly():
     features = gaussian_features()
-    assert LinearProbe().evaluate(features)["top1"] >= 0.95
     assert KNNClassifier(k=5).evaluate(features)["top1"] >= 0.95
     assert KNNClassifier(k=5, voting="majority").evaluate(features)["top1"] >= 0.95
 
 
-def test_random_features_with_random_labels_score_near_chance():
+@pytest.mark.parametrize("probe", PROBES)
+def test_random_features_with_random_labels_score_near_chance(probe):
     generator = torch.Generator().manual_seed(3)
     make = lambda n: split(torch.randn(n, 32, generator=generator), torch.randint(0, 4, (n,), generator=generator))  # noqa: E731
     features = EvalFeatures(train=make(400), val=make(400), classes=CLASSES)
-    assert abs(LinearProbe().evaluate(features)["top1"] - 0.25) < 0.08
+    assert abs(probe().evaluate(features)["top1"] - 0.25) < 0.08
     assert abs(KNNClassifier().evaluate(features)["top1"] - 0.25) < 0.08
 
 
-def test_temporal_pooling_sees_the_order_that_mean_pooling_loses():
+@pytest.mark.parametrize("probe", PROBES)
+def test_temporal_pooling_sees_the_order_that_mean_pooling_loses(probe):
     # "forward": slot features (-m, +m); "backward": (+m, -m), plus noise. The mean over time is
     # the same for both classes; the time-keeping concatenation separates them linearly.
     generator = torch.Generator().manual_seed(0)
@@ -87,8 +98,8 @@ def test_temporal_pooling_sees_the_order_that_mean_pooling_loses():
         return split(pooled["mean"], labels, temporal=pooled["temporal"])
 
     features = EvalFeatures(train=make(120), val=make(60), classes=["forward", "backward"])
-    assert LinearProbe(pooling="temporal").evaluate(features)["top1"] >= 0.95
-    assert LinearProbe(pooling="mean").evaluate(features)["top1"] < 0.7
+    assert probe(pooling="temporal").evaluate(features)["top1"] >= 0.95
+    assert probe(pooling="mean").evaluate(features)["top1"] < 0.7
 
 
 def test_marginalisation_by_hand():
@@ -109,7 +120,8 @@ def test_marginalisation_by_hand():
     assert group_top1(p, ["open", None, "open", "close"], ["open", "close"]) is None
 
 
-def test_probe_reports_verb_and_noun_accuracy_only_when_classes_have_them():
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_reports_verb_and_noun_accuracy_only_when_classes_have_them(probe):
     verbs = [c.split()[0] for c in CLASSES]
     nouns = [c.split()[1] for c in CLASSES]
     base = gaussian_features()
@@ -117,10 +129,10 @@ def test_probe_reports_verb_and_noun_accuracy_only_when_classes_have_them():
     val_with_parts = split(val.pooled["mean"], val.labels,
                            verbs=[verbs[i] for i in val.labels], nouns=[nouns[i] for i in val.labels])
     features = EvalFeatures(train=base.train, val=val_with_parts, classes=CLASSES, class_verbs=verbs, class_nouns=nouns)
-    result = LinearProbe().evaluate(features)
+    result = probe().evaluate(features)
     assert set(result) == {"top1", "verb_top1", "noun_top1"}
     assert result["verb_top1"] >= result["top1"] and result["noun_top1"] >= result["top1"]
-    assert set(LinearProbe().evaluate(base)) == {"top1"}
+    assert set(probe().evaluate(base)) == {"top1"}
 
 
 def test_unknown_validation_classes_count_as_errors_and_unlabelled_clips_are_left_out():
@@ -219,6 +231,10 @@ def test_sections_that_cannot_be_computed_return_none():
     (LinearProbe, {"holdout": 1.0}, "holdout"),
     (LinearProbe, {"lr": 0.0}, "lr"),
     (LinearProbe, {"device": "tpu"}, "device"),
+    (LogisticRegressionProbe, {"cs": ()}, "cs"),
+    (LogisticRegressionProbe, {"cs": (0.0,)}, "cs"),
+    (LogisticRegressionProbe, {"holdout": 1.0}, "holdout"),
+    (LogisticRegressionProbe, {"pooling": "max"}, "pooling"),
     (KNNClassifier, {"k": 0}, "k must"),
     (KNNClassifier, {"voting": "soft"}, "voting"),
     (KNNClassifier, {"temperature": 0.0}, "temperature"),
@@ -238,3 +254,24 @@ def test_probe_is_deterministic():
     b = probe.fit_predict(train_x, train_y, features.val.pooled["mean"], 4)
     assert torch.equal(a, b)
     assert torch.allclose(a.sum(dim=1), torch.ones(a.shape[0]))
+
+
+def test_lbfgs_probe_chooses_c_on_held_out_clips_and_refits_deterministically():
+    features = gaussian_features()
+    train_x, train_y = features.train.pooled["mean"], features.train.labels
+    probe = LogisticRegressionProbe(cs=(1e-6, 1.0))
+    a = probe.fit_predict(train_x, train_y, features.val.pooled["mean"], 4)
+    assert probe.chosen_c == 1.0  # C = 1e-6 shrinks every weight to ~0: held-out accuracy at chance
+    b = probe.fit_predict(train_x, train_y, features.val.pooled["mean"], 4)
+    assert torch.equal(a, b) and torch.allclose(a.sum(dim=1), torch.ones(a.shape[0]))
+    missing = train_y != 3  # a class with no training clip gets probability 0
+    p = LogisticRegressionProbe().fit_predict(train_x[missing], train_y[missing], features.val.pooled["mean"], 4)
+    assert p.shape == (40, 4) and float(p[:, 3].abs().max()) == 0.0
+
+
+def test_the_registered_linear_probe_is_lbfgs_and_the_adam_probe_stays_an_option():
+    from vlmask.plugins import default_plugins
+
+    registry = default_plugins().registry
+    assert registry.get("evaluator", "linear_probe").factory is LogisticRegressionProbe
+    assert registry.get("evaluator", "linear_probe_adam").factory is LinearProbe

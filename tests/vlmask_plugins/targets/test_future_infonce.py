@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vlmask_plugins.targets.future_infonce as future_infonce_module
-from vlmask.types import Batch, StepOutputs, TokenGrid
+from vlmask.types import Batch, StepOutputs
 from vlmask_plugins.encoders.future_predictor import FuturePredictor
 from vlmask_plugins.encoders.vit import VideoViT
 from vlmask_plugins.maskers.future_blocks import FutureBlocksMasker

@@ -1,0 +1,164 @@
+"""``vlmask compare``: statistics in comparison.json/md, validation before training, failed runs,
+and resuming after a kill (contract: "comparison.json")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmask.config import RecipeError
+from vlmask.evaluate import compare, comparison_table, paired_to_baseline
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tiny_synth, tiny_scale, steps: int = 2) -> list[str]:
+    train, val = tiny_synth
+    return [*tiny_scale, f"data.train={train}", f"data.val={val}", f"train.max_steps={steps}",
+            "train.log_every=1", "train.ckpt_every=2",
+            # the sections under test; the others are tested in tests/vlmask/test_evaluate.py
+            "evaluation.evaluators.linear_probe_temporal=null", "evaluation.evaluators.attentive_probe=null"]
+
+
+def second_recipe(folder: Path) -> str:
+    """A second recipe: VideoMAE at masking ratio 0.8 (a file of its own, so a recipe of its own)."""
+    path = folder / "mae80.yaml"
+    path.write_text(f"base: [{RECIPES / 'mae.yaml'}]\nmasker: {{name: tube, ratio: 0.8}}\n")
+    return str(path)
+
+
+def entry(name: str, seed: int, **metrics: float) -> dict:
+    return {"recipe": f"recipes/{name}.yaml", "name": name, "seed": seed, "run_dir": f"/runs/{name}-{seed}",
+            "summary": {"wall_s": 1.0, "clips_per_s": 2.0, "steps": 10, "train_flops": 1e12},
+            "eval": {"chance_top1": 0.25, "knn": {"top1": metrics["knn"]}}}
+
+
+def test_the_table_shows_intervals_and_says_which_differences_are_beyond_noise():
+    entries = [entry("mae", s, knn=v) for s, v in zip((0, 1, 2), (0.30, 0.60, 0.45))]
+    entries += [entry("fils", s, knn=v) for s, v in zip((0, 1, 2), (0.40, 0.70, 0.55))]  # +10 points on every seed
+    entries += [entry("dpc", s, knn=v) for s, v in zip((0, 1, 2), (0.40, 0.50, 0.45))]  # +10, -10, 0
+    paired = paired_to_baseline(entries, "mae")
+    assert [(p.recipe, p.metric, p.significant) for p in paired] == [("fils", "knn.top1", True), ("dpc", "knn.top1", False)]
+    table = comparison_table(entries, paired=paired)
+    # mae: mean 0.45, std 0.15, half width 4.3027 * 0.15 / sqrt(3) = 0.373
+    assert "| mae | 3 | 0.250 ± 0.000 | 0.450 ± 0.150 [0.077, 0.823] |" in table
+    assert "**fils beats mae on knn.top1 by 10.0 points (95% CI 10.0 to 10.0, 3 seeds): beyond seed noise.**" in table
+    assert "dpc ties mae on knn.top1 (95% CI -24.8 to 24.8, 3 seeds): within seed noise" in table
+    one_seed = comparison_table([entry("mae", 0, knn=0.3)])
+    assert "| mae | 1 | 0.250 | 0.300 |" in one_seed and "no interval can be computed from one seed" in one_seed
+
+
+def test_compare_writes_stats_and_paired_rows(tiny_synth, tiny_scale, tmp_path):
+    out = compare([str(RECIPES / "mae.yaml"), second_recipe(tmp_path)], tiny(tiny_synth, tiny_scale), seeds=[0, 1],
+                  out_dir=tmp_path / "cmp", progress=False, baseline="mae")
+    comparison = json.loads((out / "comparison.json").read_text())
+    knn = {row["recipe"]: row for row in comparison["stats"] if row["metric"] == "knn.top1"}
+    assert set(knn) == {"mae", "mae80"} and knn["mae"]["n"] == 2
+    values = [r["eval"]["knn"]["top1"] for r in comparison["runs"] if r["name"] == "mae"]
+    assert knn["mae"]["mean"] == pytest.approx(sum(values) / 2)
+    low, high = knn["mae"]["ci95"]
+    assert low <= knn["mae"]["mean"] <= high
+    paired = [row for row in comparison["paired"] if row["metric"] == "knn.top1"]
+    assert len(paired) == 1 and paired[0]["recipe"] == "mae80" and paired[0]["baseline"] == "mae"
+    assert set(paired[0]) >= {"mean_difference", "ci95", "significant"}
+    for run in comparison["runs"]:  # counted at the run's own scale when the engine does not write it
+        assert run["summary"]["train_flops"] > 0
+    table = (out / "comparison.md").read_text()
+    assert "## Paired differences to the baseline (mae)" in table and "train PFLOP" in table
+    with pytest.raises(ValueError, match="--baseline 'fils' is not one of the compared recipes"):
+        compare([str(RECIPES / "mae.yaml")], tiny(tiny_synth, tiny_scale), out_dir=tmp_path / "x", baseline="fils")
+
+
+def test_every_recipe_is_validated_before_any_trains(tiny_synth, tiny_scale, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: [{RECIPES / 'mae.yaml'}]\ntrain: {{max_stepz: 3}}\n")
+    out_dir = tmp_path / "cmp"
+    with pytest.raises(RecipeError) as caught:
+        compare([str(RECIPES / "mae.yaml"), str(bad), str(RECIPES / "mae.yaml")],
+                [*tiny(tiny_synth, tiny_scale), "data.val=/nowhere/val.jsonl"], seeds=[0], out_dir=out_dir, progress=False)
+    text = "\n".join(caught.value.problems)
+    assert "max_stepz" in text and "bad.yaml" in text  # the file and the key
+    assert "/nowhere/val.jsonl does not exist" in text
+    assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing trained, not even the first recipe
+
+
+def test_a_failed_recipe_is_reported_and_the_others_are_tabulated(tiny_synth, tiny_scale, tmp_path):
+    broken = tmp_path / "broken.yaml"  # valid keys and types; the encoder cannot tile 32x32 clips with 7x7 patches
+    broken.write_text(f"base: [{RECIPES / 'mae.yaml'}]\nmodel: {{encoder: {{patch: 7}}}}\n")
+    out = compare([str(broken), str(RECIPES / "mae.yaml")], tiny(tiny_synth, tiny_scale), seeds=[0],
+                  out_dir=tmp_path / "cmp", progress=False)
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [r["name"] for r in comparison["runs"]] == ["mae"]
+    assert [f["name"] for f in comparison["failed"]] == ["broken"] and comparison["failed"][0]["error"]
+    table = (out / "comparison.md").read_text()
+    assert "| mae | 1 |" in table and "## Failed runs" in table and "broken seed 0" in table
+
+
+def test_a_killed_compare_resumes_without_retraining_finished_runs(tiny_synth, tiny_scale, tmp_path):
+    out_dir = tmp_path / "cmp"
+    overrides = [o for o in tiny(tiny_synth, tiny_scale, steps=12) if not o.startswith("train.ckpt_every")]
+    overrides.append("train.ckpt_every=3")
+    recipes = [str(RECIPES / "mae.yaml"), second_recipe(tmp_path)]
+    code = ("import sys, json, torch; torch.set_num_threads(1); from vlmask.evaluate import compare; "
+            "compare(json.loads(sys.argv[1]), json.loads(sys.argv[2]), seeds=[0], out_dir=sys.argv[3], progress=False)")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugins'}"}
+    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(recipes), json.dumps(overrides), str(out_dir)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first, second = out_dir / "mae-seed0", out_dir / "mae80-seed0"
+    deadline = time.monotonic() + 300
+    try:
+        while not list((second / "checkpoints").glob("step_*")):  # the second recipe is training
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the second recipe never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert (first / "summary.json").is_file() and (first / "eval.json").is_file()
+    assert not (second / "summary.json").exists()  # killed mid-run
+    watched = [first / "summary.json", first / "eval.json", *sorted((first / "checkpoints").rglob("*"))]
+    stamps = {p: p.stat().st_mtime_ns for p in watched}
+    compare(recipes, overrides, seeds=[0], out_dir=out_dir, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in watched} == stamps  # the first run: neither retrained nor re-evaluated
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from_step"]  # the second resumed from its checkpoint
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    assert [r["name"] for r in comparison["runs"]] == ["mae", "mae80"]
+
+
+def test_the_plot_gains_a_row_of_diagnostics_curves_when_metrics_jsonl_has_them(tmp_path):
+    from PIL import Image
+
+    from vlmask.evaluate import comparison_plot
+
+    entries = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"mae-{seed}"
+        run_dir.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        entries.append({**entry("mae", seed, knn=0.5), "run_dir": str(run_dir)})
+    plain = Image.open(comparison_plot(entries, tmp_path / "plain.png")).size
+    for seed in (0, 1):
+        rows = [{"step": s, "loss": 1.0 / s, "rankme": 5.0 + s, "student_std": 0.1} for s in (1, 2, 3)]
+        (tmp_path / f"mae-{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_diagnostics = Image.open(comparison_plot(entries, tmp_path / "diag.png")).size
+    assert with_diagnostics[0] == plain[0] and with_diagnostics[1] == 2 * plain[1]  # a second row of panels
