@@ -21,7 +21,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -379,12 +379,13 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 RESEEK_SECONDS = 2.0
 
 
-def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int) -> np.ndarray:
+def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: dict[str, int] | None = None) -> np.ndarray:
     """PyAV: seek to the keyframe at or before the first wanted time (``container.seek`` in the
     stream's time base, ``backward=True, any_frame=False``), decode forward only until the last
     wanted time is covered, seeking again across gaps longer than ``RESEEK_SECONDS`` and the
     largest keyframe interval seen. A seek that lands after the wanted time (some demuxers
-    index by decode time) is retried further back, down to the start of the file."""
+    index by decode time) is retried further back, down to the start of the file. ``stats``,
+    when given, receives ``seeks`` and ``decoded`` (frames) counts."""
     import av
 
     wanted = np.unique(times)  # ascending
@@ -401,7 +402,7 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int) -> np.n
                 while True:  # seek; back off when the landing frame is after the target
                     seek_to = max(origin, target - backoff)
                     container.seek(int(math.floor(seek_to / time_base)), stream=stream, backward=True, any_frame=False)
-                    frames = container.decode(stream)
+                    frames = _counted(container.decode(stream), stats)
                     first = next(frames, None)
                     if first is None or first.pts is None or first.pts * time_base <= target or seek_to <= origin:
                         break
@@ -448,6 +449,16 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int) -> np.n
     except Exception as error:
         raise DecodeError(path, f"{type(error).__name__}: {_first_line(error)}") from None
     return np.stack(out)
+
+
+def _counted(frames: Iterator[Any], stats: dict[str, int] | None) -> Iterator[Any]:
+    if stats is None:
+        yield from frames
+        return
+    stats["seeks"] = stats.get("seeks", 0) + 1
+    for frame in frames:
+        stats["decoded"] = stats.get("decoded", 0) + 1
+        yield frame
 
 
 #: Output sizes decord 0.6 cannot resize to (its copy fails with "The size must exactly match",
