@@ -40,18 +40,8 @@ FPS = 10
 VFR_PTS = np.round(np.cumsum(np.r_[0.0, np.random.default_rng(5).choice([0.03, 0.07, 0.1, 0.13, 0.17], 79)]), 3)
 
 
-def encode_fresh(jobs: list[dict]) -> None:
-    """Encode numbered videos in a fresh Python: once decord (or torchcodec's system FFmpeg) is
-    loaded in a process, PyAV's libvpx-vp9 encoder fails to open there (a native library clash)."""
-    code = ("import json, sys\nfrom vlmask_plugins.data.numbered import write_numbered_video\n"
-            "for job in json.loads(sys.argv[1]):\n    write_numbered_video(**job)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
+def videos(tmp_path_factory: pytest.TempPathFactory, encode_videos) -> dict[str, tuple[Path, np.ndarray]]:
     """name -> (file, presentation time of each frame in seconds)."""
     root = tmp_path_factory.mktemp("numbered")
     cfr = np.arange(120) / FPS
@@ -65,7 +55,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np
         # 90 s, a keyframe every 2 s.
         "long": (dict(path=str(root / "long.mp4"), frames=90 * FPS, fps=FPS, gop_seconds=2.0), np.arange(900) / FPS),
     }
-    encode_fresh([job for job, _ in jobs.values()])
+    encode_videos([job for job, _ in jobs.values()])
     return {name: (Path(job["path"]), pts) for name, (job, pts) in jobs.items()}
 
 
