@@ -1,4 +1,4 @@
-"""Decoding a clip to N frames at a reduced size (decord, with a PyAV fallback).
+"""Decoding a clip to N frames at a reduced size, with PyAV, decord or torchcodec.
 
 Two lessons shape this module. AVION (Zhao & Kraehenbuehl, CVPR 2023): CPU decoding is the
 bottleneck of video pretraining, so decode straight to the size the augmentation needs (a short
@@ -6,6 +6,16 @@ side at the resize target) instead of full resolution and resizing afterwards. T
 trackers of decord-based loaders: one corrupt file must not crash (or hang) a run, so every
 failure becomes a :class:`DecodeError` naming the file and the reason, and files are checked
 once, up front, with PyAV (:func:`probe_video`) rather than on the hot path.
+
+Three decoders, one switch (``decoder``, recipe key ``data.dataset.decoder``;
+:func:`resolve_decoder`): PyAV (FFmpeg bundled in its wheels on every platform; seeks to the
+keyframe before the segment and decodes forward only as far as needed), decord (fast, x86-64
+wheels only, unmaintained since 2021) and torchcodec (needs the system FFmpeg libraries; decodes
+on CUDA with ``device="cuda"``). ``auto`` takes decord, else torchcodec, else PyAV. Every decoder
+returns the same frames for the same indices: the frame-time rule is :func:`slot_times`. At the
+file's own size they return identical pixels; when resizing while decoding each uses its own
+scaler (PyAV and decord swscale bilinear, torchcodec bilinear antialiased; about 1 grey level
+apart on average).
 
 Frame sampling follows VideoMAE (Tong et al., NeurIPS 2022) and FILS (BMVC 2024):
 ``dynamic`` spreads the N frames evenly over the whole segment (the stride adapts to its
