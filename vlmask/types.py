@@ -38,7 +38,7 @@ def normalize_video(
     ``x * (1 / (255 std)) + (-mean / std)`` in one ``addcmul``; the constants are kept per device.
 
     >>> normalize_video(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2, 1, 1).expand(1, 3, 2, 1, 1),
-    ...                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).flatten().tolist()
+    ...                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).flatten().round(decimals=5).tolist()
     [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]
     """
     if video.dtype != torch.uint8:
