@@ -526,7 +526,9 @@ def _stream_start(path: Path) -> float:
 
 def _decode_torchcodec(path: Path, times: np.ndarray, width: int, height: int, device: str = "cpu") -> np.ndarray:
     """torchcodec: ``get_frames_played_at`` is exactly the rule of :func:`slot_times` (the frame
-    whose [pts, pts + duration) holds the time); times are clamped into the stream's span. The
+    whose [pts, pts + duration) holds the time); times are clamped into the stream's span.
+    ``seek_mode="exact"`` (a scan of the file at open): "approximate" trusts the header's frame
+    rate and fails on variable-rate files (the decoder tests show it). The
     decoder resizes (bilinear, antialiased) while decoding; on ``device="cuda"`` it decodes with
     NVDEC (not tested here: no GPU on the development machines)."""
     try:

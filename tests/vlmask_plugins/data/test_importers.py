@@ -180,3 +180,21 @@ def test_timestamps():
     for bad in ("1:2", "00:61:00.00", "00:00:60.00", "", "00:00:xx"):
         with pytest.raises(ValueError):
             parse_timestamp(bad)
+
+
+def test_an_imported_manifest_validates_and_trains(tmp_path, encode_videos, tiny_scale):
+    from vlmask.cli import main
+
+    videos = tmp_path / "clips"
+    jobs = [dict(path=str(videos / label / f"{label}_{i}.mp4"), frames=16, fps=8, width=64, height=48, seed=i)
+            for label in ("wave", "clap") for i in range(3)]
+    for label in ("wave", "clap"):
+        (videos / label).mkdir(parents=True)
+    encode_videos(jobs)
+    out = tmp_path / "clips.jsonl"
+    assert import_manifest("folders", None, videos, out).written == 6
+    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "mae.yaml")
+    overrides = [*tiny_scale, "train.max_steps=2", f"data.train={out}", f"data.val={out}", f"run.dir={tmp_path / 'run'}"]
+    assert main(["validate", recipe, *overrides]) == 0
+    assert main(["run", recipe, *overrides]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
