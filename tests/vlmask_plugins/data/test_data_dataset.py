@@ -239,3 +239,5 @@ def test_decoder_choice_is_exposed_and_checked(synth):
     assert auto.decoder in ("decord", "torchcodec", "pyav") and auto.decoder_reason.startswith("auto: ")
     with pytest.raises(ValueError, match=r"^data.dataset.decoder: unknown decoder 'ffmpeg'; choose one of auto, pyav"):
         quiet(str(synth[0]), decoder="ffmpeg")
+    with pytest.raises(ValueError, match="decode_device='cuda' needs decoder torchcodec, got pyav"):
+        quiet(str(synth[0]), decoder="pyav", decode_device="cuda")
