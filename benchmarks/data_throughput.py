@@ -259,6 +259,7 @@ def time_loader(dataset: Dataset, batches: list[list[tuple[int, int]]], workers:
     shape: list[int] = []
     cpu_start, start = cpu_seconds(), time.perf_counter()
     for batch in loader:
+        batch = batch.to("cpu")  # vlmask's uint8 clips are normalised here (the naive loaders' already are)
         shape = list(batch.video.shape)
     elapsed = time.perf_counter() - start
     cpu = cpu_seconds() - cpu_start

@@ -343,7 +343,7 @@ def extract_features(
     try:
         with _progress_bar(size, description, progress) as advance:
             for batch in loader:
-                video = batch.video.to(device, non_blocking=True)
+                video = batch.to(device).video  # uint8 -> normalised float on the device
                 with autocast():
                     tokens = encoder(video)
                 pooled = pool_tokens(tokens, grid)

@@ -309,7 +309,7 @@ def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], clas
     try:
         for batch in loader:
             with autocast():
-                logits = model(batch.video.to(device, non_blocking=True))
+                logits = model(batch.to(device).video)  # uint8 -> normalised float on the device
             probabilities[batch.index] = logits.float().softmax(dim=-1).cpu()
     finally:
         model.train(was_training)
@@ -468,7 +468,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
         for step in range(total):
             set_group_lrs(optimizer, lr_at(step, total, warmup, settings.lr, settings.min_lr, settings.warmup_lr))
             batch = next(batch_iter)
-            video = batch.video.to(device, non_blocking=True)
+            video = batch.to(device).video  # uint8 -> normalised float on the device
             labels = batch.label.to(device, non_blocking=True)
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
             if mixing.active:

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from vlmask_plugins.data.decode import BACKENDS, decode_clip, probe_video, segment_frames
+from vlmask_plugins.data.decode import DECODERS, decode_clip, probe_video, segment_frames
 
 Box = tuple[float, float, float, float]
 CAMERAS: tuple[str, ...] = ("none", "dominant", "boundaries")
@@ -124,7 +124,7 @@ class FlowActionArea:
         ransac_px: float = 0.5,
         margin: float = 0.0,
         fallback: Literal["frame", "centre"] = "frame",
-        backend: Literal["auto", "decord", "pyav"] = "auto",
+        backend: Literal["auto", "pyav", "decord", "torchcodec"] = "auto",
     ) -> None:
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
@@ -160,8 +160,8 @@ class FlowActionArea:
             raise ValueError(f"margin must be in [-0.25, 0.25] (a fraction of the frame), got {margin}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in DECODERS:
+            raise ValueError(f"backend must be one of {DECODERS}, got {backend!r}")
         self.camera = camera
         self.evidence = evidence
         self.preset = preset
@@ -225,7 +225,7 @@ class FlowActionArea:
         firsts, seconds = self.pair_indices(first, stop, info.fps)
         wanted = np.unique(np.concatenate([firsts, seconds]))
         frames, _ = decode_clip(path, _Sampled(wanted), train=False, short_side=self.size,  # type: ignore[arg-type]
-                                start=start, end=end, backend=self.backend, info=info)
+                                start=start, end=end, decoder=self.backend, info=info)
         row = {int(index): k for k, index in enumerate(wanted)}
         return self.detect_pairs(frames[[row[int(i)] for i in firsts]], frames[[row[int(i)] for i in seconds]])
 

@@ -1,8 +1,13 @@
 """Data plugins: manifests, decoding, the clip dataset and the built-in synthetic set.
 
 - ``manifest``: ``read_manifest`` (JSONL, bad lines skipped with line numbers and reasons).
-- ``decode``: ``decode_clip`` (decord, PyAV fallback), ``probe_video``, ``FrameSampler``.
-- ``dataset``: ``VideoManifestDataset`` (registered as dataset ``video_manifest``), ``collate``.
+- ``decode``: ``decode_clip`` (decoder ``auto|pyav|decord|torchcodec``, one frame-time rule:
+  ``slot_times``), ``resolve_decoder``, ``probe_video``, ``FrameSampler``.
+- ``dataset``: ``VideoManifestDataset`` (registered as dataset ``video_manifest``; uint8 clips),
+  ``collate``.
+- ``importers``: ``import_manifest`` and ``add_import_command`` (``vlmask data import``:
+  EPIC-KITCHENS-100, Something-Something v2, Kinetics, class folders).
+- ``numbered``: test videos whose frames show their own number (decoder checks, benchmarks).
 - ``synthetic``: ``generate`` (``vlmask data synth``) and ``ensure_builtin`` (the default data).
 """
 

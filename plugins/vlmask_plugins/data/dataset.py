@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -17,12 +18,12 @@ from torch.utils.data import Dataset
 
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, Batch
 from vlmask_plugins.data.decode import (
-    BACKENDS,
     DecodeError,
     FrameSampler,
     VideoInfo,
     decode_clip,
     probe_video,
+    resolve_decoder,
     segment_frames,
 )
 from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, read_manifest
@@ -120,7 +121,15 @@ class VideoManifestDataset(Dataset):
     random good clip (see ``item["load_failures"]``). A manifest with no usable clip raises
     :class:`EmptyManifestError` naming it.
 
-    Items are dicts: ``video`` (C, T, H, W) float normalised, ``index`` (row among the kept
+    Decoding: ``decoder`` is ``auto`` (decord if it imports, else torchcodec if it imports, else
+    PyAV), ``pyav``, ``decord`` or ``torchcodec``; every decoder picks the same frames (the rule is
+    ``decode.slot_times``). The choice and why are ``.decoder`` and ``.decoder_reason`` (the run's
+    start line prints them). ``decode_device="cuda"`` makes torchcodec decode on the GPU (with
+    ``num_workers: 0``, as CUDA does not survive forked workers).
+
+    Items are dicts: ``video`` (C, T, H, W) **uint8** pixels (normalised on the device by
+    ``vlmask.types.normalize_video`` when the batch is moved there, with this dataset's ``mean``
+    and ``std``: ``.collate`` records them in the batch), ``index`` (row among the kept
     clips), ``label`` (class index or -1), ``action_box`` (4,) or NaNs, ``caption`` ("" when
     absent) and ``load_failures`` (list of (line, video, reason), usually empty).
     """
@@ -137,11 +146,12 @@ class VideoManifestDataset(Dataset):
         hflip: bool = True,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
-        backend: str = "auto",
+        decoder: str = "auto",
         classes: list[str] | None = None,
         probe: bool = True,
         decode_short_side: int | None = None,
         probe_workers: int = 8,
+        decode_device: str = "cpu",
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -156,8 +166,13 @@ class VideoManifestDataset(Dataset):
             raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 values and std must be > 0, got mean={mean}, std={std}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
+        self.decoder, self.decoder_reason = resolve_decoder(decoder)  # one-line error naming the key
+        self.requested_decoder = decoder
+        if decode_device == "cuda" and self.decoder != "torchcodec":
+            raise ValueError(f"decode_device='cuda' needs decoder torchcodec, got {self.decoder} ({self.decoder_reason})")
+        self.decode_device = decode_device
         if decode_short_side is not None and decode_short_side < size:
             raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
@@ -169,11 +184,10 @@ class VideoManifestDataset(Dataset):
         self.train = train
         self.crop_scale: tuple[float, float] = crop_scale  # type: ignore[assignment]
         self.hflip = hflip
-        self.backend = backend
         self.decode_short_side = decode_short_side or size
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self._scale = 1.0 / (255.0 * torch.tensor(self.std).view(3, 1, 1, 1))
-        self._shift = -torch.tensor(self.mean).view(3, 1, 1, 1) / torch.tensor(self.std).view(3, 1, 1, 1)
+        #: Stacks items into a Batch that carries this dataset's mean/std (``collate_of`` finds it).
+        self.collate = functools.partial(collate, mean=self.mean, std=self.std)
 
         report = read_manifest(self.manifest)
         self.manifest_skipped: list[SkippedClip] = list(report.skipped)
@@ -255,17 +269,15 @@ class VideoManifestDataset(Dataset):
         clip = self.clips[index]
         frames, _ = decode_clip(
             clip.video, self.sampler, train=self.train, short_side=self.decode_short_side,
-            start=clip.start, end=clip.end, backend=self.backend, info=self._infos[index],
+            start=clip.start, end=clip.end, decoder=self.requested_decoder,
+            info=self._infos[index], device=self.decode_device,
         )
         # uint8 until the end: torch's uint8 antialiased resize is several times faster than float's.
         video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
         box = torch.tensor(clip.action_box, dtype=torch.float32) if clip.action_box is not None else None
         video, box = self.transform(video, box)
-        normalised = torch.empty((3, *video.shape[:1], *video.shape[2:]), dtype=torch.float32)
-        normalised.copy_(video.permute(1, 0, 2, 3))  # (C, T, H, W)
-        torch.addcmul(self._shift, normalised, self._scale, out=normalised)  # (x / 255 - mean) / std
         return {
-            "video": normalised,
+            "video": video.permute(1, 0, 2, 3).contiguous(),  # (C, T, H, W) uint8
             "index": index,
             "label": self.label_ids[index],
             "action_box": box if box is not None else torch.full((4,), float("nan")),
@@ -333,8 +345,13 @@ def _probe_all(clips: list[ManifestClip], workers: int) -> tuple[list[ManifestCl
     return kept, infos, skipped
 
 
-def collate(items: Sequence[dict[str, Any]]) -> Batch:
+def collate(items: Sequence[dict[str, Any]], mean: Sequence[float] = IMAGENET_MEAN,
+            std: Sequence[float] = IMAGENET_STD) -> Batch:
     """Stack dataset items into a :class:`vlmask.types.Batch`.
+
+    ``video`` stays as the items give it (uint8 from :class:`VideoManifestDataset`);
+    ``Batch.to(device)`` normalises it there, with ``mean``/``std`` when they are not ImageNet's
+    (kept in ``extra["video_mean"]``/``extra["video_std"]``).
 
     ``action_box`` is None when no item has one (rows without one are NaN otherwise), ``label``
     None when no item has one (-1 otherwise); ``text_embedding`` stays None (the engine attaches
@@ -346,11 +363,14 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
     boxes = torch.stack([item["action_box"] for item in items])
     labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
     failures = [f for item in items for f in item.get("load_failures", [])]
+    extra: dict[str, Any] = {"load_failures": failures} if failures else {}
+    if tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD:
+        extra["video_mean"], extra["video_std"] = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     return Batch(
         video=torch.stack([item["video"] for item in items]),
         index=torch.tensor([item["index"] for item in items], dtype=torch.long),
         action_box=None if torch.isnan(boxes).all() else boxes,
         label=None if bool((labels < 0).all()) else labels,
         caption=[item["caption"] for item in items],
-        extra={"load_failures": failures} if failures else {},
+        extra=extra,
     )

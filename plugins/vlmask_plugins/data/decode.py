@@ -1,4 +1,4 @@
-"""Decoding a clip to N frames at a reduced size (decord, with a PyAV fallback).
+"""Decoding a clip to N frames at a reduced size, with PyAV, decord or torchcodec.
 
 Two lessons shape this module. AVION (Zhao & Kraehenbuehl, CVPR 2023): CPU decoding is the
 bottleneck of video pretraining, so decode straight to the size the augmentation needs (a short
@@ -6,6 +6,16 @@ side at the resize target) instead of full resolution and resizing afterwards. T
 trackers of decord-based loaders: one corrupt file must not crash (or hang) a run, so every
 failure becomes a :class:`DecodeError` naming the file and the reason, and files are checked
 once, up front, with PyAV (:func:`probe_video`) rather than on the hot path.
+
+Three decoders, one switch (``decoder``, recipe key ``data.dataset.decoder``;
+:func:`resolve_decoder`): PyAV (FFmpeg bundled in its wheels on every platform; seeks to the
+keyframe before the segment and decodes forward only as far as needed), decord (fast, x86-64
+wheels only, unmaintained since 2021) and torchcodec (needs the system FFmpeg libraries; decodes
+on CUDA with ``device="cuda"``). ``auto`` takes decord, else torchcodec, else PyAV. Every decoder
+returns the same frames for the same indices: the frame-time rule is :func:`slot_times`. At the
+file's own size they return identical pixels; when resizing while decoding each uses its own
+scaler (PyAV and decord swscale bilinear, torchcodec bilinear antialiased; about 1 grey level
+apart on average).
 
 Frame sampling follows VideoMAE (Tong et al., NeurIPS 2022) and FILS (BMVC 2024):
 ``dynamic`` spreads the N frames evenly over the whole segment (the stride adapts to its
@@ -16,16 +26,19 @@ the segment is shorter than the span (VideoMAE's loader does the same).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 
-Backend = Literal["auto", "decord", "pyav"]
-BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
+Decoder = Literal["auto", "pyav", "decord", "torchcodec"]
+#: The values of the dataset's ``decoder`` argument (recipe key ``data.dataset.decoder``).
+DECODERS: tuple[str, ...] = ("auto", "pyav", "decord", "torchcodec")
 SAMPLINGS: tuple[str, ...] = ("dynamic", "fixed")
 
 
@@ -44,12 +57,14 @@ class DecodeError(RuntimeError):
 @dataclass(frozen=True)
 class VideoInfo:
     """What a probe learns about a file: frame count (exact or estimated from the duration),
-    frames per second, and the coded size in pixels."""
+    frames per second (the average rate), the coded size in pixels, and the stream's start time
+    in seconds (the clock origin of :func:`slot_times`)."""
 
     num_frames: int
     fps: float
     width: int
     height: int
+    start: float = 0.0
 
 
 # --------------------------------------------------------------------------- sampling
@@ -168,7 +183,8 @@ def probe_video(path: str | Path, decode: bool = True, full_decode_below: int = 
                 _check_end(path, max(0.0, num_frames / fps - 2.0))
         if num_frames <= 0:
             raise DecodeError(path, "video stream has no frames")
-        return VideoInfo(num_frames, fps, width, height)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        return VideoInfo(num_frames, fps, width, height, start)
     finally:
         container.close()
 
@@ -208,15 +224,100 @@ def _decode_some(container: Any, stream: Any, path: Path, limit: int | None, whe
     return count
 
 
-# --------------------------------------------------------------------------- decoding (hot path)
+# --------------------------------------------------------------------------- the decoder switch
+
+
+class DecoderUnavailableError(ValueError):
+    """A ``decoder`` value that is unknown or cannot run here (the message is one line naming the
+    recipe key ``data.dataset.decoder``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> str | None:
+    """None when ``module`` imports, else a short reason (asked once per process)."""
+    try:
+        __import__(module)
+    except Exception as error:  # ImportError, or a broken native library (torchcodec without FFmpeg)
+        return f"{type(error).__name__}: {_first_line(error)}"
+    return None
 
 
 def decord_available() -> bool:
-    try:
-        import decord  # noqa: F401
-    except Exception:  # ImportError, or a broken native library
-        return False
-    return True
+    return _import_error("decord") is None
+
+
+def torchcodec_available() -> bool:
+    return _import_error("torchcodec.decoders") is None
+
+
+def resolve_decoder(requested: str) -> tuple[str, str]:
+    """The decoder a ``decoder`` value selects, and why: ``(name, reason)``.
+
+    ``auto`` is decord if it imports (fastest on CPU), else torchcodec if it imports, else PyAV
+    (its wheels bundle FFmpeg on every platform, so it is always there). An explicit choice must
+    import; otherwise, and for an unknown value, DecoderUnavailableError (one line, naming the key).
+
+    >>> resolve_decoder("pyav")
+    ('pyav', 'data.dataset.decoder=pyav')
+    """
+    if requested not in DECODERS:
+        raise DecoderUnavailableError(
+            f"data.dataset.decoder: unknown decoder {requested!r}; choose one of {', '.join(DECODERS)}")
+    modules = {"decord": "decord", "torchcodec": "torchcodec.decoders", "pyav": "av"}
+    if requested != "auto":
+        why = _import_error(modules[requested])
+        if why is not None:
+            raise DecoderUnavailableError(
+                f"data.dataset.decoder: {requested!r} is not available here ({why}); "
+                f"install it or choose one of {', '.join(d for d in DECODERS if d != requested)}")
+        return requested, f"data.dataset.decoder={requested}"
+    missing = []
+    for name in ("decord", "torchcodec"):
+        why = _import_error(modules[name])
+        if why is None:
+            return name, "auto: " + "; ".join([*missing, f"{name} imports"])
+        missing.append(f"{name} does not import ({why})")
+    return "pyav", "auto: " + "; ".join([*missing, "PyAV"])
+
+
+# --------------------------------------------------------------------------- frame index -> time
+
+
+#: Slot times are this much later than the half-slot (seconds): a frame whose pts equals the
+#: half-slot time up to rounding (e.g. 1 ms time bases) is the one chosen, by every decoder.
+TIE_SECONDS = 1e-6
+
+
+def slot_times(indices: np.ndarray, info: VideoInfo) -> np.ndarray:
+    """The presentation times (seconds on the stream's clock) at which slot ``indices`` are shown.
+
+    THE RULE, shared by every decoder: slot ``k`` of a file is the frame being presented at time
+    ``info.start + (k + 0.5) / info.fps`` (plus ``TIE_SECONDS``, so that a pts equal to that time
+    up to float rounding counts as at or before it), that is the last frame whose presentation
+    timestamp (pts) is at or before that time; the first frame when none is, the last frame when the file
+    ends earlier. ``info.start`` is the stream's start time and ``info.fps`` its average rate,
+    both from :func:`probe_video` (PyAV), so every decoder maps an index to the same time. For a
+    constant-rate file slot k is frame k (the half-slot offset absorbs pts rounding); for a
+    variable-rate file it is the frame on screen at that moment. Segment bounds [start, end)
+    pick the slots ``segment_frames`` gives.
+
+    >>> slot_times(np.array([0, 3]), VideoInfo(10, 10.0, 64, 32, start=1.0)).round(4).tolist()
+    [1.05, 1.35]
+    """
+    return info.start + (np.asarray(indices, dtype=np.float64) + 0.5) / info.fps + TIE_SECONDS
+
+
+def frames_at(pts: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Positions in the ascending presentation timestamps ``pts`` of the frames presented at
+    ``times`` (the last pts <= time; the first frame before it).
+
+    >>> frames_at(np.array([0.0, 0.1, 0.3]), np.array([-1.0, 0.05, 0.1, 0.29, 9.0])).tolist()
+    [0, 0, 1, 1, 2]
+    """
+    return np.clip(np.searchsorted(pts, times, side="right") - 1, 0, len(pts) - 1)
+
+
+# --------------------------------------------------------------------------- decoding (hot path)
 
 
 def decode_clip(
@@ -226,36 +327,148 @@ def decode_clip(
     short_side: int | None = None,
     start: float | None = None,
     end: float | None = None,
-    backend: str = "auto",
+    decoder: str = "auto",
     info: VideoInfo | None = None,
     generator: torch.Generator | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``sampler.num_frames`` frames of the segment [start, end) of ``path``.
 
-    Returns (frames (T, H, W, 3) uint8 RGB with the shorter side at ``short_side``, the frame
-    indices used). ``backend="auto"`` tries decord and falls back to PyAV when decord is not
-    importable or fails on the file. ``info`` (from :func:`probe_video`) saves reading the
-    header again. Raises DecodeError.
+    Returns (frames (T, H, W, 3) uint8 RGB with the shorter side at ``short_side``, the slot
+    indices used; see :func:`slot_times` for which frame a slot is). ``decoder`` is ``auto``,
+    ``pyav``, ``decord`` or ``torchcodec`` (:func:`resolve_decoder`); with ``auto``, a file the
+    chosen decoder fails on is tried again with PyAV. ``device="cuda"`` makes torchcodec decode
+    on the GPU (the frames still come back as a numpy array). ``info`` (from
+    :func:`probe_video`) saves reading the header again. Raises DecodeError.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    name, _ = resolve_decoder(decoder)
     path = Path(path)
     if info is None:
         info = probe_video(path, decode=False)
     width, height = short_side_size(info.width, info.height, short_side)
+    first, stop = segment_frames(info.num_frames, info.fps, start, end)
+    if stop <= first:
+        raise DecodeError(path, f"segment [{start}, {end}) s holds no frame of {info.num_frames} at {info.fps:g} fps")
+    indices = sampler.indices(first, stop, train, generator)
+    times = slot_times(indices, info)
     errors: list[str] = []
-    if backend in ("auto", "decord") and (backend == "decord" or decord_available()):
+    if name != "pyav":
         try:
-            return _decode_decord(path, sampler, train, width, height, start, end, generator)
+            run = _decode_decord if name == "decord" else _decode_torchcodec
+            frames = run(path, times, width, height, device) if name == "torchcodec" else run(path, times, width, height)
+            return _checked(path, frames, len(indices), width, height), indices
         except DecodeError as error:
-            if backend == "decord":
+            if decoder != "auto":
                 raise
-            errors.append(f"decord: {error.reason}")
+            errors.append(f"{name}: {error.reason}")
     try:
-        return _decode_pyav(path, sampler, train, width, height, start, end, info, generator)
+        return _checked(path, _decode_pyav(path, times, width, height), len(indices), width, height), indices
     except DecodeError as error:
         errors.append(f"pyav: {error.reason}")
         raise DecodeError(path, "; ".join(errors)) from None
+
+
+def _checked(path: Path, frames: np.ndarray, count: int, width: int, height: int) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[0] != count:
+        raise DecodeError(path, f"decoded {frames.shape} for {count} frames")
+    if frames.shape[1:3] != (height, width):
+        frames = resize_frames(frames, width, height)
+    return frames
+
+
+def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize (T, H, W, 3) uint8 frames (bilinear, antialiased), in torch."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return video.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+#: Gap (seconds) between two wanted frames beyond which PyAV seeks again rather than decoding
+#: through, unless the keyframes seen so far are further apart than that (or no second keyframe
+#: has come for longer: the seek would land no later, so decoding through is cheaper).
+RESEEK_SECONDS = 2.0
+
+
+def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: dict[str, int] | None = None) -> np.ndarray:
+    """PyAV: seek to the keyframe at or before the first wanted time (``container.seek`` in the
+    stream's time base, ``backward=True, any_frame=False``), decode forward only until the last
+    wanted time is covered, seeking again across gaps longer than ``RESEEK_SECONDS`` and the
+    largest keyframe interval seen. A seek that lands after the wanted time (some demuxers
+    index by decode time) is retried further back, down to the start of the file. ``stats``,
+    when given, receives ``seeks`` and ``decoded`` (frames) counts."""
+    import av
+
+    wanted = np.unique(times)  # ascending
+    chosen: dict[float, Any] = {}
+    try:
+        with av.open(str(path), mode="r") as container:
+            stream = container.streams.video[0]
+            time_base = float(stream.time_base)
+            origin = (stream.start_time or 0) * time_base
+            position, largest_gop = 0, 0.0
+            while position < len(wanted):
+                target = float(wanted[position])
+                previous, last_key, backoff = None, None, 0.0
+                while True:  # seek; back off when the landing frame is after the target
+                    seek_to = max(origin, target - backoff)
+                    container.seek(int(math.floor(seek_to / time_base)), stream=stream, backward=True, any_frame=False)
+                    frames = _counted(container.decode(stream), stats)
+                    first = next(frames, None)
+                    if first is None or first.pts is None or first.pts * time_base <= target or seek_to <= origin:
+                        break
+                    backoff = max(1.0, 2 * backoff)
+                if first is None:
+                    break
+                reseek = False
+                for frame in itertools.chain([first], frames):
+                    if frame.pts is None:
+                        continue
+                    now = frame.pts * time_base
+                    if frame.key_frame:
+                        if last_key is not None:
+                            largest_gop = max(largest_gop, now - last_key)
+                        last_key = now
+                    served = position
+                    while position < len(wanted) and wanted[position] < now:
+                        chosen[float(wanted[position])] = previous if previous is not None else frame
+                        position += 1
+                    if position == len(wanted):
+                        break
+                    previous = frame
+                    # Seek again only after serving a time since the last seek (no loop), and only
+                    # across a gap longer than any keyframe interval known (a seek lands no earlier).
+                    known_gop = max(RESEEK_SECONDS, largest_gop, now - (last_key if last_key is not None else now))
+                    if position > served and wanted[position] - now > known_gop:
+                        reseek = True
+                        break
+                if not reseek:  # end of the file (or done): the last frame stands for later times
+                    while position < len(wanted):
+                        chosen[float(wanted[position])] = previous
+                        position += 1
+            converted: dict[int, np.ndarray] = {}
+            out = []
+            for time in times.tolist():
+                frame = chosen.get(time)
+                if frame is None:
+                    raise DecodeError(path, "no decodable frame in the segment")
+                if id(frame) not in converted:
+                    converted[id(frame)] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                out.append(converted[id(frame)])
+    except DecodeError:
+        raise
+    except Exception as error:
+        raise DecodeError(path, f"{type(error).__name__}: {_first_line(error)}") from None
+    return np.stack(out)
+
+
+def _counted(frames: Iterator[Any], stats: dict[str, int] | None) -> Iterator[Any]:
+    if stats is None:
+        yield from frames
+        return
+    stats["seeks"] = stats.get("seeks", 0) + 1
+    for frame in frames:
+        stats["decoded"] = stats.get("decoded", 0) + 1
+        yield frame
 
 
 #: Output sizes decord 0.6 cannot resize to (its copy fails with "The size must exactly match",
@@ -263,10 +476,9 @@ def decode_clip(
 _DECORD_BAD_SIZES: set[tuple[int, int]] = set()
 
 
-def _decode_decord(
-    path: Path, sampler: FrameSampler, train: bool, width: int, height: int,
-    start: float | None, end: float | None, generator: torch.Generator | None,
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_decord(path: Path, times: np.ndarray, width: int, height: int) -> np.ndarray:
+    """decord: its frame table (presentation times from the stream's start) maps times to
+    frame positions (:func:`frames_at`); ``get_batch`` seeks and decodes them."""
     try:
         import decord
     except Exception as error:
@@ -278,78 +490,63 @@ def _decode_decord(
         except Exception as error:
             raise DecodeError(path, f"cannot open ({type(error).__name__}: {_first_line(error)})") from None
 
+    def read(reader: Any) -> np.ndarray:
+        count = len(reader)
+        if count <= 0:
+            raise DecodeError(path, "no frames")
+        pts = reader.get_frame_timestamp(list(range(count)))[:, 0]  # seconds from the stream start
+        origin = _stream_start(path)
+        return reader.get_batch(frames_at(pts + origin, times).tolist()).asnumpy()
+
     resize_in_decord = (width, height) not in _DECORD_BAD_SIZES
-    reader = open_reader(width, height) if resize_in_decord else open_reader(-1, -1)
-    count, fps = len(reader), float(reader.get_avg_fps())
-    if count <= 0:
-        raise DecodeError(path, "no frames")
-    first, stop = segment_frames(count, fps, start, end)
-    if stop <= first:
-        raise DecodeError(path, f"segment [{start}, {end}) s holds no frame of {count} at {fps:g} fps")
-    indices = sampler.indices(first, stop, train, generator)
     try:
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        return read(open_reader(width, height) if resize_in_decord else open_reader(-1, -1))
+    except DecodeError:
+        raise
     except Exception as error:
         if not (resize_in_decord and "size must exactly match" in str(error)):
             raise DecodeError(path, f"cannot decode frames ({type(error).__name__}: {_first_line(error)})") from None
-        _DECORD_BAD_SIZES.add((width, height))
-        reader = open_reader(-1, -1)
-        resize_in_decord = False
-        try:
-            frames = reader.get_batch(indices.tolist()).asnumpy()
-        except Exception as error:
-            raise DecodeError(path, f"cannot decode frames ({type(error).__name__}: {_first_line(error)})") from None
-    if frames.shape[0] != len(indices) or frames.ndim != 4:
-        raise DecodeError(path, f"decoded {frames.shape} for {len(indices)} frames")
-    if frames.shape[1:3] != (height, width):
-        frames = resize_frames(frames, width, height)
-    return frames, indices
+    _DECORD_BAD_SIZES.add((width, height))
+    try:
+        return read(open_reader(-1, -1))
+    except DecodeError:
+        raise
+    except Exception as error:
+        raise DecodeError(path, f"cannot decode frames ({type(error).__name__}: {_first_line(error)})") from None
 
 
-def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize (T, H, W, 3) uint8 frames (bilinear, antialiased), in torch."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return video.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _decode_pyav(
-    path: Path, sampler: FrameSampler, train: bool, width: int, height: int,
-    start: float | None, end: float | None, info: VideoInfo, generator: torch.Generator | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sequential decode from the first frame up to the last needed one (simple and exact;
-    slower than decord's seeking on long files, which is why it is the fallback)."""
+def _stream_start(path: Path) -> float:
+    """The video stream's start time in seconds (decord counts from it)."""
     import av
 
-    first, stop = segment_frames(info.num_frames, info.fps, start, end)
-    if stop <= first:
-        raise DecodeError(path, f"segment [{start}, {end}) s holds no frame of {info.num_frames} at {info.fps:g} fps")
-    indices = sampler.indices(first, stop, train, generator)
-    wanted = set(indices.tolist())
-    last_wanted = int(indices.max())
-    got: dict[int, np.ndarray] = {}
+    with av.open(str(path), mode="r") as container:
+        stream = container.streams.video[0]
+        return float((stream.start_time or 0) * stream.time_base)
+
+
+def _decode_torchcodec(path: Path, times: np.ndarray, width: int, height: int, device: str = "cpu") -> np.ndarray:
+    """torchcodec: ``get_frames_played_at`` is exactly the rule of :func:`slot_times` (the frame
+    whose [pts, pts + duration) holds the time); times are clamped into the stream's span.
+    ``seek_mode="exact"`` (a scan of the file at open): "approximate" trusts the header's frame
+    rate and fails on variable-rate files (the decoder tests show it). The
+    decoder resizes (bilinear, antialiased) while decoding; on ``device="cuda"`` it decodes with
+    NVDEC (not tested here: no GPU on the development machines)."""
     try:
-        with av.open(str(path), mode="r") as container:
-            stream = container.streams.video[0]
-            for number, frame in enumerate(container.decode(stream)):
-                if number in wanted:
-                    got[number] = frame.to_ndarray(width=width, height=height, format="rgb24")
-                if number >= last_wanted:
-                    break
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize
     except Exception as error:
-        raise DecodeError(path, f"{type(error).__name__}: {_first_line(error)}") from None
-    if not got:
-        raise DecodeError(path, "no decodable frame in the segment")
-    # A file shorter than its header says: repeat the last frame decoded before each index.
-    known = sorted(got)
-    out = []
-    for index in indices.tolist():
-        if index in got:
-            out.append(got[index])
-        else:
-            earlier = [k for k in known if k <= index]
-            out.append(got[earlier[-1]] if earlier else got[known[0]])
-    return np.stack(out), indices
+        raise DecodeError(path, f"torchcodec is not importable ({_first_line(error)})") from None
+    try:
+        reader = VideoDecoder(str(path), dimension_order="NHWC", seek_mode="exact", device=device,
+                              transforms=[Resize(size=(height, width))])
+        meta = reader.metadata
+        begin = float(meta.begin_stream_seconds or 0.0)
+        last = float(meta.end_stream_seconds) if meta.end_stream_seconds is not None else math.inf
+        clamped = np.clip(times, begin, np.nextafter(last, -math.inf))
+        batch = reader.get_frames_played_at(seconds=clamped.tolist())
+        return batch.data.cpu().numpy()
+    except Exception as error:
+        raise DecodeError(path, f"cannot decode frames ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:

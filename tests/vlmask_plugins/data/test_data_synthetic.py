@@ -86,7 +86,7 @@ def test_decoded_frames_match_the_rendered_ones(synth, read_rows):
     for index, row in enumerate(read_rows(train)[:3]):
         expected, _ = render_clip(clip_spec(SEED, index))
         for backend in ("decord", "pyav"):
-            frames, indices = decode_clip(train.parent / row["video"], FrameSampler(16), backend=backend)
+            frames, indices = decode_clip(train.parent / row["video"], FrameSampler(16), decoder=backend)
             assert indices.tolist() == list(range(16))
             error = np.abs(frames.astype(np.float64) - expected).mean()
             assert error < 8.0, f"{backend}: mean abs error {error:.2f} (H.264 at crf 18 should be ~3)"
