@@ -141,7 +141,8 @@ def parse_line(row: Any, line: int, root: Path) -> ManifestClip:
 def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
     """(line number, decoded row or None, parsed clip or None, reason when bad) per non-blank line."""
     root = path.parent
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
+    # utf-8-sig: a byte-order mark some editors put first is dropped, not read as part of line 1
+    with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -149,6 +150,9 @@ def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | No
                 row = json.loads(text)
             except json.JSONDecodeError as error:
                 yield number, None, None, f"invalid JSON: {error.msg} at column {error.colno}"
+                continue
+            except RecursionError:  # e.g. [[[[...]]]] 100k deep: one bad line, not the end of the run
+                yield number, None, None, "invalid JSON: nested too deeply"
                 continue
             try:
                 yield number, row, parse_line(row, number, root), None
