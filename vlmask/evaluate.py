@@ -290,7 +290,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
         val_path = val_manifest(trainer)
         data: dict[str, Any] = {"train": str(trainer.train_manifest), "val": str(val_path) if val_path else None}
         if val_path is None:
-            console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed[/]")
+            console.print(f"{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed", style="yellow", markup=False)
         elif built:
             train_set = eval_dataset(trainer, trainer.train_manifest)
             val_set = eval_dataset(trainer, val_path)
@@ -477,9 +477,9 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                         f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
                         f"compare into another folder, or remove it"
                     )
-                console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False)
+                console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False, markup=False)
             else:
-                console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False)
+                console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
                 trainer = Trainer(load_recipe(recipe_path, run_overrides))
                 try:
                     trainer.train()
@@ -495,7 +495,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                                           "runs": entries})
     (out / "comparison.md").write_text(comparison_table(entries, overrides))
     comparison_plot(entries, out / "comparison.png")
-    console.print(f"comparison written to {out}", highlight=False)
+    console.print(f"comparison written to {out}", highlight=False, markup=False)
     return out
 
 

@@ -523,7 +523,7 @@ def _finetune(trainer: Any, run_dir: Path, settings: FinetuneSettings, progress:
     val_path = val_manifest(trainer)
     val_set = eval_dataset(trainer, val_path) if val_path is not None else None
     if val_set is None:
-        console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation[/]")
+        console.print(f"{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation", style="yellow", markup=False)
     class_verbs, class_nouns = class_parts(train_set, classes)
 
     # model and optimizer

@@ -75,3 +75,75 @@ def test_an_alias_bomb_through_the_cli_is_one_line_naming_the_file(tmp_path, com
     assert result.returncode == 2, result.stderr
     assert f"{bomb}: refused: it expands to more than {MAX_EXPANDED_NODES:,} values" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- manifests with hostile paths and lines
+
+def bracket_folder(tmp_path: Path) -> Path:
+    """``a[/]b/[draft]``: both rich markup if a path were ever printed as markup (a closing tag
+    with nothing to close: MarkupError; a tag that would silently be dropped)."""
+    folder = tmp_path / "a[" / "]b" / "[draft]"
+    folder.mkdir(parents=True)
+    assert "a[/]b/[draft]" in str(folder)
+    return folder
+
+
+def copy_manifest(source: Path, target: Path, extra_lines: list[str] = (), bom: bool = False) -> list[dict]:
+    """The rows of ``source`` with absolute video paths, written to ``target`` (then extra lines)."""
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["video"] = str((source.parent / row["video"]).resolve())
+    text = "".join(json.dumps(row) + "\n" for row in rows) + "".join(line + "\n" for line in extra_lines)
+    target.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return rows
+
+
+def test_run_from_a_bracketed_folder_with_a_bom_and_a_100k_deep_line(tmp_path, tiny_synth, tiny_scale, isolated_cache):
+    """``run`` with a manifest under ``a[/]b/[draft]`` (today: a rich MarkupError traceback, or the
+    brackets silently removed), starting with a UTF-8 byte-order mark (today: line 1 dropped) and
+    holding a line nested 100k deep (today: RecursionError ends the run)."""
+    folder = bracket_folder(tmp_path)
+    manifest = folder / "train.jsonl"
+    rows = copy_manifest(tiny_synth[0], manifest, ["[" * 100_000 + "]" * 100_000], bom=True)
+    deep_line = len(rows) + 1
+    run_dir = folder / "run"
+    result = vlmask("run", str(RECIPES / "mae.yaml"), f"data.train={manifest}", f"run.dir={run_dir}",
+                    "train.max_steps=1", *tiny_scale)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "MarkupError" not in result.stderr
+    assert result.stdout.count(f"run directory: {run_dir}\n") == 2
+    assert "1 manifest line(s) skipped" in result.stderr
+    assert f"line {deep_line}: invalid JSON: nested too deeply" in result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_clips"] == 1 and summary["skipped"][0]["line"] == deep_line  # line 1 (BOM) kept
+
+
+@pytest.mark.parametrize("command", ["boxes", "captions"])
+def test_data_fillers_print_bracketed_paths_as_written(tmp_path, tiny_synth, isolated_cache, command):
+    folder = bracket_folder(tmp_path)
+    manifest, out = folder / "in.jsonl", folder / "out.jsonl"
+    rows = copy_manifest(tiny_synth[1], manifest, ["{not json"])
+    extra = ["--captioner", "template"] if command == "captions" else []
+    result = vlmask("data", command, str(manifest), "--out", str(out), "--workers", "1", *extra)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{out}: {len(rows)} of {len(rows) + 1} lines written" in result.stdout
+    assert f"line {len(rows) + 1}: invalid JSON" in result.stdout
+
+
+def test_an_error_message_holding_markup_is_printed_as_written(tmp_path):
+    """A missing recipe or run under ``a[/]b/[draft]``: the error names the path as written, exit 2."""
+    folder = bracket_folder(tmp_path)
+    result = vlmask("validate", str(folder / "nowhere.yaml"))
+    assert result.returncode == 2, result.stderr
+    assert f"{folder / 'nowhere.yaml'}: recipe file not found" in result.stderr
+    missing = vlmask("eval", str(folder / "no-run"))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"{folder / 'no-run'}: not a run directory" in missing.stderr
+
+
+def test_data_synth_into_a_bracketed_folder(tmp_path):
+    folder = tmp_path / "a[" / "]b" / "[draft]"
+    result = vlmask("data", "synth", "--out", str(folder), "--clips", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {folder / 'train.jsonl'} and {folder / 'val.jsonl'}" in result.stdout

@@ -211,10 +211,11 @@ class _progress_bar:
         if not self.enabled:
             return lambda n: None
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn(f"[bold]{escape(self.description)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=Console(stderr=True), transient=True,
         )
         task = self._progress.add_task(self.description, total=self.total)
