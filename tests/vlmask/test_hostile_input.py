@@ -147,3 +147,28 @@ def test_data_synth_into_a_bracketed_folder(tmp_path):
     result = vlmask("data", "synth", "--out", str(folder), "--clips", "2")
     assert result.returncode == 0, result.stderr
     assert f"wrote {folder / 'train.jsonl'} and {folder / 'val.jsonl'}" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["boxes", "captions"])
+def test_filling_a_manifest_in_place_loses_no_line(tmp_path, tiny_synth, isolated_cache, command):
+    """``--out`` equal to the input: good lines are filled, skipped and blank lines stay where
+    they were, byte for byte (today they vanish from the source for good)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    manifest = folder / "m.jsonl"
+    rows = copy_manifest(tiny_synth[1], folder / "rows.jsonl")
+    field = "action_box" if command == "boxes" else "caption"
+    rows[0].pop(field)
+    missing = json.dumps({"video": "gone.mp4", "label": "x"})
+    lines = [json.dumps(rows[0]), "{not json", "", missing, *map(json.dumps, rows[1:])]
+    manifest.write_text("\n".join(lines) + "\n")
+    extra = ["--captioner", "template"] if command == "captions" else []
+    result = vlmask("data", command, str(manifest), "--out", str(manifest), "--workers", "1", *extra)
+    assert result.returncode == 0, result.stderr
+    after = manifest.read_text().splitlines()
+    assert after[1:4] == lines[1:4], "the skipped lines and the blank one are kept in place"
+    assert after[4:] == lines[4:], "lines that needed nothing are unchanged"
+    filled = json.loads(after[0])
+    assert filled[field] and {k: v for k, v in filled.items() if k != field} == rows[0]
+    assert "(kept as they were: the manifest was filled in place)" in result.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["m.jsonl", "rows.jsonl"], "no temporary file left"
