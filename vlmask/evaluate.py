@@ -362,13 +362,16 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
     run, checkpoint and pooling. Features come from (and go to) the run's feature cache.
-    Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it).
+    Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
+    ``out`` gets ``out/embeddings.npy`` and ``out/embeddings.json``).
     """
     from vlmask.runs import load_run
     from vlmask_plugins.evaluation.features import check_pooling
 
     check_pooling(pooling)
     run_dir, manifest, out = Path(run_dir), Path(manifest), Path(out)
+    if out.is_dir():  # --out DIR: the array goes inside it, not beside it as DIR.npy
+        out = out / "embeddings.npy"
     if not out.name.endswith(".npy"):
         out = out.with_name(out.name + ".npy")
     if not manifest.is_file():

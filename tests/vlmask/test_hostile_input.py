@@ -172,3 +172,21 @@ def test_filling_a_manifest_in_place_loses_no_line(tmp_path, tiny_synth, isolate
     assert filled[field] and {k: v for k, v in filled.items() if k != field} == rows[0]
     assert "(kept as they were: the manifest was filled in place)" in result.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["m.jsonl", "rows.jsonl"], "no temporary file left"
+
+
+def test_embed_out_an_existing_folder_writes_inside_it(tmp_path, tiny_synth, tiny_scale, isolated_cache):
+    """``embed --out DIR`` with DIR a folder: DIR/embeddings.npy (today DIR.npy appears beside it)."""
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    trained = vlmask("run", str(RECIPES / "mae.yaml"), f"data.train={tiny_synth[0]}", f"run.dir={run_dir}",
+                     "train.max_steps=1", *tiny_scale)
+    assert trained.returncode == 0, trained.stderr
+    folder = tmp_path / "features"
+    folder.mkdir()
+    result = vlmask("embed", str(run_dir), str(tiny_synth[1]), "--out", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {folder / 'embeddings.npy'}" in result.stdout
+    rows = [line for line in tiny_synth[1].read_text().splitlines() if line.strip()]
+    assert np.load(folder / "embeddings.npy").shape[0] == len(rows)
+    assert (folder / "embeddings.json").is_file() and not (tmp_path / "features.npy").exists()
