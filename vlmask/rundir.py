@@ -69,7 +69,7 @@ class RunDirLock:
     def __init__(self, run_dir: str | Path, command: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self.command = command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.command = command if command is not None else _command_line()
         self._fd: int | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -116,6 +116,13 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _command_line() -> str:
+    """This process's command as the user typed it: ``vlmask run ...`` also under ``python -m vlmask``."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = program.parent.name if program.name == "__main__.py" else program.name
+    return " ".join([name, *sys.argv[1:]])
 
 
 def describe_holder(lock_file: Path) -> str:
