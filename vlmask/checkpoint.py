@@ -91,11 +91,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
 def _tmp_name(step: int) -> str:
     """``.tmp-step_<N>-<host>-<pid>``: who writes it, so a later save can tell an orphan (its
     writer was killed, or its disk filled) from a folder a live writer is still filling."""
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-    return f"{TMP_PREFIX}{STEP_PREFIX}{step:08d}-{host}-{os.getpid()}"
+    return f"{TMP_PREFIX}{STEP_PREFIX}{step:08d}-{_host()}-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -114,7 +117,7 @@ def orphan_temporaries(folder: Path) -> list[Path]:
     earlier save that failed). A folder written by another host, or by a live process here, is
     never listed: its writer may still be filling it."""
     orphans = []
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    host = _host()
     for path in sorted(folder.glob(f"{TMP_PREFIX}{STEP_PREFIX}*")) if folder.is_dir() else []:
         match = _TMP_PATTERN.fullmatch(path.name)
         if match is None or not path.is_dir():
