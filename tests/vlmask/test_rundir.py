@@ -236,10 +236,17 @@ def test_the_guard_records_on_the_device_without_reading_back(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_guard_on_cuda_keeps_its_flag_on_the_device():
+def test_the_guard_on_cuda_never_synchronises_while_observing():
+    """CUDA's sync debug mode turns any host-device synchronisation into an error."""
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, float("nan"), 2.0)]
     guard = NonFiniteGuard("cuda")
-    for loss in (1.0, float("nan"), 2.0):
-        guard.observe(torch.tensor(loss, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss in losses:
+            guard.observe(loss, {"pixels": loss})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert guard._first_bad.device.type == "cuda" and guard.first_bad_step() == 2
 
 
