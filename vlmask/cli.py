@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -17,13 +18,13 @@ from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import PluginError, Plugins, default_plugins
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)  # machine-read lines (paths, JSON) are never wrapped
+out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
 
 
 def _plugins() -> Plugins:
     plugins = default_plugins()
     for failure in plugins.failures:
-        console.print(f"[yellow]warning:[/] {failure}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(failure))}", soft_wrap=True, highlight=False)
     return plugins
 
 
@@ -49,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in requirements_report(recipe, plugins.registry):  # what only the data can provide
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if problems:
-        console.print(f"[red]{args.recipe}: {len(problems)} problem(s)[/]")
+        console.print(f"[red]{escape(args.recipe)}: {len(problems)} problem(s)[/]", highlight=False)
         for p in problems:
             console.print(f"- {p}", markup=False, highlight=False, soft_wrap=True)
         return 1
@@ -72,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(trainer.describe(), markup=False, highlight=False, soft_wrap=True)
         skipped = getattr(trainer.train_set, "skipped", [])
         if skipped:
-            console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + "; ".join(str(s) for s in list(skipped)[:5]), highlight=False)
+            console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + escape("; ".join(str(s) for s in list(skipped)[:5])), highlight=False)
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"- {problem}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except PluginError as exc:
-        console.print(f"[red]plugin error:[/] {exc}", highlight=False)
+        console.print(f"[red]plugin error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; the last checkpoint is kept and `vlmask run` with the same run.dir resumes it")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VLMASK_DEBUG"):
             raise
         name = type(exc).__name__
-        console.print(f"[red]{name}:[/] {exc}", highlight=False)
+        console.print(f"[red]{name}:[/] {escape(str(exc))}", highlight=False)
         console.print("(set VLMASK_DEBUG=1 for the traceback)")
         return 1
 

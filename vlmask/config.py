@@ -59,13 +59,68 @@ class Recipe:
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def _key_lines(path: Path, text: str) -> dict[str, int]:
-    """Line number (1-based) of every mapping key in a YAML document, by dotted path."""
-    lines: dict[str, int] = {}
+#: The most values (mapping keys, values and list items, counted after YAML aliases are
+#: expanded) one recipe document or command-line value may hold. Shipped recipes hold < 100;
+#: a few hundred bytes of nested ``&anchor``/``*alias`` (an "alias bomb") expand to billions.
+MAX_EXPANDED_NODES = 10_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """The number of nodes ``root`` holds once every alias is expanded, counted on the composed
+    graph (an alias is a shared node there, so each distinct node is visited once); raises
+    ``_TooLarge`` as soon as the count passes ``limit`` or a node contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _TooLarge("an alias refers to a node that contains it")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > limit:
+            raise _TooLarge(f"it expands to more than {limit:,} values through YAML aliases (&anchor / *alias), "
+                            "more than any recipe needs (an alias bomb?)")
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def safe_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """``yaml.safe_load(text)`` and its composed node graph, refusing, before anything is built,
+    a document that expands past :data:`MAX_EXPANDED_NODES` values (an alias bomb) or that nests
+    too deeply; each refusal is a one-line ``RecipeError`` naming ``source``."""
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, None
+            _expanded_size(node, MAX_EXPANDED_NODES)
+            return loader.construct_document(node), node
+        except _TooLarge as exc:
+            raise RecipeError([f"{source}: refused: {exc}"]) from None
+        except RecursionError:
+            raise RecipeError([f"{source}: refused: the YAML nests too deeply"]) from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """Line number (1-based) of every mapping key in a composed YAML document, by dotted path."""
+    lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -113,12 +168,13 @@ def _load_file(path: Path, provenance: dict[str, str], chain: tuple[Path, ...]) 
         raise RecipeError([f"{_display(path)}: recipe file not found{where}"])
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw, root = safe_yaml(text, _display(path))
     except yaml.YAMLError as exc:
         raise RecipeError([f"{_display(path)}: not valid YAML: {exc}"]) from None
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise RecipeError([f"{_display(path)}: a recipe must be a mapping of keys, got {type(raw).__name__}"])
-    lines = _key_lines(path, text)
+    lines = _key_lines(root)
     bases = raw.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -167,7 +223,7 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
     if not key:
         raise RecipeError([f"command line: {text!r}: empty key"])
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = safe_yaml(value, f"command line: {text}")[0] if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed.strip()):

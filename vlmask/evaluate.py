@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import Tensor
 
 from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features
@@ -235,7 +236,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     val_path = val_manifest(run)
     data: dict[str, Any] = {"train": str(run.train_manifest), "val": str(val_path) if val_path else None}
     if val_path is None:
-        console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed[/]")
+        console.print(f"{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed", style="yellow", markup=False)
     elif built:
         train_set = eval_dataset(run, run.train_manifest)
         val_set = eval_dataset(run, val_path)
@@ -305,10 +306,13 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
     run, checkpoint and pooling. Features come from (and go to) the run's feature cache.
-    Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it).
+    Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
+    ``out`` gets ``out/embeddings.npy`` and ``out/embeddings.json``).
     """
     check_pooling(pooling)
     run_dir, manifest, out = Path(run_dir), Path(manifest), Path(out)
+    if out.is_dir():  # --out DIR: the array goes inside it, not beside it as DIR.npy
+        out = out / "embeddings.npy"
     if not out.name.endswith(".npy"):
         out = out.with_name(out.name + ".npy")
     if not manifest.is_file():
@@ -465,9 +469,9 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
         recipe_path, seed, run_dir = run.recipe, run.seed, run.run_dir
         try:
             if is_finished(run_dir):
-                console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False)
+                console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False, markup=False)
             else:
-                console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False)
+                console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
                 with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
                     trainer.train()
             evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
@@ -480,7 +484,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             raise
         except Exception as exc:  # one failed recipe must not lose the others
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            console.print(f"[red]{recipe_path} seed {seed} failed:[/] {reason}", highlight=False)
+            console.print(f"[red]{escape(str(recipe_path))} seed {seed} failed:[/] {escape(reason)}", highlight=False)
             failed.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
                            "run_dir": str(run_dir), "error": reason})
             continue
@@ -499,7 +503,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     write_json(out / "comparison.json", result)
     (out / "comparison.md").write_text(comparison_table(entries, overrides, stats=stats, paired=paired, failed=failed))
     comparison_plot(entries, out / "comparison.png")
-    console.print(f"comparison written to {out}", highlight=False)
+    console.print(f"comparison written to {out}", highlight=False, markup=False)
     return out
 
 
@@ -512,7 +516,7 @@ def _train_flops_of(recipe_path: str, run_overrides: list[str], summary: dict[st
         recipe = load_recipe(recipe_path, run_overrides)
         return train_flops(recipe_path, _without_run_dir(run_overrides), trained_clips(recipe, summary))
     except Exception as exc:  # FLOPs are an annotation: a counter failure must not fail the run
-        console.print(f"[yellow]{recipe_path}: training FLOPs not counted: {exc}[/]", highlight=False)
+        console.print(f"[yellow]{escape(str(recipe_path))}: training FLOPs not counted: {escape(str(exc))}[/]", highlight=False)
         return None
 
 

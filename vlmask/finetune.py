@@ -432,7 +432,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     val_path = val_manifest(run)
     val_set = eval_dataset(run, val_path) if val_path is not None else None
     if val_set is None:
-        console.print(f"[yellow]{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation[/]")
+        console.print(f"{run_dir}: no validation manifest (set data.val=...): finetuning without evaluation", style="yellow", markup=False)
     class_verbs, class_nouns = class_parts(train_set, classes)
 
     # model and optimizer

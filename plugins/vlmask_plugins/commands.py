@@ -11,19 +11,20 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from vlmask.config import RecipeError, parse_override
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.schema import check_plugin_node
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)  # machine-read lines (paths, JSON) are never wrapped
+out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
 
 
 def _plugins() -> Plugins:
     plugins = default_plugins()
     for failure in plugins.failures:
-        console.print(f"[yellow]warning:[/] {failure}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(failure))}", soft_wrap=True, highlight=False)
     return plugins
 
 

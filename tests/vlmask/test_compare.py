@@ -100,8 +100,8 @@ def test_every_recipe_is_validated_before_any_trains(tiny_synth, tiny_scale, tmp
 
 
 def test_a_failed_recipe_is_reported_and_the_others_are_tabulated(tiny_synth, tiny_scale, tmp_path):
-    broken = tmp_path / "broken.yaml"  # valid keys and types; the encoder cannot tile 32x32 clips with 7x7 patches
-    broken.write_text(f"base: [{RECIPES / 'mae.yaml'}]\nmodel: {{encoder: {{patch: 7}}}}\n")
+    broken = tmp_path / "broken.yaml"  # valid, so validation passes; the loss diverges to inf/NaN while training
+    broken.write_text(f"base: [{RECIPES / 'mae.yaml'}]\noptim: {{lr: 1.0e+30, warmup_lr: 1.0e+30, min_lr: 1.0e+30}}\n")
     out = compare([str(broken), str(RECIPES / "mae.yaml")], tiny(tiny_synth, tiny_scale), seeds=[0],
                   out_dir=tmp_path / "cmp", progress=False)
     comparison = json.loads((out / "comparison.json").read_text())

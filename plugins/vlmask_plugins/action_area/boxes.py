@@ -9,6 +9,8 @@ as :func:`vlmask_plugins.data.manifest.read_manifest` does. Clips are processed 
 pool (OpenCV and the decoders release the GIL) behind a rich progress bar, and every result is
 cached as a small JSON file per clip, keyed by the file's absolute path, size and mtime, the
 segment and the detector's parameters, so a second run over the same data detects nothing.
+The output replaces its file atomically; ``--out`` equal to the input fills the manifest in
+place, keeping skipped lines as they were.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class FillStats:
         text = (f"{self.manifest_out}: {self.written} of {self.lines} lines written; boxes: {self.kept} kept, "
                 f"{self.detected} detected, {self.cached} from cache, {self.fallbacks} fallbacks (nothing moved); "
                 f"{len(self.skipped)} skipped")
+        if self.skipped and self.manifest_in.resolve() == self.manifest_out.resolve():
+            text += " (kept as they were: the manifest was filled in place)"
         if self.skipped:
             shown = "; ".join(str(s) for s in self.skipped[:first])
             more = f"; ... {len(self.skipped) - first} more" if len(self.skipped) > first else ""

@@ -7,7 +7,8 @@ relative ``video`` paths are rewritten to stay correct from the output folder; b
 (invalid JSON, a missing file, a file that does not decode) are skipped and counted with their
 line numbers, as :func:`vlmask_plugins.data.manifest.read_manifest` does. A line the captioner
 gives no caption (a template field missing, a model that wrote nothing) is kept, uncaptioned,
-and counted.
+and counted. The output replaces its file atomically; ``--out`` equal to the input fills the
+manifest in place, keeping skipped lines as they were.
 
 Pixel captioners see ``frames_per_clip`` evenly spaced frames of the clip's segment (decoded by
 :func:`vlmask_plugins.data.decode.decode_clip`); clips are processed by a thread pool behind a
@@ -59,6 +60,8 @@ class CaptionStats:
         text = (f"{self.manifest_out}: {self.written} of {self.lines} lines written; captions: {self.kept} kept, "
                 f"{self.captioned} written now, {self.cached} from cache, {len(self.uncaptioned)} left without; "
                 f"{len(self.skipped)} skipped")
+        if self.skipped and self.manifest_in.resolve() == self.manifest_out.resolve():
+            text += " (kept as they were: the manifest was filled in place)"
         for name, items in (("without caption", self.uncaptioned), ("skipped", self.skipped)):
             if items:
                 shown = "; ".join(str(s) for s in items[:first])

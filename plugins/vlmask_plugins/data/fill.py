@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 import cv2
 
 from vlmask_plugins.data.decode import DecodeError
-from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, read_manifest_rows, write_manifest
+from vlmask_plugins.data.manifest import ManifestClip, SkippedClip, read_manifest_rows, write_manifest, write_text_atomic
 
 T = TypeVar("T")
 
@@ -80,7 +80,13 @@ def fill_manifest(
     whose work raised a decode, OpenCV or file error is skipped with its reason (the
     :class:`DecodeError`'s, else "``{verb}`` failed (...)"); any other exception propagates. Updates
     ``stats.lines``, ``stats.skipped`` (sorted by line) and ``stats.written``.
+
+    The output is written beside ``target`` and renamed over it (atomic). When ``target`` is
+    ``source`` itself (``--out`` equal to the input), nothing of the source is lost: skipped and
+    blank lines stay where they were, byte for byte, and only good lines are rewritten, so the line
+    numbers do not move either. Otherwise the output holds the good lines only.
     """
+    in_place = target.exists() and os.path.samefile(source, target)
     lines: dict[int, ManifestLine] = {}
     jobs: list[int] = []
     for number, row, clip, reason in read_manifest_rows(source):
@@ -104,7 +110,15 @@ def fill_manifest(
         store(lines[number], outcome)
     stats.skipped.sort(key=lambda s: s.line)
     out_rows = [lines[n].out for n in sorted(lines) if n not in failed]
-    write_manifest(target, out_rows)
+    if not in_place:
+        write_manifest(target, out_rows)
+    else:  # every line of the source stays: filled where good, as it was where skipped (or blank)
+        with source.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            raw = list(handle)
+        text = "".join(json.dumps(lines[n].out) + "\n" if n in lines and n not in failed
+                       else (line if line.endswith("\n") else line + "\n")
+                       for n, line in enumerate(raw, start=1))
+        write_text_atomic(target, text)
     stats.written = len(out_rows)
 
 
@@ -212,7 +226,7 @@ class _ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._lock = threading.Lock()
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn())
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)

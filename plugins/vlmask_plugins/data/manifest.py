@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -141,7 +142,8 @@ def parse_line(row: Any, line: int, root: Path) -> ManifestClip:
 def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | None, str | None]]:
     """(line number, decoded row or None, parsed clip or None, reason when bad) per non-blank line."""
     root = path.parent
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
+    # utf-8-sig: a byte-order mark some editors put first is dropped, not read as part of line 1
+    with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -149,6 +151,9 @@ def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | No
                 row = json.loads(text)
             except json.JSONDecodeError as error:
                 yield number, None, None, f"invalid JSON: {error.msg} at column {error.colno}"
+                continue
+            except RecursionError:  # e.g. [[[[...]]]] 100k deep: one bad line, not the end of the run
+                yield number, None, None, "invalid JSON: nested too deeply"
                 continue
             try:
                 yield number, row, parse_line(row, number, root), None
@@ -174,10 +179,25 @@ def read_manifest(path: str | Path) -> ManifestReport:
 
 
 def write_manifest(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write rows as JSON Lines (e.g. a manifest with ``action_box`` filled in)."""
+    """Write rows as JSON Lines (e.g. a manifest with ``action_box`` filled in), atomically."""
+    return write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` beside ``path`` (``.NAME.tmp-PID``), fsync it, then rename it over ``path``:
+    a reader, or a kill at any moment, sees the old file or the whole new one. Undecodable bytes
+    kept from an input (``surrogateescape``) are written back as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(scratch, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
     return path
 
 

@@ -475,9 +475,11 @@ def _progress(items: range, enabled: bool, description: str) -> Iterator[int]:
         yield from items
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import track
 
-    yield from track(items, description=description, console=Console(stderr=True))  # stdout is for results
+    # stdout is for results; the description names a user's folder, never markup
+    yield from track(items, description=escape(description), console=Console(stderr=True))
 
 
 def generate(

@@ -74,3 +74,26 @@ def test_bad_lines_are_skipped_with_line_numbers_and_reasons(tmp_path, video):
 def test_a_missing_manifest_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         read_manifest(tmp_path / "nowhere.jsonl")
+
+
+def test_a_line_nested_100k_deep_is_one_bad_line(tmp_path, video):
+    """json.loads recurses: without a guard one hostile line ends the whole run in RecursionError."""
+    manifest = write(tmp_path / "m.jsonl", [
+        json.dumps({"video": "clips/a.mp4"}),
+        "[" * 100_000 + "]" * 100_000,
+        '{"video": "clips/a.mp4", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        json.dumps({"video": "clips/a.mp4"}),
+    ])
+    report = read_manifest(manifest)
+    assert [c.line for c in report.clips] == [1, 4]
+    assert [(s.line, s.reason) for s in report.skipped] == [(2, "invalid JSON: nested too deeply"),
+                                                            (3, "invalid JSON: nested too deeply")]
+
+
+def test_a_utf8_byte_order_mark_keeps_the_first_line(tmp_path, video):
+    manifest = tmp_path / "bom.jsonl"
+    manifest.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"video": "clips/a.mp4", "caption": "first"}) + "\n"
+                                              + json.dumps({"video": "clips/a.mp4", "caption": "second"}) + "\n").encode())
+    report = read_manifest(manifest)
+    assert report.skipped == []
+    assert [(c.line, c.caption) for c in report.clips] == [(1, "first"), (2, "second")]

@@ -1,0 +1,258 @@
+"""Run-directory safety pieces: the writer lock, metrics.jsonl under kills, the same-recipe check,
+and the non-finite loss guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vlmask.rundir import (
+    LOCK_NAME,
+    MetricsError,
+    NonFiniteGuard,
+    NonFiniteLoss,
+    RunDirBusy,
+    RunDirLock,
+    RunDirMismatch,
+    check_same_recipe,
+    non_finite_parameters,
+    read_metrics,
+    truncate_metrics_after,
+)
+
+# --------------------------------------------------------------------------- (a) the lock
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from vlmask.rundir import RunDirLock
+    lock = RunDirLock(sys.argv[1], command="vlmask run recipes/mae.yaml seed=3").acquire()
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        with pytest.raises(RunDirBusy) as refused:
+            RunDirLock(run_dir).acquire()
+        message = str(refused.value)
+        assert message.startswith(f"{run_dir} is in use by pid {holder.pid} on {socket.gethostname()} "
+                                  f"(vlmask run recipes/mae.yaml seed=3, since ")
+        assert message.endswith("; wait for it to finish, stop it, or choose another run.dir")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holders_lock_is_recovered(tmp_path):
+    """SIGKILL gives the holder no chance to clean up; the kernel drops its flock all the same."""
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert str(holder.pid) in (run_dir / LOCK_NAME).read_text(), "the dead holder's identity is still written"
+    with RunDirLock(run_dir, command="the next run") as lock:
+        assert lock.held
+        assert json.loads((run_dir / LOCK_NAME).read_text())["command"] == "the next run"
+    assert not lock.held
+    with RunDirLock(run_dir):  # released on exit: taken again
+        pass
+
+
+def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
+    with RunDirLock(tmp_path / "run"):
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
+            RunDirLock(tmp_path / "run").acquire()
+
+
+# --------------------------------------------------------------------------- (b) metrics.jsonl
+
+def write_metrics(path: Path, steps: list[int], tail: str = "") -> None:
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in steps) + tail)
+
+
+def test_a_torn_last_line_is_ignored_with_a_warning_naming_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, [1, 2, 3], tail='{"step": 4, "lo')
+    warnings: list[str] = []
+    assert [r["step"] for r in read_metrics(path, warn=warnings.append)] == [1, 2, 3]
+    assert warnings == [f"{path}:4: the last line is incomplete (a kill while it was written); ignored"]
+    write_metrics(path, [1, 2], tail="\0\0\0\0")  # what a crash can leave after the last write
+    assert [r["step"] for r in read_metrics(path, warn=warnings.append)] == [1, 2] and len(warnings) == 1
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, oops\n{"step": 3}\n')
+    with pytest.raises(MetricsError, match=rf"^{path}:2: invalid JSON"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{"loss": 2}\n{"step": 3}\n')
+    with pytest.raises(MetricsError, match=rf"^{path}:2: no integer 'step'"):
+        read_metrics(path)
+
+
+def test_truncate_keeps_lines_byte_for_byte_and_replaces_atomically(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 0.30000000000000004}', '{"step":2,"loss":NaN}', '{"step": 3}', '{"step": 4}']
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    inode = path.stat().st_ino
+    assert truncate_metrics_after(path, 2, warn=lambda m: None) == 2
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert path.stat().st_ino != inode, "written beside and renamed over, not rewritten in place"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert truncate_metrics_after(tmp_path / "absent.jsonl", 2) == 0 and not (tmp_path / "absent.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- (c) the same recipe
+
+RECIPE = {"seed": 0, "train": {"max_steps": 10, "batch_size": 4}, "optim": {"lr": 0.001},
+          "masker": {"name": "tube", "ratio": 0.9}, "data": {"num_workers": 2}, "run": {"dir": "r"}}
+
+
+def stored_run(tmp_path: Path, finished: bool = True) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {**json.loads(json.dumps(RECIPE)), "record": {"recipe": "recipes/mae.yaml", "overrides": []}}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    if finished:
+        (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def changed(**edits) -> dict:
+    config = json.loads(json.dumps(RECIPE))
+    for dotted, value in edits.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def test_a_new_directory_and_the_same_recipe(tmp_path):
+    assert check_same_recipe(tmp_path / "nothing", RECIPE).status == "new"
+    run_dir = stored_run(tmp_path)
+    same = check_same_recipe(run_dir, changed(data__num_workers=0, run__dir="elsewhere"))
+    assert (same.status, same.finished) == ("same", True)
+    assert same.message() == f"{run_dir}: already finished with this recipe (summary.json exists); nothing to do"
+    same.raise_if_refused()
+
+
+def test_other_overrides_or_another_recipe_are_refused_naming_the_keys(tmp_path):
+    run_dir = stored_run(tmp_path)
+    check = check_same_recipe(run_dir, changed(optim__lr=0.002, masker__ratio=0.75),
+                              overrides=["optim.lr=0.002", "masker.ratio=0.75"], recipe="recipes/fils.yaml")
+    assert check.status == "refused"
+    assert [d.key for d in check.differences] == ["masker.ratio", "optim.lr"]
+    assert check.message() == (
+        f"{run_dir} was trained with another recipe (it was trained from recipes/mae.yaml, this is recipes/fils.yaml): "
+        "masker.ratio: 0.9 in the run, 0.75 now (command line: masker.ratio=0.75); "
+        "optim.lr: 0.001 in the run, 0.002 now (command line: optim.lr=0.002); use another run.dir, or the run's own settings")
+    with pytest.raises(RunDirMismatch, match="masker.ratio"):
+        check.raise_if_refused()
+    removed = check_same_recipe(run_dir, {k: v for k, v in RECIPE.items() if k != "masker"}, overrides=["~masker"])
+    assert [str(d) for d in removed.differences] == [
+        'masker.name: "tube" in the run, (absent) now (command line: ~masker)',
+        "masker.ratio: 0.9 in the run, (absent) now (command line: ~masker)"]
+
+
+def test_only_a_grown_max_steps_may_continue(tmp_path):
+    run_dir = stored_run(tmp_path)
+    grown = check_same_recipe(run_dir, changed(train__max_steps=30), overrides=["train.max_steps=30"])
+    assert (grown.status, grown.steps) == ("extend", (10, 30))
+    assert grown.message() == f"{run_dir}: continuing from step 10 to train.max_steps=30 (the learning-rate schedule is recomputed for 30 steps)"
+    assert check_same_recipe(run_dir, changed(train__max_steps=5)).status == "refused"
+    both = check_same_recipe(run_dir, changed(train__max_steps=30, seed=1))
+    assert both.status == "refused" and [d.key for d in both.differences] == ["seed", "train.max_steps"]
+
+
+def test_a_damaged_config_is_named(tmp_path):
+    run_dir = stored_run(tmp_path)
+    (run_dir / "config.yaml").write_text("seed: [unclosed\n")
+    with pytest.raises(RunDirMismatch, match=rf"^{run_dir / 'config.yaml'}: cannot be read"):
+        check_same_recipe(run_dir, RECIPE)
+
+
+# --------------------------------------------------------------------------- (d) the non-finite guard
+
+def test_the_guard_names_the_first_bad_step_not_the_step_it_is_read(tmp_path):
+    guard = NonFiniteGuard("cpu", start_step=100)
+    losses = [1.0, 0.9, float("nan"), float("inf"), 0.5]
+    for loss in losses:  # steps 101..105
+        guard.observe(torch.tensor(loss), {"pixels": torch.tensor(loss), "clip": torch.tensor(2.0)})
+    assert guard.first_bad_step() == 103
+    with pytest.raises(NonFiniteLoss) as caught:
+        guard.check(noticed_at=110, kept=tmp_path / "step_00000102")
+    assert caught.value.step == 103
+    assert str(caught.value) == (
+        f"loss is nan at step 103 (noticed at step 110); non-finite terms: pixels=nan (first at step 103); "
+        f"no checkpoint was saved after it, the last good one is {tmp_path / 'step_00000102'}; "
+        "try train.precision fp32/bf16, a lower optim.lr or train.grad_clip")
+
+
+def test_the_guard_is_quiet_while_every_loss_is_finite():
+    guard = NonFiniteGuard("cpu")
+    for loss in (3.0, 2.0, 1.0):
+        guard.observe(torch.tensor(loss))
+    assert guard.first_bad_step() is None
+    guard.check()
+
+
+def test_the_guard_records_on_the_device_without_reading_back(monkeypatch):
+    """``observe`` never turns a tensor into a Python value (the host-device sync on a GPU):
+    ``Tensor.item`` / ``__bool__`` / ``tolist`` are made to fail while it runs."""
+    guard = NonFiniteGuard("cpu")
+
+    def sync(*args, **kwargs):
+        raise AssertionError("observe read a tensor back to the host")
+
+    for name in ("item", "__bool__", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    guard.observe(torch.tensor(float("nan")), {"a": torch.tensor(1.0)})
+    guard.observe(torch.tensor(1.0), {"a": torch.tensor(float("inf"))})
+    monkeypatch.undo()
+    assert guard.first_bad_step() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_guard_on_cuda_never_synchronises_while_observing():
+    """CUDA's sync debug mode turns any host-device synchronisation into an error."""
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, float("nan"), 2.0)]
+    guard = NonFiniteGuard("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss in losses:
+            guard.observe(loss, {"pixels": loss})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert guard._first_bad.device.type == "cuda" and guard.first_bad_step() == 2
+
+
+def test_non_finite_parameters_are_named():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    assert non_finite_parameters(module) == []
+    with torch.no_grad():
+        module[1].bias.fill_(float("inf"))
+    assert non_finite_parameters(module) == ["1.bias"]

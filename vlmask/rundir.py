@@ -1,0 +1,435 @@
+"""Run-directory safety: one writer at a time, metrics that survive a kill, the same recipe on a
+re-run, and a non-finite loss caught at the step it happens.
+
+Four small pieces the engine calls (this module imports nothing above ``config``):
+
+* :class:`RunDirLock` - a second writer on one ``run.dir`` is refused, naming the holder.
+* :func:`read_metrics` / :func:`truncate_metrics_after` - ``metrics.jsonl`` read with a torn last
+  line tolerated (a kill mid-write), cut back atomically on resume.
+* :func:`check_same_recipe` - a re-run of a run directory with another recipe or other overrides
+  is refused naming the keys that differ; a grown ``train.max_steps`` may continue deliberately.
+* :class:`NonFiniteGuard` - the first non-finite loss is recorded on the device (no host-device
+  sync per step) and read only before a checkpoint and at log steps, so a non-finite checkpoint
+  is never written and the last good one is kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+LOCK_NAME = ".lock"
+
+Warn = Callable[[str], None]
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- (a) one writer per run directory
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for the process that trains into it::
+
+        with RunDirLock(run_dir, command="vlmask run recipes/mae.yaml"):
+            ...  # resume, train, write summary.json
+
+    Why ``fcntl.flock`` on ``RUN_DIR/.lock`` and not a pid file: the kernel releases a flock when
+    its holder's file descriptor closes, and a process killed by anything (SIGKILL, OOM killer, a
+    power cut of the container) closes every descriptor, so a stale lock cannot exist: the next
+    ``vlmask run`` simply takes it. A pid file would need "is that pid still alive, and is it still
+    the same program?", which pid reuse and other hosts make unanswerable. The holder's identity
+    (pid, host, command, start time, as JSON) is written into the lock file only so that a refused
+    writer can say who holds it; the file itself is left in place (deleting it would let two
+    processes lock two different files of the same name).
+
+    A second ``RunDirLock`` on the same directory is refused even within one process (flock locks
+    belong to the open file). On network file systems flock is as good as the server's locking
+    (Linux NFS emulates it with byte-range locks). Under ``torchrun`` only rank 0 takes the lock.
+    """
+
+    def __init__(self, run_dir: str | Path, command: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.command = command if command is not None else _command_line()
+        self._fd: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def acquire(self) -> "RunDirLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
+                             f"stop it, or choose another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(self.identity()) + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # nobody holds it now; the file stays (see the class docstring)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _command_line() -> str:
+    """This process's command as the user typed it: ``vlmask run ...`` also under ``python -m vlmask``."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = program.parent.name if program.name == "__main__.py" else program.name
+    return " ".join([name, *sys.argv[1:]])
+
+
+def describe_holder(lock_file: Path) -> str:
+    """"pid 123 on host h (vlmask run ..., since 2026-...)" from a lock file, as well as it can be read."""
+    try:
+        holder = json.loads(lock_file.read_text(encoding="utf-8"))
+        return (f"pid {holder['pid']} on {holder['host']} ({holder['command']}, since {holder['started']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its identity is not written yet)"
+
+
+# --------------------------------------------------------------------------- (b) metrics.jsonl
+
+
+class MetricsError(ValueError):
+    """A damaged ``metrics.jsonl`` line that is not the last one (not the trace of a kill)."""
+
+
+def _metrics_lines(path: Path, warn: Warn | None) -> list[tuple[str, dict[str, Any]]]:
+    """(text, record) per good line; a bad last line is dropped with a warning (a kill while it was
+    being written), a bad line elsewhere raises :class:`MetricsError` naming file and line."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    while lines and not lines[-1].strip("\0 \t\r"):  # a crash can leave NULs or blanks at the end
+        lines.pop()
+    out: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        reason = None
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                reason = f"a line must be a JSON object, got {type(record).__name__}"
+            elif isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+                reason = "no integer 'step'"
+        except (ValueError, RecursionError) as error:
+            reason = f"invalid JSON ({error})" if isinstance(error, ValueError) else "invalid JSON (nested too deeply)"
+        if reason is None:
+            out.append((line, record))
+            continue
+        if number == len(lines):
+            (warn or _stderr_warning)(f"{path}:{number}: the last line is incomplete (a kill while it was written); ignored")
+            break
+        raise MetricsError(f"{path}:{number}: {reason}; the file is damaged before its last line")
+    return out
+
+
+def read_metrics(path: str | Path, warn: Warn | None = None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (empty when it does not exist). A torn last line is ignored
+    with a warning naming file and line (``warn``, default stderr); a bad line in the middle is a
+    :class:`MetricsError` naming them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [record for _, record in _metrics_lines(path, warn)]
+
+
+def truncate_metrics_after(path: str | Path, step: int, warn: Warn | None = None) -> int:
+    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (a resume from that checkpoint),
+    byte for byte, atomically: written beside as ``.metrics.jsonl.tmp``, fsynced, then renamed
+    over the file (a kill at any moment leaves the old or the new file, never half of one).
+    Returns the number of lines kept; a missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept = [text for text, record in _metrics_lines(path, warn) if record["step"] <= step]
+    scratch = path.with_name(f".{path.name}.tmp")
+    with open(scratch, "w", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return len(kept)
+
+
+# --------------------------------------------------------------------------- (c) the same recipe on a re-run
+
+#: Keys that may differ between the run directory's ``config.yaml`` and a re-run: where the run is
+#: (it is the same directory), how data is loaded (not what), and what ``vlmask eval`` / ``finetune``
+#: read (they do not change training). ``record`` is vlmask's own record, not the recipe.
+MAY_DIFFER: tuple[str, ...] = ("record", "run", "data.num_workers", "evaluation", "finetune")
+
+GROWABLE = "train.max_steps"
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: str
+    before: Any
+    after: Any
+    set_by: str | None = None  # the command-line override that set ``after``, when one did
+
+    def __str__(self) -> str:
+        missing = "(absent)"
+        text = (f"{self.key}: {missing if self.before is _ABSENT else json.dumps(self.before, default=str)} in the run, "
+                f"{missing if self.after is _ABSENT else json.dumps(self.after, default=str)} now")
+        return text + (f" ({self.set_by})" if self.set_by else "")
+
+
+_ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
+
+
+@dataclass
+class RecipeCheck:
+    """What :func:`check_same_recipe` found. ``status``:
+
+    * ``"new"``: no ``config.yaml`` yet: a fresh run.
+    * ``"same"``: the recipe is the run's; resume it (or, when ``finished``, nothing to do).
+    * ``"extend"``: only ``train.max_steps`` grew (``steps`` = (before, after)): continue from the
+      last checkpoint to the new total, deliberately; the learning-rate schedule is recomputed for
+      the new total, so the result differs from a run trained that long from the start.
+    * ``"refused"``: anything else differs (``differences``); :meth:`raise_if_refused` raises.
+    """
+
+    status: Literal["new", "same", "extend", "refused"]
+    run_dir: Path
+    finished: bool = False
+    differences: list[Difference] = field(default_factory=list)
+    steps: tuple[int, int] | None = None
+    recipes: tuple[str | None, str | None] = (None, None)
+
+    def message(self) -> str:
+        if self.status == "refused":
+            recipes = ""
+            if self.recipes[0] and self.recipes[1] and self.recipes[0] != self.recipes[1]:
+                recipes = f" (it was trained from {self.recipes[0]}, this is {self.recipes[1]})"
+            keys = "; ".join(str(d) for d in self.differences[:10])
+            more = f"; ... {len(self.differences) - 10} more" if len(self.differences) > 10 else ""
+            return (f"{self.run_dir} was trained with another recipe{recipes}: {keys}{more}; "
+                    f"use another run.dir, or the run's own settings")
+        if self.status == "extend":
+            before, after = self.steps or (0, 0)
+            return (f"{self.run_dir}: continuing from step {before} to train.max_steps={after} "
+                    f"(the learning-rate schedule is recomputed for {after} steps)")
+        if self.status == "same" and self.finished:
+            return f"{self.run_dir}: already finished with this recipe (summary.json exists); nothing to do"
+        return f"{self.run_dir}: resuming with the same recipe" if self.status == "same" else f"{self.run_dir}: new run"
+
+    def raise_if_refused(self) -> None:
+        if self.status == "refused":
+            raise RunDirMismatch(self.message())
+
+
+class RunDirMismatch(ValueError):
+    """A re-run whose recipe differs from the run directory's."""
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: node}
+
+
+def _exempt(key: str, exempt: Iterable[str]) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in exempt)
+
+
+def check_same_recipe(run_dir: str | Path, resolved_config: dict[str, Any], overrides: Iterable[str] = (),
+                      may_differ: Iterable[str] = MAY_DIFFER, recipe: str | None = None) -> RecipeCheck:
+    """Compare a re-run's fully resolved recipe with ``RUN_DIR/config.yaml`` (see :class:`RecipeCheck`).
+
+    ``resolved_config`` is the new recipe as plain containers (``OmegaConf.to_container(...,
+    resolve=True)``); ``overrides`` its command-line overrides, only to name which one set a
+    differing key; ``recipe`` the new recipe's path, to name both recipes when they differ. Keys
+    under ``may_differ`` are ignored. Lists compare whole (a list is one value)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    finished = (run_dir / "summary.json").is_file()
+    if not config_file.is_file():
+        return RecipeCheck("new", run_dir, finished=finished)
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    except Exception as error:  # a damaged config.yaml: named, never a silent restart
+        raise RunDirMismatch(f"{config_file}: cannot be read ({type(error).__name__}: {error}); "
+                             f"this run directory cannot be checked or resumed") from None
+    if not isinstance(stored, dict):
+        raise RunDirMismatch(f"{config_file}: not a mapping; this run directory cannot be checked or resumed")
+    record = stored.get("record") if isinstance(stored.get("record"), dict) else {}
+    before, after = _flatten(stored), _flatten(resolved_config)
+    exempt = tuple(may_differ)
+    setters: dict[str, str] = {}
+    for text in overrides:
+        key = text.lstrip("~").split("=", 1)[0].strip()
+        setters[key] = f"command line: {text}"
+
+    def set_by(key: str) -> str | None:
+        probe = key
+        while probe:
+            if probe in setters:
+                return setters[probe]
+            probe = probe.rpartition(".")[0]
+        return next((s for k, s in setters.items() if k.startswith(key + ".")), None)
+
+    differences = [
+        Difference(key, before.get(key, _ABSENT), after.get(key, _ABSENT), set_by(key))
+        for key in sorted(set(before) | set(after))
+        if not _exempt(key, exempt) and before.get(key, _ABSENT) != after.get(key, _ABSENT)
+    ]
+    recipes = (record.get("recipe"), recipe)
+    grown = [d for d in differences if d.key == GROWABLE]
+    others = [d for d in differences if d.key != GROWABLE]
+    if others:
+        return RecipeCheck("refused", run_dir, finished, differences, recipes=recipes)
+    if grown:
+        old, new = grown[0].before, grown[0].after
+        if isinstance(old, int) and isinstance(new, int) and new > old:
+            return RecipeCheck("extend", run_dir, finished, differences, steps=(old, new), recipes=recipes)
+        return RecipeCheck("refused", run_dir, finished, differences, recipes=recipes)
+    return RecipeCheck("same", run_dir, finished, recipes=recipes)
+
+
+# --------------------------------------------------------------------------- (d) non-finite loss
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss stopped being finite; ``step`` is the first step where it was not."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class NonFiniteGuard:
+    """Record, on the device, the first step whose loss (or any named term) is not finite.
+
+    ``observe(loss, terms)`` once per optimizer step costs a few tiny device ops and no
+    host-device synchronisation: ``torch.isfinite`` gives a device boolean, and ``torch.where``
+    keeps the first bad step index (a device counter, advanced on the device) and its value.
+    ``first_bad_step()`` reads the flag (one sync): call it before every checkpoint save (a bad
+    step since the last save means: do not save, keep the last good checkpoint, stop) and at log
+    steps. ``check()`` raises :class:`NonFiniteLoss` naming the first bad step and its terms.
+
+    On a CPU the reads are free; the point is GPU runs, where an ``.item()`` per step would stall
+    the launch queue every step.
+    """
+
+    def __init__(self, device: torch.device | str, start_step: int = 0) -> None:
+        self.device = torch.device(device)
+        self._step = torch.full((), start_step, dtype=torch.long, device=self.device)  # steps observed so far
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._term_first_bad: dict[str, Tensor] = {}
+        self._term_values: dict[str, Tensor] = {}
+
+    def observe(self, loss: Tensor, terms: dict[str, Tensor] | None = None) -> None:
+        """Record step ``start_step + number of calls so far + 1`` (the step just taken)."""
+        self._step += 1
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss).all()
+        first = bad & (self._first_bad < 0)
+        self._first_bad = torch.where(first, self._step, self._first_bad)
+        self._bad_loss = torch.where(first, loss.reshape(-1)[0], self._bad_loss)
+        for name, value in (terms or {}).items():
+            value = value.detach().float()
+            term_bad = ~torch.isfinite(value).all()
+            seen = self._term_first_bad.get(name)
+            if seen is None:
+                seen = torch.full((), -1, dtype=torch.long, device=self.device)
+                self._term_values[name] = torch.zeros((), dtype=torch.float32, device=self.device)
+            newly = term_bad & (seen < 0)
+            self._term_first_bad[name] = torch.where(newly, self._step, seen)
+            self._term_values[name] = torch.where(newly, value.reshape(-1)[0], self._term_values[name])
+
+    def first_bad_step(self) -> int | None:
+        """The first step whose loss was not finite, or None (one host-device sync)."""
+        step = int(self._first_bad.item())
+        return None if step < 0 else step
+
+    def check(self, noticed_at: int | None = None, kept: Path | str | None = None) -> None:
+        """Raise :class:`NonFiniteLoss` when a bad step was observed; ``noticed_at`` (the current
+        step) and ``kept`` (the last good checkpoint) complete the message."""
+        step = self.first_bad_step()
+        if step is None:
+            return
+        terms = []
+        for name, first in self._term_first_bad.items():
+            first_step = int(first.item())
+            if first_step >= 0:
+                terms.append(f"{name}={self._term_values[name].item():.4g} (first at step {first_step})")
+        message = f"loss is {self._bad_loss.item():.4g} at step {step}"
+        if noticed_at is not None and noticed_at != step:
+            message += f" (noticed at step {noticed_at})"
+        if terms:
+            message += "; non-finite terms: " + ", ".join(terms)
+        message += f"; no checkpoint was saved after it, the last good one is {kept}" if kept else "; no checkpoint was saved after it"
+        message += "; try train.precision fp32/bf16, a lower optim.lr or train.grad_clip"
+        raise NonFiniteLoss(message, step)
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of parameters holding a NaN or an infinity (one sync; call it before a save: a
+    gradient that was not finite can leave the weights so while the logged loss still was)."""
+    params = [(name, p.detach()) for name, p in module.named_parameters() if p.is_floating_point()]
+    params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in params]  # FSDP: this rank's shard
+    if not params:
+        return []
+    flags = torch.stack([torch.isfinite(p).all() for _, p in params]).cpu()
+    return [name for (name, _), ok in zip(params, flags.tolist()) if not ok]
