@@ -111,7 +111,9 @@ def test_same_seed_same_clips_other_seed_other_clips(tmp_path):
         first, second = (decoded_frames(tmp_path / run / "videos" / name) for run in ("a", "b"))
         other = decoded_frames(tmp_path / "c" / "videos" / name)
         assert first.shape == second.shape == other.shape == (8, 32, 32, 3)
-        assert np.abs(first - second).mean() < 1.0, name
+        # Same clips: H.264 noise only (seen up to 1.35 levels when decord or torchcodec, which bring
+        # their own FFmpeg builds, were loaded in the same process). Another seed differs by 27-53.
+        assert np.abs(first - second).mean() < 4.0, name
         assert np.abs(first - other).mean() > 10.0, name
 
 
