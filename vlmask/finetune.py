@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: F401 (the doctests use it)
 from omegaconf import OmegaConf
 from rich.console import Console
 from torch import Tensor, nn

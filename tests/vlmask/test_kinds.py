@@ -131,10 +131,12 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("encoder", "video_vit"): lambda tmp, data: {"num_frames": 4, "img_size": 32, "tubelet": 2, "patch": 8,
                                                  "embed_dim": D, "depth": 1, "num_heads": 2},
     ("predictor", "transformer"): lambda tmp, data: {"encoder_dim": D, "grid": GRID, "dim": 16, "depth": 1, "num_heads": 2},
+    ("predictor", "future"): lambda tmp, data: {"encoder_dim": D, "grid": GRID, "dim": 16, "depth": 1, "num_heads": 2},
     ("target", "normalized_pixels"): lambda tmp, data: {},
     ("target", "latent"): lambda tmp, data: {},
     ("target", "dense_infonce"): lambda tmp, data: {},
     ("target", "language_space"): lambda tmp, data: {},
+    ("target", "future_infonce"): lambda tmp, data: {"bidirectional": True},
     ("head", "video_text_infonce"): lambda tmp, data: {"pooling": "action_area", "gather": False},
     ("head", "classification"): lambda tmp, data: {"num_classes": 3, "encoder_dim": D},
     ("teacher", "ema"): lambda tmp, data: {"student": _student(), "total_steps": 10},
@@ -149,7 +151,9 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("captioner", "hf_image_to_text"): lambda tmp, data: {"path": _captioner_folder(tmp), "frames_per_clip": 1,
                                                           "max_new_tokens": 3},
     ("evaluator", "knn"): lambda tmp, data: {"k": 3},
-    ("evaluator", "linear_probe"): lambda tmp, data: {"max_epochs": 3, "weight_decays": (0.001,), "holdout": 0.3},
+    ("evaluator", "linear_probe"): lambda tmp, data: {"cs": (0.1, 1.0), "holdout": 0.3},
+    ("evaluator", "linear_probe_adam"): lambda tmp, data: {"max_epochs": 3, "weight_decays": (0.001,), "holdout": 0.3},
+    ("evaluator", "attentive_probe"): lambda tmp, data: {"epochs": 2, "batch_size": 4, "token_budget": 8, "device": "cpu"},
     ("evaluator", "retrieval"): lambda tmp, data: {},
     ("evaluator", "zero_shot"): lambda tmp, data: {},
     ("logger", "csv"): lambda tmp, data: {},
@@ -183,6 +187,27 @@ def _loss_inputs(name: str) -> StepOutputs:
     )
 
 
+def _is_future(component: Any) -> bool:
+    """The DPC family (future predictor, future_infonce) works on future-block masks."""
+    return type(component).__module__.endswith(("future_predictor", "future_infonce"))
+
+
+def future_mask() -> Mask:
+    return default_plugins().registry.get("masker", "future_blocks").factory(num_future_slots=1)(
+        batch(), GRID, torch.Generator().manual_seed(0))
+
+
+def _future_loss_inputs() -> StepOutputs:
+    """What Student.forward gives a DPC-family target: the student encoder and the future predictor."""
+    registry = default_plugins().registry
+    encoder = tiny_encoder()
+    predictor = registry.get("predictor", "future").factory(encoder_dim=D, grid=GRID, dim=16, depth=1, num_heads=2)
+    data, mask = batch(), future_mask()
+    visible = encoder(data.video, mask.visible)
+    return StepOutputs(batch=data, grid=GRID, mask=mask, visible_features=visible,
+                       predictions=predictor(visible, mask), encoder=encoder, predictor=predictor)
+
+
 def _eval_features() -> Any:
     from vlmask.features import EvalFeatures, SplitFeatures
 
@@ -207,11 +232,20 @@ def exercise(kind: str, component: Any, data: Any) -> None:
         visible = torch.tensor([[0, 3, 5], [1, 2, 7]])
         with torch.no_grad():
             assert component(video, visible).shape == (2, 3, component.embed_dim)
+    elif kind == "predictor" and _is_future(component):
+        mask = future_mask()
+        with torch.no_grad():
+            out = component(torch.randn(B, mask.num_visible, D), mask)
+        assert out.shape[:2] == (B, mask.num_predict)
     elif kind == "predictor":
         mask = tube_mask()
         with torch.no_grad():
             out = component(torch.randn(B, mask.num_visible, D), mask)
         assert out.shape[:2] == (B, mask.num_predict)
+    elif kind == "target" and _is_future(component):
+        term = component(_future_loss_inputs())
+        loss = term[0] if isinstance(term, tuple) else term
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     elif kind in ("target", "head"):
         out = _loss_inputs(component.__class__.__name__ == "NormalizedPixelsTarget" and "normalized_pixels" or "")
         term = component(out)

@@ -14,6 +14,7 @@ Two dense contrastive targets ship with vlmask; this module is the faithful one.
 
 from __future__ import annotations
 
+import torch  # noqa: F401 (the doctests use it)
 from torch import Tensor
 
 from vlmask.types import StepOutputs
