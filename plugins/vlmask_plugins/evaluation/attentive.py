@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmask_plugins.evaluation.classification import _can_classify, compute_device, group_top1, top1
+from vlmask_plugins.evaluation.classification import _can_classify, _classification_report, compute_device
 from vlmask.features import EvalFeatures
 
 
@@ -105,16 +105,7 @@ class AttentiveProbe:
             return None
         keep = features.train.labels >= 0
         probabilities = self.fit_predict(train_tokens[keep], features.train.labels[keep], val_tokens, features.num_classes)
-        val = features.val
-        result = {"top1": top1(probabilities, val.labels, val.labelled)}
-        labelled_rows = val.labelled.tolist()
-        for name, class_groups, truth in (("verb_top1", features.class_verbs, val.verbs),
-                                          ("noun_top1", features.class_nouns, val.nouns)):
-            truth = [t if ok else None for t, ok in zip(truth, labelled_rows)]
-            accuracy = group_top1(probabilities, class_groups, truth)
-            if accuracy is not None:
-                result[name] = accuracy
-        return result
+        return _classification_report(probabilities, features)
 
     def fit_predict(self, tokens: Tensor, labels: Tensor, eval_tokens: Tensor, num_classes: int) -> Tensor:
         """Train on (tokens (N, T, D), labels (N,)); softmax probabilities (M, num_classes) of ``eval_tokens``."""

@@ -107,16 +107,7 @@ class LinearProbe:
         if train_x is None or val_x is None or not _can_classify(features):
             return None
         probabilities = self.fit_predict(*_labelled_train(features.train, train_x), val_x, features.num_classes)
-        val = features.val
-        result = {"top1": top1(probabilities, val.labels, val.labelled)}
-        labelled_rows = val.labelled.tolist()
-        for name, class_groups, truth in (("verb_top1", features.class_verbs, val.verbs),
-                                          ("noun_top1", features.class_nouns, val.nouns)):
-            truth = [t if ok else None for t, ok in zip(truth, labelled_rows)]
-            accuracy = group_top1(probabilities, class_groups, truth)
-            if accuracy is not None:
-                result[name] = accuracy
-        return result
+        return _classification_report(probabilities, features)
 
     def fit_predict(self, x: Tensor, y: Tensor, x_eval: Tensor, num_classes: int) -> Tensor:
         """Fit on (x, y) with the protocol above; softmax probabilities (M, num_classes) of ``x_eval``."""
