@@ -143,7 +143,7 @@ def fill_data(recipe: Recipe, registry: Registry, hooks: Any, manifest: Path, ca
             raise RecipeError([f"{recipe.where('data.train')}: key data.train: "
                                f"{need.error() or f'{manifest}: no plugin filled {need.requirement}'}"])
         if rank == 0:
-            log(f"{need.lacking} of {need.lines} lines of {manifest} lacked {need.requirement}: {filled.summary}")
+            log(f"{need.lacking} of {need.lines} lines of {manifest} lacked {need.requirement}; {filled.summary}")
         counts[need.requirement] = dict(filled.counts)
         current = Path(filled.path)
     return current, counts

@@ -161,9 +161,9 @@ def boxes_for_training(manifest: str | Path, cache_root: str | Path, progress: b
     good = stats.kept + stats.queued
     counts = {"lines": good, "kept": stats.kept, "detected": stats.detected, "from_cache": stats.cached,
               "failed": stats.queued - stats.detected - stats.cached, "fallbacks": stats.fallbacks}
-    summary = (f"action_box for {source}: {stats.kept} of {good} lines had one, {stats.detected} detected, "
-               f"{stats.cached} from cache, {counts['failed']} failed, {stats.fallbacks} fallbacks "
-               f"(nothing moved); cache {stats.cache_dir}")
+    summary = (f"boxes: {stats.kept} in the manifest, {stats.detected} detected, {stats.cached} from cache, "
+               f"{counts['failed']} failed, {stats.fallbacks} fallbacks (nothing moved); cache {stats.cache_dir}; "
+               f"training reads {target}")
     return FilledManifest(path=target, counts=counts, summary=summary)
 
 
