@@ -89,7 +89,7 @@ def vlmask_add_commands(subparsers: argparse._SubParsersAction, data: argparse._
     ``argparse.Namespace`` and returning the exit status (0: success). It may raise
     ``vlmask.config.RecipeError`` (printed as a list of problems, exit status 2) or any
     exception (printed on one line, exit status 1). The built-in plugin adds ``data synth``,
-    ``data boxes``, ``data captions`` and ``export`` here. Called once per ``vlmask``
+    ``data boxes``, ``data captions``, ``data import`` and ``export`` here. Called once per ``vlmask``
     invocation, while the parser is built. Every implementation is called; two plugins adding
     one name is an ``argparse`` error naming it.
     """
