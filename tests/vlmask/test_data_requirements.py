@@ -10,6 +10,9 @@ The data are real H.264 clips (the tiny synthetic set) whose manifests lose thei
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -166,3 +169,20 @@ def test_the_filled_manifest_keeps_line_numbers_so_skipped_lines_are_named_as_in
     assert json.loads(filled[4])["video"] == str(tmp_path / "gone.mp4")  # absolute: the reason names the real file
     assert json.loads(filled[0])["action_box"] == json.loads(source[0])["action_box"]
     assert all("action_box" in json.loads(line) for i, line in enumerate(filled) if i not in (2, 3, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_under_torchrun_rank_0_detects_and_the_other_rank_reads_its_cache(tiny_synth, tiny_scale, tmp_path):
+    train = without_boxes(tiny_synth[0], tmp_path / "train.jsonl")
+    lines = count_lacking(train, "action_box")[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "vlmask", "run", str(RECIPES / "fils.yaml"),
+         f"data.train={train}", f"run.dir={tmp_path / 'run'}", "train.max_steps=1", *tiny_scale],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = " ".join(result.stderr.split())
+    assert log.count("lacked action_box") == 1  # rank 0 alone reports
+    assert f"boxes: 0 in the manifest, {lines} detected, 0 from cache" in log
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
