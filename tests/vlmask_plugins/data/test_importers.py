@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -205,5 +206,7 @@ def test_an_imported_manifest_validates_and_trains(tmp_path, encode_videos, tiny
     assert f"6 of 6 lines of {out} lack action_box; they will be detected before training" in " ".join(
         capsys.readouterr().err.split())
     assert main(["run", recipe, *overrides]) == 0
-    assert "boxes: 0 in the manifest, 6 detected, 0 from cache" in " ".join(capsys.readouterr().err.split())
+    log = " ".join(capsys.readouterr().err.split())
+    assert "boxes: 0 in the manifest, 6 detected, 0 from cache" in log
+    assert re.search(r"\| decoder (pyav|decord|torchcodec) \((auto|data\.dataset\.decoder)[^)]*\) \|", log), log  # like the attention line
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
