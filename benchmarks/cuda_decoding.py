@@ -51,7 +51,8 @@ def make_clips(workdir: Path, clips: int, seconds: float, width: int, height: in
     for i in range(clips):
         path = folder / f"clip{i:02d}.mp4"
         if not path.exists():
-            write_numbered_video(path, frames=int(seconds * FPS), fps=FPS, width=width, height=height, gop_seconds=2.0, seed=i)
+            write_numbered_video(path, frames=int(seconds * FPS), fps=FPS, width=width, height=height,
+                                 gop_seconds=2.0, seed=i)
         paths.append(path)
     return paths
 
@@ -117,9 +118,11 @@ def main() -> None:
     for width, height in SIZES:
         paths = make_clips(workdir, args.clips, args.seconds, width, height)
         record["sizes"][f"{width}x{height}"] = result = bench_size(paths, args.reps)
-        print(f"{width}x{height}: " + "  ".join(f"{n} {v} clips/s" for n, v in result["clips_per_s"].items()), file=sys.stderr)
+        rates = "  ".join(f"{n} {v} clips/s" for n, v in result["clips_per_s"].items())
+        print(f"{width}x{height}: {rates}", file=sys.stderr)
     record["load_after"] = os.getloadavg()
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"cuda-decoding-{datetime.now():%Y%m%d-%H%M}.json"
+    default = ROOT / "benchmarks" / "results" / f"cuda-decoding-{datetime.now():%Y%m%d-%H%M}.json"
+    out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

@@ -134,11 +134,13 @@ def fill_data(recipe: Recipe, registry: Registry, hooks: Any, manifest: Path, ca
         if rank != 0:
             dist.barrier()
         filled = None
-        if need.plan is not None:
-            filled = hooks.vlmask_fill_requirement(requirement=need.requirement, manifest=current, cache_dir=cache_root,
-                                                   progress=rank == 0)
-        if rank == 0 and world_size > 1:
-            dist.barrier()
+        try:
+            if need.plan is not None:
+                filled = hooks.vlmask_fill_requirement(requirement=need.requirement, manifest=current,
+                                                       cache_dir=cache_root, progress=rank == 0)
+        finally:  # the other ranks go on even when rank 0 failed: they fail too, rather than wait for ever
+            if rank == 0 and world_size > 1:
+                dist.barrier()
         if filled is None:
             raise RecipeError([f"{recipe.where('data.train')}: key data.train: "
                                f"{need.error() or f'{manifest}: no plugin filled {need.requirement}'}"])

@@ -52,7 +52,8 @@ def vlmask_plan_requirement(requirement: str, manifest: Path, cache_dir: Path) -
     """Missing ``action_box`` fields are detected (MoFo's action area, ``vlmask data boxes``'s detector)."""
     if requirement != "action_box":
         return None
-    return f"they will be detected before training (detector 'flow', as vlmask data boxes; cached in {Path(cache_dir) / 'boxes'})"
+    return (f"they will be detected before training (detector 'flow', as vlmask data boxes; "
+            f"cached in {Path(cache_dir) / 'boxes'})")
 
 
 @hookimpl

@@ -137,7 +137,8 @@ def test_compare_on_manifests_without_boxes_detects_them_once(tiny_synth, tiny_s
     comparison = json.loads((out / "comparison.json").read_text())
     assert [r["name"] for r in comparison["runs"]] == ["mae", "fils"] and "failed" not in comparison
     log = " ".join(capfd.readouterr().err.split())
-    assert f"{lines} of {lines} lines of {train} lacked action_box; boxes: 0 in the manifest, {lines} detected, 0 from cache" in log
+    assert (f"{lines} of {lines} lines of {train} lacked action_box; boxes: 0 in the manifest, {lines} detected, "
+            "0 from cache") in log
     record = load_recipe(Path(comparison["runs"][1]["run_dir"]) / "config.yaml").get("record")
     assert record["data"]["train"] == str(train) and record["data"]["filled"]["action_box"]["detected"] == lines
     assert record["data"]["decoder"] in ("pyav", "decord", "torchcodec") and record["data"]["decoder_reason"]

@@ -238,7 +238,7 @@ def test_boxes_for_training_fills_a_cached_copy_with_every_line_at_its_number(ma
     assert manifest.read_text() == source_text
     assert filled.path.parent == cache / "boxes" / "manifests" and filled.path.name.startswith("manifest-")
     counts = filled.counts
-    assert (counts["lines"], counts["kept"], counts["detected"], counts["from_cache"], counts["failed"]) == (6, 1, 4, 0, 1)
+    assert [counts[k] for k in ("lines", "kept", "detected", "from_cache", "failed")] == [6, 1, 4, 0, 1]
     assert "4 detected, 0 from cache, 1 failed" in filled.summary
     lines = filled.path.read_text().splitlines()
     assert len(lines) == 8 and lines[5] == '{"video": "broken.mp4", '
