@@ -55,7 +55,8 @@ class DataNeed:
         who = ", ".join(self.needed_by)
         if not self.lacking:
             return f"all {self.lines} lines of {self.manifest} have {self.requirement} (needed by {who})"
-        return f"{self.lacking} of {self.lines} lines of {self.manifest} lack {self.requirement}; {self.plan or 'nothing provides it'}"
+        return (f"{self.lacking} of {self.lines} lines of {self.manifest} lack {self.requirement}; "
+                f"{self.plan or 'nothing provides it'}")
 
     def error(self) -> str | None:
         """One line when lines lack the field and no plugin provides it, else None."""

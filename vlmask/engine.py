@@ -197,9 +197,11 @@ class Trainer:
             train_path = str(manifests[0])
         self.train_manifest = Path(train_path)
         # fields the recipe needs that lines lack (action boxes) are filled by a plugin first (vlmask.data_requirements)
-        self.data_manifest, self.data_filled = fill_data(self.recipe, self.plugins.registry, self.hooks, self.train_manifest,
-                                                         cache_dir(), self.rank, self.world_size, self._log)
-        self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(self.data_manifest), train=True)
+        self.data_manifest, self.data_filled = fill_data(self.recipe, self.plugins.registry, self.hooks,
+                                                         self.train_manifest, cache_dir(), self.rank, self.world_size,
+                                                         self._log)
+        self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset",
+                               manifest=str(self.data_manifest), train=True)
         self.collate = collate_of(self.train_set)
         self.batches = EpochBatches(len(self.train_set), self.train_cfg.batch_size, self.seed, self.rank, self.world_size)
         workers = self.data_cfg.num_workers

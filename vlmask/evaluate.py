@@ -422,7 +422,8 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
             if manifest and not Path(str(manifest)).is_file():
                 found.append(f"{recipe.where(key)}: key {key}: manifest {manifest} does not exist")
         if not found:  # the data must carry what the recipe needs, or a plugin must fill it (action boxes)
-            found += [f"{recipe_path}: {error}" for error in check_data(recipe, registry, plugins.manager.hook, cache_dir())[0]]
+            data_errors, _ = check_data(recipe, registry, plugins.manager.hook, cache_dir())
+            found += [f"{recipe_path}: {error}" for error in data_errors]
         problems += found
         run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
         for seed in run_seeds:

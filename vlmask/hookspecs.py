@@ -129,7 +129,8 @@ def vlmask_plan_requirement(requirement: str, manifest: Path, cache_dir: Path) -
 
 
 @hookspec(firstresult=True)
-def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path, progress: bool) -> "FilledManifest | None":
+def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path,
+                            progress: bool) -> "FilledManifest | None":
     """Fill the data field ``requirement`` where lines of ``manifest`` lack it, before training.
 
     Same ``requirement``, ``manifest`` and ``cache_dir`` as :func:`vlmask_plan_requirement`, which
