@@ -8,7 +8,11 @@
 # SDPA equality, a sync-free step for every recipe, CUDA maskers and evaluation) and one
 # `vlmask bench` JSON per (recipe, compile, attention) at paper scale in bf16: clips/s,
 # step_ms, split_ms, peak_mem_mb, gflops_per_clip, mfu, warmup_overhead_s (compile time).
-# About 8 minutes on one H100 at the default batch of 32, by estimate (never run: no GPU yet).
+# Also (issue 10) cuda-decoding.json: torchcodec's CUDA decoder vs CPU decoding (torchcodec, PyAV,
+# decord), clips/s at 16 x 224 on 10 s H.264 clips at 640x360 and 1280x720 (benchmarks/cuda_decoding.py;
+# written by a task without a GPU: never run on one yet).
+# About 8 minutes on one H100 at the default batch of 32, by estimate (never run: no GPU yet),
+# plus about 2 minutes for the decoding measurement (encoding its clips included), by estimate.
 set -uo pipefail
 out="${1:?usage: gpu_session.sh OUT_DIR [BATCH]}"
 batch="${2:-32}"
@@ -28,4 +32,5 @@ for recipe in mae fils; do
     done
   done
 done
+python benchmarks/cuda_decoding.py --out "$out/cuda-decoding.json" > "$out/cuda-decoding.log" 2>&1 || echo "failed: cuda-decoding" >> "$out/failures.txt"
 ls -l "$out"

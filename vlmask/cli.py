@@ -42,13 +42,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from vlmask.schema import requirements_report, validate
+    from vlmask.data_requirements import check_data
+    from vlmask.paths import cache_dir
+    from vlmask.schema import validate
 
     plugins = _plugins()
     recipe = load_recipe(args.recipe, args.overrides)
     problems = validate(recipe, plugins.registry)
-    for note in requirements_report(recipe, plugins.registry):  # what only the data can provide
+    data_errors, notes = check_data(recipe, plugins.registry, plugins.manager.hook, cache_dir())  # reads data.train
+    for note in notes:  # what the data provides, and what will be done about what it lacks
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    problems += data_errors
     if problems:
         console.print(f"[red]{escape(args.recipe)}: {len(problems)} problem(s)[/]", highlight=False)
         for p in problems:

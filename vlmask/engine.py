@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -36,6 +37,7 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.hookspecs import RunInfo
 from vlmask.provenance import git_commit, versions
 from vlmask.schedules import lr_at
+from vlmask.data_requirements import fill_data
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, new_manager
@@ -194,7 +196,12 @@ class Trainer:
                                    "(is the built-in plugin blocked?)"])
             train_path = str(manifests[0])
         self.train_manifest = Path(train_path)
-        self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset", manifest=str(train_path), train=True)
+        # fields the recipe needs that lines lack (action boxes) are filled by a plugin first (vlmask.data_requirements)
+        self.data_manifest, self.data_filled = fill_data(self.recipe, self.plugins.registry, self.hooks,
+                                                         self.train_manifest, cache_dir(), self.rank, self.world_size,
+                                                         self._log)
+        self.train_set = build(self.plugins.registry, self.recipe, "data.dataset", "dataset",
+                               manifest=str(self.data_manifest), train=True)
         self.collate = collate_of(self.train_set)
         self.batches = EpochBatches(len(self.train_set), self.train_cfg.batch_size, self.seed, self.rank, self.world_size)
         workers = self.data_cfg.num_workers
@@ -219,6 +226,13 @@ class Trainer:
         else:
             raise RecipeError([f"{self.recipe.path}: set train.max_steps or train.epochs"])
         self.steps_per_epoch = steps_per_epoch
+
+    def _log(self, line: str) -> None:
+        """A line of the run's start-up log (stderr when no console was given)."""
+        if self.console is not None:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _check_clip_shape(self, grid: TokenGrid) -> None:
         """The dataset's clips must be the (frames, height, width) the encoder's grid expects."""
@@ -482,7 +496,10 @@ class Trainer:
             "parallel": self.parallel,
             "effective": self.effective,
             "total_steps": self.total_steps,
-            "data": {"train": str(self.train_manifest), "clips": len(self.train_set)},
+            "data": {"train": str(self.train_manifest), "clips": len(self.train_set),
+                     "decoder": getattr(self.train_set, "decoder", None),
+                     "decoder_reason": getattr(self.train_set, "decoder_reason", None),
+                     **({"read": str(self.data_manifest), "filled": self.data_filled} if self.data_filled else {})},
         }
         tmp = self.run_dir / ".config.yaml.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -538,6 +555,8 @@ class Trainer:
             + (f", {self.parallel}" if self.world_size > 1 else "") + ")",
             f"attention {self.attention}" + (f" ({self.attention_reason})" if self.attention_reason else ""),
             f"data {self.data_source}: {len(self.train_set)} clips, {len(getattr(self.train_set, 'skipped', []))} skipped",
+            f"decoder {getattr(self.train_set, 'decoder', 'n/a')}"
+            + (f" ({self.train_set.decoder_reason})" if getattr(self.train_set, "decoder_reason", None) else ""),
             f"encoder {_human(_count(enc))} params, grid {self.grid.t}x{self.grid.h}x{self.grid.w}, "
             f"predictor {_human(_count(self.student.predictor))}",
             f"{self.total_steps} steps x {self.train_cfg.batch_size * self.world_size * self.accumulate} clips"

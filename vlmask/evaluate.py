@@ -52,6 +52,7 @@ from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
 from vlmask.paths import cache_dir
+from vlmask.plugins import Plugins, default_plugins
 from vlmask.registry import Registry
 from vlmask.runs import OpenRun, open_run
 from vlmask.schema import INJECTED, build, evaluation_settings, factory_parameters
@@ -394,18 +395,18 @@ class _Planned:
 
 
 def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequence[int] | None, out: Path,
-                 registry: Registry | None = None) -> list[_Planned]:
+                 plugins: Plugins | None = None) -> list[_Planned]:
     """Every (recipe, seed) run of a comparison, each recipe validated first with the overrides
-    (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, a finished run
-    in ``out`` was trained with these overrides). Raises one RecipeError listing every problem
+    (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, the data
+    carries what the recipe needs or a plugin fills it (``vlmask.data_requirements.check_data``),
+    a finished run in ``out`` was trained with these overrides). Raises one RecipeError listing every problem
     of every recipe, so that nothing trains when any recipe would fail at start."""
+    from vlmask.data_requirements import check_data
     from vlmask.engine import is_finished
     from vlmask.schema import validate
 
-    if registry is None:
-        from vlmask.plugins import default_plugins
-
-        registry = default_plugins().registry
+    plugins = plugins if plugins is not None else default_plugins()
+    registry = plugins.registry
     planned: list[_Planned] = []
     problems: list[str] = []
     taken: set[str] = set()
@@ -420,6 +421,9 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
             manifest = recipe.get(key)
             if manifest and not Path(str(manifest)).is_file():
                 found.append(f"{recipe.where(key)}: key {key}: manifest {manifest} does not exist")
+        if not found:  # the data must carry what the recipe needs, or a plugin must fill it (action boxes)
+            data_errors, _ = check_data(recipe, registry, plugins.manager.hook, cache_dir())
+            found += [f"{recipe_path}: {error}" for error in data_errors]
         problems += found
         run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
         for seed in run_seeds:

@@ -49,6 +49,22 @@ class RunInfo:
         return self.rank == 0
 
 
+@dataclass
+class FilledManifest:
+    """A plugin's answer to :func:`vlmask_fill_requirement`: the manifest to read instead.
+
+    ``path`` holds every line of the source manifest at its own line number (so skipped lines
+    keep their numbers in reports), good lines with the field filled and relative ``video``
+    paths rewritten to stay correct from ``path``'s folder. ``counts`` says what was done (for
+    action boxes: ``lines``, ``kept``, ``detected``, ``from_cache``, ``failed``); ``summary`` is
+    one line for the run's log.
+    """
+
+    path: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    summary: str = ""
+
+
 # --- registration ---------------------------------------------------------------------------
 
 @hookspec
@@ -73,7 +89,7 @@ def vlmask_add_commands(subparsers: argparse._SubParsersAction, data: argparse._
     ``argparse.Namespace`` and returning the exit status (0: success). It may raise
     ``vlmask.config.RecipeError`` (printed as a list of problems, exit status 2) or any
     exception (printed on one line, exit status 1). The built-in plugin adds ``data synth``,
-    ``data boxes``, ``data captions`` and ``export`` here. Called once per ``vlmask``
+    ``data boxes``, ``data captions``, ``data import`` and ``export`` here. Called once per ``vlmask``
     invocation, while the parser is built. Every implementation is called; two plugins adding
     one name is an ``argparse`` error naming it.
     """
@@ -93,6 +109,39 @@ def vlmask_default_manifests(recipe: "Recipe", cache_dir: Path, progress: bool) 
     (not None) and that answer is used; None from
     every plugin (e.g. the built-in one blocked) makes ``data.train`` required. The built-in
     plugin answers with its synthetic video-caption set.
+    """
+
+
+@hookspec(firstresult=True)
+def vlmask_plan_requirement(requirement: str, manifest: Path, cache_dir: Path) -> str | None:
+    """How a plugin would provide the data field ``requirement`` that lines of ``manifest`` lack.
+
+    ``requirement`` is one of ``vlmask.kinds.DATA_REQUIREMENTS`` (e.g. ``"action_box"``, needed by
+    the action-area masker and ActCLIP's ``pooling='action_area'``), ``manifest`` the JSONL file
+    whose lines lack it, ``cache_dir`` the cache root (``VLMASK_CACHE``). The answer is a clause
+    that ``vlmask validate`` and ``vlmask compare`` print after "N of M lines of FILE lack
+    FIELD; ", e.g. ``"they will be detected before training (cached in DIR)"``; None means this
+    plugin cannot provide it. It must not read videos nor write anything. Called by
+    ``vlmask.data_requirements.check_data`` (validate, compare's plan) on one process.
+    ``firstresult``: implementations are called until one answers; None from every plugin makes
+    the missing field an error before any training.
+    """
+
+
+@hookspec(firstresult=True)
+def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path,
+                            progress: bool) -> "FilledManifest | None":
+    """Fill the data field ``requirement`` where lines of ``manifest`` lack it, before training.
+
+    Same ``requirement``, ``manifest`` and ``cache_dir`` as :func:`vlmask_plan_requirement`, which
+    must answer for the same plugin; ``progress``: whether to show progress. Returns a
+    :class:`FilledManifest` (a new manifest, written under ``cache_dir``; the source is never
+    modified) or None when this plugin cannot fill it. The engine calls it from the Trainer's
+    data setup for ``data.train``, on rank 0 first, then on the other ranks after a barrier, so
+    an implementation should cache its per-clip results (the second call computes nothing) and
+    write its output atomically. ``firstresult``: implementations are called until one answers;
+    None from every plugin stops the run before training with an error naming the manifest and
+    the field.
     """
 
 
@@ -148,6 +197,8 @@ HOOKS = (
     "vlmask_register_plugins",
     "vlmask_add_commands",
     "vlmask_default_manifests",
+    "vlmask_plan_requirement",
+    "vlmask_fill_requirement",
     "vlmask_train_start",
     "vlmask_after_optimizer_step",
     "vlmask_step_end",

@@ -490,6 +490,21 @@ def requirements_report(recipe: Recipe, registry: Registry) -> list[str]:
     return check_requirements(config, recipe, registry)[1]
 
 
+def data_requirers(recipe: Recipe, registry: Registry) -> dict[str, list[str]]:
+    """What the data must provide for the recipe: each requirement of ``DATA_REQUIREMENTS`` that
+    a target, head or masker declares -> who needs it, e.g. ``{"action_box": ["head
+    'video_text_infonce' (heads.actclip)"]}``. Requirements that cannot be read are left out
+    (``validate`` reports them)."""
+    config = OmegaConf.to_container(recipe.config, resolve=True)
+    assert isinstance(config, dict)
+    found: dict[str, list[str]] = {}
+    for key, kind, name, needs in _requirers(config, registry):
+        if not isinstance(needs, str):
+            for need in sorted(needs & DATA_REQUIREMENTS):
+                found.setdefault(need, []).append(f"{kind} {name!r} ({key})")
+    return found
+
+
 def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
     terms = {k for section in ("targets", "heads") for k, v in (config.get(section) or {}).items() if v is not None}
     weights = config.get("loss_weights") or {}

@@ -3,8 +3,10 @@
 Every built-in factory is registered here, explicitly, through the same hooks third-party
 plugins implement; nothing registers itself by being imported. Besides the factories, the
 built-in plugin provides the default data (the synthetic video-caption set, through
-``vlmask_default_manifests``) and the commands ``vlmask data synth|boxes|captions`` and
-``vlmask export`` (through ``vlmask_add_commands``).
+``vlmask_default_manifests``), action boxes detected before training where a recipe needs them
+and the manifest lacks them (``vlmask_plan_requirement`` / ``vlmask_fill_requirement``) and the
+commands ``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through
+``vlmask_add_commands``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmask import hookimpl
+from vlmask.hookspecs import FilledManifest
 from vlmask.registry import Register
 from vlmask_plugins import (
     action_area,
@@ -42,6 +45,25 @@ def vlmask_default_manifests(recipe: Any, cache_dir: Path, progress: bool) -> tu
     from vlmask_plugins.data import synthetic
 
     return synthetic.ensure_builtin(cache_dir, **(recipe.get("data.synthetic") or {}), progress=progress)
+
+
+@hookimpl
+def vlmask_plan_requirement(requirement: str, manifest: Path, cache_dir: Path) -> str | None:
+    """Missing ``action_box`` fields are detected (MoFo's action area, ``vlmask data boxes``'s detector)."""
+    if requirement != "action_box":
+        return None
+    return (f"they will be detected before training (detector 'flow', as vlmask data boxes; "
+            f"cached in {Path(cache_dir) / 'boxes'})")
+
+
+@hookimpl
+def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path, progress: bool) -> FilledManifest | None:
+    """Detect the missing ``action_box`` fields (cached per clip) into a filled copy of the manifest."""
+    if requirement != "action_box":
+        return None
+    from vlmask_plugins.action_area.boxes import boxes_for_training
+
+    return boxes_for_training(manifest, cache_dir, progress=progress)
 
 
 @hookimpl

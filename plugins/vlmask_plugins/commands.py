@@ -1,4 +1,4 @@
-"""The built-in plugin's commands: ``vlmask data synth|boxes|captions`` and ``vlmask export``.
+"""The built-in plugin's commands: ``vlmask data synth|boxes|captions|import`` and ``vlmask export``.
 
 They reach the command line through the ``vlmask_add_commands`` hook (see ``vlmask.hookspecs``)
 implemented in ``vlmask_plugins.builtin``; ``vlmask.cli`` imports none of them.
@@ -95,6 +95,10 @@ def add_commands(subparsers: argparse._SubParsersAction, data: argparse._SubPars
     captions.add_argument("--workers", type=int, default=1)
     captions.add_argument("--stats", help="also write the statistics as JSON here")
     captions.set_defaults(func=cmd_data_captions)
+
+    from vlmask_plugins.data.importers import add_import_command
+
+    add_import_command(data)  # vlmask data import FORMAT --annotations FILE --videos DIR --out OUT.jsonl
 
     export = subparsers.add_parser("export", help="write a run's encoder in another framework's format")
     export.add_argument("run_dir")

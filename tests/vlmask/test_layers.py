@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).parents[2] / "vlmask"
 LAYERS: list[tuple[str, set[str]]] = [
     ("types, provenance, schedules, small io", {"vlmask", "types", "provenance", "schedules", "paths", "metrics", "rundir", "statistics", "diagnostics"}),
     ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features"}),
-    ("checkpoint, parallel, data loading, engine-owned caches", {"checkpoint", "parallel", "data_loading", "caches"}),
+    ("checkpoint, parallel, data loading, engine-owned caches", {"checkpoint", "parallel", "data_loading", "data_requirements", "caches"}),
     ("build, engine, runs", {"build", "engine", "runs"}),
     ("evaluate, finetune, bench", {"evaluate", "finetune", "bench", "flops"}),
     ("command line", {"cli", "__main__"}),

@@ -15,11 +15,13 @@ place, keeping skipped lines as they were.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmask.hookspecs import FilledManifest
 from vlmask.kinds import ActionAreaDetector
 from vlmask.paths import cache_dir as default_cache_root
 from vlmask_plugins.data.fill import ClipJsonCache, ManifestLine, fill_manifest, manifest_paths
@@ -33,7 +35,8 @@ class FillStats:
     """What :func:`fill_boxes` did. ``lines``: non-blank lines read; ``kept``: lines that
     already had a box; ``detected``: boxes computed now; ``cached``: boxes read from the
     cache; ``fallbacks``: boxes (detected or cached) where nothing moved and the detector
-    returned its fallback; ``skipped``: bad lines left out, with reasons; ``written``: lines
+    returned its fallback; ``queued``: good lines without a box (detected, cached or failed);
+    ``skipped``: bad lines left out, with reasons; ``written``: lines
     in the output manifest."""
 
     manifest_in: Path
@@ -43,6 +46,7 @@ class FillStats:
     detected: int = 0
     cached: int = 0
     fallbacks: int = 0
+    queued: int = 0
     written: int = 0
     cache_dir: Path | None = None
     skipped: list[SkippedClip] = field(default_factory=list)
@@ -82,6 +86,7 @@ def fill_boxes(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     use_cache: bool = True,
+    keep_lines: bool = False,
 ) -> FillStats:
     """Write ``manifest_out``: every good line of ``manifest_in``, in order, with
     ``action_box`` detected where it was missing. Relative ``video`` paths are rewritten to stay
@@ -89,6 +94,7 @@ def fill_boxes(
 
     ``workers`` threads detect in parallel; results are cached under ``cache_dir`` (default
     ``$VLMASK_CACHE/boxes``) unless ``use_cache`` is False or the detector has no ``params()``.
+    ``keep_lines``: every line keeps its number (see :func:`~vlmask_plugins.data.fill.fill_manifest`).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -104,6 +110,7 @@ def fill_boxes(
 
     def select(line: ManifestLine) -> bool:
         if line.clip.action_box is None:
+            stats.queued += 1
             return True
         stats.kept += 1
         return False
@@ -116,8 +123,48 @@ def fill_boxes(
         stats.fallbacks += fallback
 
     fill_manifest(source, target, stats, select, lambda line: _detect_one(line.clip, detector, cache), store,
-                  label="action boxes", verb="detection", workers=workers, progress=progress)
+                  label="action boxes", verb="detection", workers=workers, progress=progress, keep_lines=keep_lines)
     return stats
+
+
+def default_detector() -> ActionAreaDetector:
+    """The detector of ``vlmask data boxes`` (``--detector flow``, default settings)."""
+    from vlmask_plugins.action_area.flow import FlowActionArea
+
+    return FlowActionArea()
+
+
+def training_manifest_path(manifest: str | Path, cache_root: str | Path, detector: ActionAreaDetector) -> Path:
+    """Where :func:`boxes_for_training` writes the filled copy of ``manifest``: under
+    ``cache_root/boxes/manifests``, named by a digest of the manifest's bytes, its folder
+    (relative ``video`` paths resolve against it) and the detector's parameters."""
+    source = Path(manifest).expanduser()
+    digest = hashlib.sha256()
+    digest.update(source.read_bytes())
+    digest.update(str(source.parent.resolve()).encode("utf-8", "surrogateescape"))
+    digest.update(json.dumps(_detector_params(detector), sort_keys=True).encode("utf-8"))
+    return Path(cache_root).expanduser() / "boxes" / "manifests" / f"{source.stem}-{digest.hexdigest()[:16]}.jsonl"
+
+
+def boxes_for_training(manifest: str | Path, cache_root: str | Path, progress: bool = True,
+                       detector: ActionAreaDetector | None = None, workers: int = 2) -> FilledManifest:
+    """The built-in answer to ``vlmask_fill_requirement("action_box", ...)``: detect the boxes
+    a manifest lacks before training, with the detector and settings of ``vlmask data boxes``,
+    per-clip results cached in ``cache_root/boxes`` (the second run detects nothing), and the
+    filled manifest written to :func:`training_manifest_path` with every line at its own number
+    (so the run's skipped-line report names the source's lines). The source is not modified."""
+    detector = detector if detector is not None else default_detector()
+    source = Path(manifest).expanduser()
+    target = training_manifest_path(source, cache_root, detector)
+    stats = fill_boxes(source, target, detector, workers=workers, cache_dir=Path(cache_root).expanduser() / "boxes",
+                       progress=progress, keep_lines=True)
+    good = stats.kept + stats.queued
+    counts = {"lines": good, "kept": stats.kept, "detected": stats.detected, "from_cache": stats.cached,
+              "failed": stats.queued - stats.detected - stats.cached, "fallbacks": stats.fallbacks}
+    summary = (f"boxes: {stats.kept} in the manifest, {stats.detected} detected, {stats.cached} from cache, "
+               f"{counts['failed']} failed, {stats.fallbacks} fallbacks (nothing moved); cache {stats.cache_dir}; "
+               f"training reads {target}")
+    return FilledManifest(path=target, counts=counts, summary=summary)
 
 
 def _detector_params(detector: Any) -> dict[str, Any] | None:

@@ -70,6 +70,7 @@ def fill_manifest(
     verb: str,
     workers: int,
     progress: bool,
+    keep_lines: bool = False,
 ) -> None:
     """Write ``target``: every good line of ``source``, in order, filled by the callbacks.
 
@@ -84,7 +85,11 @@ def fill_manifest(
     The output is written beside ``target`` and renamed over it (atomic). When ``target`` is
     ``source`` itself (``--out`` equal to the input), nothing of the source is lost: skipped and
     blank lines stay where they were, byte for byte, and only good lines are rewritten, so the line
-    numbers do not move either. Otherwise the output holds the good lines only.
+    numbers do not move either. Otherwise the output holds the good lines only, unless
+    ``keep_lines``: then every line keeps its number too (what a training run reads, so that its
+    skipped-line report names the source's line numbers): good lines filled, lines whose work
+    failed as read (relocated, unfilled), bad lines as they were with a relative ``video`` made
+    absolute (so the reason names the right file), blank lines blank.
     """
     in_place = target.exists() and os.path.samefile(source, target)
     lines: dict[int, ManifestLine] = {}
@@ -110,16 +115,35 @@ def fill_manifest(
         store(lines[number], outcome)
     stats.skipped.sort(key=lambda s: s.line)
     out_rows = [lines[n].out for n in sorted(lines) if n not in failed]
-    if not in_place:
-        write_manifest(target, out_rows)
-    else:  # every line of the source stays: filled where good, as it was where skipped (or blank)
+    if in_place:  # every line of the source stays: filled where good, as it was where skipped (or blank)
         with source.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
             raw = list(handle)
         text = "".join(json.dumps(lines[n].out) + "\n" if n in lines and n not in failed
                        else (line if line.endswith("\n") else line + "\n")
                        for n, line in enumerate(raw, start=1))
         write_text_atomic(target, text)
+    elif keep_lines:  # every line at its number: filled, unfilled where the work failed, bad lines re-anchored
+        with source.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            raw = list(handle)
+        text = "".join(json.dumps(lines[n].out) + "\n" if n in lines else _anchored(line, source.parent)
+                       for n, line in enumerate(raw, start=1))
+        write_text_atomic(target, text)
+    else:
+        write_manifest(target, out_rows)
     stats.written = len(out_rows)
+
+
+def _anchored(line: str, root: Path) -> str:
+    """A bad line, unchanged but for a relative ``video`` made absolute against ``root``."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        row = None
+    if isinstance(row, dict) and isinstance(row.get("video"), str) and row["video"].strip():
+        video = Path(row["video"]).expanduser()
+        if not video.is_absolute():
+            return json.dumps({**row, "video": str((root / video).absolute())}) + "\n"
+    return line if line.endswith("\n") else line + "\n"
 
 
 def relocate_row(row: dict[str, Any], clip: ManifestClip, out_root: Path) -> dict[str, Any]:

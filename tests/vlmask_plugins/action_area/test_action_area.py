@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vlmask_plugins.action_area import register_plugins
-from vlmask_plugins.action_area.boxes import default_boxes_cache, fill_boxes
+from vlmask_plugins.action_area.boxes import boxes_for_training, default_boxes_cache, fill_boxes
 from vlmask_plugins.action_area.flow import ActionArea, FlowActionArea
 from vlmask_plugins.action_area.measure import box_iou, read_rows
 from vlmask_plugins.data.manifest import read_manifest
@@ -222,3 +222,36 @@ def test_fill_boxes_caches_per_clip(manifest: Path, tmp_path: Path) -> None:
 
 def test_fill_boxes_default_cache_is_under_vlmask_cache(isolated_cache: Path) -> None:
     assert default_boxes_cache() == isolated_cache / "boxes"
+
+
+def test_boxes_for_training_fills_a_cached_copy_with_every_line_at_its_number(manifest: Path, tmp_path: Path) -> None:
+    """What the built-in plugin's ``vlmask_fill_requirement`` does before training: the source is
+    left alone, the copy lives in the cache, and a run's skipped-line report names the source's
+    line numbers (the dataset reads the copy)."""
+    import warnings
+
+    from vlmask_plugins.data.dataset import VideoManifestDataset
+
+    source_text = manifest.read_text()
+    cache = tmp_path / "cache"
+    filled = boxes_for_training(manifest, cache, progress=False)
+    assert manifest.read_text() == source_text
+    assert filled.path.parent == cache / "boxes" / "manifests" and filled.path.name.startswith("manifest-")
+    counts = filled.counts
+    assert [counts[k] for k in ("lines", "kept", "detected", "from_cache", "failed")] == [6, 1, 4, 0, 1]
+    assert "4 detected, 0 from cache, 1 failed" in filled.summary
+    lines = filled.path.read_text().splitlines()
+    assert len(lines) == 8 and lines[5] == '{"video": "broken.mp4", '
+    assert json.loads(lines[6])["video"] == str(manifest.parent / "missing.mp4")  # the reason names the real file
+    assert "action_box" not in json.loads(lines[7])  # detection failed: kept unfilled, the probe skips it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read = [VideoManifestDataset(str(path), num_frames=4, size=32, train=False) for path in (manifest, filled.path)]
+    assert [s.line for s in read[0].skipped] == [s.line for s in read[1].skipped] == [6, 7, 8]
+    assert len(read[1]) == 5 and all(clip.action_box is not None for clip in read[1].clips)
+
+    again = boxes_for_training(manifest, cache, progress=False)  # a second run detects nothing
+    assert again.path == filled.path and (again.counts["detected"], again.counts["from_cache"]) == (0, 4)
+    assert again.path.read_text() == "\n".join(lines) + "\n"
+    other = boxes_for_training(manifest, cache, progress=False, detector=FlowActionArea(pairs=5))
+    assert other.path != filled.path and other.counts["detected"] == 4  # keyed by the detector's settings

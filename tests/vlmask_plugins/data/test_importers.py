@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -182,9 +183,13 @@ def test_timestamps():
             parse_timestamp(bad)
 
 
-def test_an_imported_manifest_validates_and_trains(tmp_path, encode_videos, tiny_scale):
+def test_an_imported_manifest_validates_and_trains(tmp_path, encode_videos, tiny_scale, monkeypatch, capsys):
+    """Through the command line: ``vlmask data import folders``, then ``vlmask validate`` and a tiny
+    ``vlmask run`` of FILS, whose ActCLIP needs action boxes the import does not write: they are
+    detected before training."""
     from vlmask.cli import main
 
+    monkeypatch.setenv("VLMASK_CACHE", str(tmp_path / "cache"))
     videos = tmp_path / "clips"
     jobs = [dict(path=str(videos / label / f"{label}_{i}.mp4"), frames=16, fps=8, width=64, height=48, seed=i)
             for label in ("wave", "clap") for i in range(3)]
@@ -192,9 +197,17 @@ def test_an_imported_manifest_validates_and_trains(tmp_path, encode_videos, tiny
         (videos / label).mkdir(parents=True)
     encode_videos(jobs)
     out = tmp_path / "clips.jsonl"
-    assert import_manifest("folders", None, videos, out).written == 6
-    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "mae.yaml")
+    assert main(["data", "import", "folders", "--videos", str(videos), "--out", str(out)]) == 0
+    assert f"folders: wrote 6 lines to {out}" in capsys.readouterr().out
+    assert all("action_box" not in row for row in rows(out))
+    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "fils.yaml")
     overrides = [*tiny_scale, "train.max_steps=2", f"data.train={out}", f"data.val={out}", f"run.dir={tmp_path / 'run'}"]
     assert main(["validate", recipe, *overrides]) == 0
+    assert f"6 of 6 lines of {out} lack action_box; they will be detected before training" in " ".join(
+        capsys.readouterr().err.split())
     assert main(["run", recipe, *overrides]) == 0
+    log = " ".join(capsys.readouterr().err.split())
+    assert "boxes: 0 in the manifest, 6 detected, 0 from cache" in log
+    # the decoder on the start line, like the attention backend
+    assert re.search(r"\| decoder (pyav|decord|torchcodec) \((auto|data\.dataset\.decoder)[^)]*\) \|", log), log
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
