@@ -101,7 +101,7 @@ def test_a_non_finite_loss_names_its_first_step_and_no_bad_checkpoint_is_saved(t
     good one out) and names step 10."""
     run_dir = tmp_path / "run"
     result = vlmask(*tiny_run(tiny_synth, tiny_scale, run_dir, "train.max_steps=10", "train.log_every=10",
-                              "train.ckpt_every=1", "optim.lr=1e12", "optim.warmup_steps=0", "train.grad_clip=0"))
+                              "train.ckpt_every=1", "optim.lr=1e12", "optim.warmup_steps=0", "train.grad_clip=null"))
     assert result.returncode == 1, result.stderr
     (line,) = [l for l in result.stderr.splitlines() if "loss is" in l]
     assert "loss is nan at step 2" in line and "no checkpoint was saved after it" in line
