@@ -257,15 +257,17 @@ def count_flops(
 ) -> dict[str, Any]:
     """FLOPs of one training step per clip of a recipe (forward + backward + teacher), without
     running it: see :func:`count_step_flops`. The model is built on the CPU and moved to the
-    ``meta`` device; no data is read. ``gflops_per_clip`` and ``breakdown`` are in GFLOP."""
+    ``meta`` device; no data is read. ``gflops_per_clip`` and ``breakdown`` are in GFLOP (rounded to
+    MFLOPs), ``flops_per_clip`` is the unrounded count in FLOP (``summary.json``'s ``train_flops``)."""
     recipe = load_recipe(recipe_path, _counting_overrides(overrides))
     with _one_process_view():  # counting needs no other rank, even inside a torchrun job
         trainer = Trainer(recipe, plugins, with_data=False)
     with trainer:
         result = count_step_flops(trainer, batch_size)
     breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
-    gflops = round(result.pop("gflops_per_clip"), 3)
-    return {"recipe": str(recipe_path), "gflops_per_clip": gflops, "breakdown": breakdown, **result}
+    exact = result.pop("gflops_per_clip")
+    return {"recipe": str(recipe_path), "gflops_per_clip": round(exact, 3), "flops_per_clip": exact * 1e9,
+            "breakdown": breakdown, **result}
 
 
 # ---------------------------------------------------------------------------------------- timing

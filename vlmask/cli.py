@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import PluginError, Plugins, default_plugins
+from vlmask.rundir import RunDirBusy, RunDirMismatch
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
@@ -63,13 +64,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vlmask.engine import Trainer, is_finished
+    from omegaconf import OmegaConf
+
+    from vlmask.engine import Trainer
+    from vlmask.rundir import check_same_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = recipe.get("run.dir")
-    if run_dir and is_finished(Path(run_dir)):
-        out.print(f"{run_dir}: already finished (summary.json exists); nothing to do")
-        return 0
+    if run_dir:  # the Trainer checks again under the run directory's lock; this answers before any work
+        check = check_same_recipe(run_dir, OmegaConf.to_container(recipe.config, resolve=True), recipe.overrides,
+                                  recipe=str(recipe.path))
+        check.raise_if_refused()
+        if check.status == "same" and check.finished:
+            out.print(check.message())
+            return 0
+        if check.status == "extend" and int(os.environ.get("RANK", 0)) == 0:
+            console.print(check.message(), markup=False, highlight=False, soft_wrap=True)
     trainer = Trainer(recipe, _plugins(), console=console)
     rank0 = trainer.rank == 0
     if rank0:
@@ -223,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *unknown]
     try:
         return int(args.func(args) or 0)
+    except (RunDirBusy, RunDirMismatch) as exc:  # another writer, another recipe: the user's to settle
+        console.print(f"[red]{type(exc).__name__}:[/] {escape(str(exc))}", highlight=False)
+        return 2
     except RecipeError as exc:
         console.print(f"[red]recipe error[/] ({len(exc.problems)}):")
         for problem in exc.problems:

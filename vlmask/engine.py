@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import resource
 import shutil
@@ -30,10 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vlmask import checkpoint as ckpt
-from vlmask import parallel
+from vlmask import parallel, rundir
 from vlmask.build import Components, LossTerm, Student, autocast_of, build_components, resolve_device, resolve_precision, set_attention_backends
 from vlmask.caches import CaptionEmbeddingCache
 from vlmask.config import Recipe, RecipeError
+from vlmask.diagnostics import training_diagnostics
 from vlmask.hookspecs import RunInfo
 from vlmask.provenance import git_commit, versions
 from vlmask.schedules import lr_at
@@ -42,7 +42,7 @@ from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite,
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, new_manager
 from vlmask.schema import build, settings, validate
-from vlmask.types import Batch, TokenGrid
+from vlmask.types import Batch, TokenGrid, gather_tokens
 
 
 def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -80,6 +80,17 @@ def _as_record(item: Any) -> Any:
     return dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
 
 
+def _non_finite_tensors(modules: dict[str, dict[str, Tensor]]) -> list[str]:
+    """``module.key`` of every floating-point tensor holding a NaN or an infinity (one sync)."""
+    named = [(f"{module}.{key}", t) for module, tensors in modules.items() for key, t in tensors.items()
+             if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    flags = [torch.isfinite(t).all() for _, t in named]
+    flags = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
+    return [name for (name, _), ok in zip(named, flags.tolist()) if not ok]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -108,6 +119,69 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + self.now() - start
+
+
+class FeatureTap:
+    """The features a training step already computes, kept for :mod:`vlmask.diagnostics` at
+    log steps only: forward hooks on the student's encoder and on the teacher, registered once
+    (before ``torch.compile``, which ignores hooks added later) and idle unless armed (:meth:`arm`).
+
+    Armed for one step, each hook keeps the first output of its module in that step, detached:
+    the encoder's features of the visible tokens (B, Nv, D) with the visible indices it was
+    called with, and the teacher's features of every token (B, N, D). Later calls in the same
+    step (faithful DPC encodes the true future again, MemDPC the past) and the other
+    micro-batches of an accumulated step are left alone. Idle, a hook is one Python call that
+    returns at once: no tensor operation, no host-device synchronisation.
+    """
+
+    def __init__(self, encoder: nn.Module, teacher: nn.Module | None) -> None:
+        self.armed = False
+        self.student: Tensor | None = None
+        self.visible: Tensor | None = None
+        self.teacher: Tensor | None = None
+        self._handles = [encoder.register_forward_hook(self._student_hook)]
+        if teacher is not None:
+            self._handles.append(teacher.register_forward_hook(self._teacher_hook))
+
+    def _student_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.armed and self.student is None and isinstance(output, Tensor):
+            self.student = output.detach()
+            self.visible = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
+
+    def _teacher_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.armed and self.teacher is None and isinstance(output, Tensor):
+            self.teacher = output.detach()
+
+    @contextmanager
+    def arm(self, enabled: bool = True) -> Iterator["FeatureTap"]:
+        """Keep the features of the step run inside (when ``enabled``); forget them on entry."""
+        self.student = self.visible = self.teacher = None
+        self.armed = enabled
+        try:
+            yield self
+        finally:
+            self.armed = False
+
+    def diagnostics(self) -> dict[str, float]:
+        """``vlmask.diagnostics.training_diagnostics`` of the kept features (one host-device sync;
+        call it at log steps): ``rankme`` and ``student_std`` of the student's visible tokens and,
+        with a teacher, ``teacher_std`` and ``student_teacher_cos`` of the teacher's features at
+        the same tokens (all of them when its tokens are not the student's grid). Empty when
+        nothing was kept or the batch has one clip (a std over one clip means nothing)."""
+        student, teacher = self.student, self.teacher
+        if student is None or student.ndim not in (2, 3) or student.shape[0] < 2:
+            return {}
+        if teacher is not None and (teacher.ndim not in (2, 3) or teacher.shape[0] != student.shape[0]):
+            teacher = None
+        if teacher is not None and teacher.ndim == 3 and self.visible is not None and self.visible.ndim == 2 \
+                and self.visible.shape[0] == teacher.shape[0] and int(self.visible.max()) < teacher.shape[1]:
+            teacher = gather_tokens(teacher, self.visible)
+        return training_diagnostics(student, teacher)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class Trainer:
@@ -139,28 +213,41 @@ class Trainer:
         for plugin in self.plugins.manager.get_plugins():
             self.manager.register(plugin, name=self.plugins.manager.get_name(plugin))
         self.hooks = self.manager.hook
+        self.lock: rundir.RunDirLock | None = None
+        self.features: FeatureTap | None = None
         self._setup_distributed()
-        torch.manual_seed(self.seed + self.rank)
         if with_data:
-            self._setup_data()
-        else:
-            self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
-            self.accumulate = self.train_cfg.accumulate
-            self.total_steps = int(self.train_cfg.max_steps or 1)
-        self._setup_model()
-        torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
-        self._setup_optimizer()
-        if with_data:
-            self._setup_run_dir()
-        else:
-            self.run_dir, self.start_step, self.resumed_from = Path("."), 0, None
-            self.run = RunInfo(Path("."), recipe, self.device, self.rank, self.world_size, 0, self.total_steps, self.attention)
+            self._claim_run_dir()  # at once: a second writer, or another recipe, is refused before any work
+        try:
+            torch.manual_seed(self.seed + self.rank)
+            if with_data:
+                self._setup_data()
+            else:
+                self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
+                self.accumulate = self.train_cfg.accumulate
+                self.total_steps = int(self.train_cfg.max_steps or 1)
+            self._setup_model()
+            torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
+            self._setup_optimizer()
+            if with_data:
+                self._setup_run_dir()
+            else:
+                self.run_dir, self.start_step, self.resumed_from = Path("."), 0, None
+                self.run = RunInfo(Path("."), recipe, self.device, self.rank, self.world_size, 0, self.total_steps,
+                                   self.attention)
+        except BaseException:
+            self._release_run_dir()
+            raise
         for name, component in self.parts.hook_parts().items():  # components take part in this run's hooks
             if not self.manager.is_registered(component):
                 self.manager.register(component, name=f"run:{name}:{id(component)}")
 
     #: Set to a :class:`PhaseTimer` to time the phases of :meth:`train_step` (``vlmask bench``).
     phase_timer: "PhaseTimer | None" = None
+    #: The loss of the last step this process trained (a device tensor, read only at saves and at the end).
+    last_loss: Tensor | None = None
+    #: The last step's loss as recorded in the checkpoint a run resumed from (None in older checkpoints).
+    resumed_last_loss: float | None = None
 
     def __enter__(self) -> "Trainer":
         return self
@@ -283,6 +370,7 @@ class Trainer:
             if any(p.requires_grad for p in self.student.parameters()):
                 self.ddp_student = parallel.wrap_ddp(self.student, self.device, self.train_cfg.find_unused_parameters)
 
+        self.features = FeatureTap(self.student.encoder, self.teacher)  # before compile: it ignores later hooks
         if self.train_cfg.compile:
             self.ddp_student = torch.compile(self.ddp_student)
 
@@ -308,7 +396,11 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
 
-    def _setup_run_dir(self) -> None:
+    def _claim_run_dir(self) -> None:
+        """Choose the run directory, lock it (rank 0: a second writer is refused naming the
+        holder, ``vlmask.rundir.RunDirBusy``) and check that a directory trained before was
+        trained with this recipe (``RunDirMismatch`` naming the keys that differ; only a larger
+        ``train.max_steps`` may continue it)."""
         run = settings(self.recipe, "run")
         if run.dir:
             run_dir = Path(run.dir)
@@ -316,11 +408,42 @@ class Trainer:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path(run.root) / f"{run.name or self.recipe.name}-{stamp}"
         self.run_dir = run_dir
+        self._made_run_dir = not run_dir.exists()
+        if self.rank == 0:
+            self.lock = rundir.RunDirLock(run_dir).acquire()
+        try:
+            self.recipe_check = rundir.check_same_recipe(run_dir, self._resolved_config(), self.recipe.overrides,
+                                                         recipe=str(self.recipe.path))
+            self.recipe_check.raise_if_refused()
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _release_run_dir(self) -> None:
+        """Unlock the run directory; one this Trainer made and never wrote to is removed again."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        self.lock = None
+        if self._made_run_dir and {p.name for p in self.run_dir.iterdir()} <= {rundir.LOCK_NAME}:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _setup_run_dir(self) -> None:
+        """Resume from the latest checkpoint, if any; rank 0 then cuts ``metrics.jsonl`` back to
+        the step it resumes at (atomically; a torn last line, the trace of a kill, is dropped with
+        a warning naming it) and removes the temporary folders of checkpoint writes that never
+        finished."""
+        run_dir = self.run_dir
         self.start_step = 0
         self.resumed_from: Path | None = None
+        self.resumed_last_loss: float | None = None
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         if latest is not None:
             self._resume(latest)
+        if self.rank == 0:
+            rundir.truncate_metrics_after(run_dir / "metrics.jsonl", self.start_step)
+            for orphan in ckpt.remove_orphan_temporaries(run_dir / "checkpoints"):
+                print(f"removed {orphan} (a checkpoint write that never finished)", file=sys.stderr, flush=True)
         self.run = RunInfo(
             dir=run_dir,
             recipe=self.recipe,
@@ -333,10 +456,14 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Unregister this run's components from the run's plugin manager (what ``__exit__`` calls)."""
+        """Unregister this run's components from the run's plugin manager, remove the feature
+        hooks and unlock the run directory (what ``__exit__`` calls)."""
         for component in self.parts.hook_parts().values():
             if self.manager.is_registered(component):
                 self.manager.unregister(component)
+        if self.features is not None:
+            self.features.remove()
+        self._release_run_dir()
 
     # ---------------------------------------------------------------- the step
     def mask_generator(self, step: int) -> torch.Generator:
@@ -409,6 +536,8 @@ class Trainer:
         main = self.rank == 0
         if main:
             self._write_config()
+            if self.start_step < self.total_steps:  # a finished run continued to a larger max_steps
+                (self.run_dir / "summary.json").unlink(missing_ok=True)
         self.hooks.vlmask_train_start(run=self.run)
         self.student.train()
         step = self.start_step
@@ -421,35 +550,39 @@ class Trainer:
         rates: list[float] = []
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
         load_failures: dict[int, tuple[int, str, str]] = {}  # clips that failed to decode while training
+        guard = rundir.NonFiniteGuard(self.device, start_step=step)  # on the device: no sync per step
+        features = self.features
+        assert features is not None
         try:
             while step < self.total_steps:
                 micro = [self.prepare(next(batches)) for _ in range(self.accumulate)]
                 for failure in (f for part in micro for f in part.extra.get("load_failures", ())):
                     load_failures[failure[0]] = tuple(failure)
-                logged = self.train_step(micro if self.accumulate > 1 else micro[0], step)
+                log_step = (step + 1) % self.train_cfg.log_every == 0 or step + 1 == self.total_steps
+                with features.arm(enabled=log_step and main):
+                    logged = self.train_step(micro if self.accumulate > 1 else micro[0], step)
                 step += 1
+                guard.observe(logged["loss"], {k: logged[k] for k in self.loss_weights if k in logged})
+                self.last_loss = logged["loss"]
                 for k, v in logged.items():
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
                 count += 1
-                if step % self.train_cfg.log_every == 0 or step == self.total_steps:
+                if log_step:
+                    guard.check(noticed_at=step, kept=self._last_checkpoint())
                     now = time.perf_counter()
                     rate = count * clips_per_step / (now - t_log)
                     rates.append(rate)
                     last = {"step": step, **{k: (v / count).item() for k, v in sums.items()}}
                     last["lr"] = self.optimizer.param_groups[0]["lr"]
                     last["clips_per_s"] = rate
-                    if not math.isfinite(last["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {last['loss']} at step {step}: terms "
-                            + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in self.loss_weights)
-                            + "; try precision fp32/bf16, a lower optim.lr or train.grad_clip"
-                        )
+                    last.update(features.diagnostics())
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(last) + "\n")
                         metrics_file.flush()
                         self.hooks.vlmask_step_end(step=step, metrics=last, run=self.run)
                     sums, count, t_log = {}, 0, time.perf_counter()
                 if step % self.train_cfg.ckpt_every == 0 or step == self.total_steps:
+                    guard.check(noticed_at=step, kept=self._last_checkpoint())  # never save after a bad step
                     self.save(step)
                 if progress is not None and main:
                     progress(step, last)
@@ -463,7 +596,7 @@ class Trainer:
         summary = {
             "steps": step,
             "wall_s": round(wall, 3),
-            "final_loss": last.get("loss"),
+            "final_loss": self._final_loss(),
             "clips_per_s": (sorted(rates)[len(rates) // 2] if rates else 0.0),
             "peak_mem_mb": round(peak_memory_mb(self.device), 1),
             "skipped_clips": len(skipped),
@@ -475,15 +608,46 @@ class Trainer:
             "params_per_rank": parallel.local_parameter_count(self.student),
         }
         if main:
+            summary["train_flops"] = self._train_flops(step * clips_per_step)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             self.hooks.vlmask_train_end(summary=summary, run=self.run)
         return summary
 
+    def _final_loss(self) -> float | None:
+        """``summary.json``'s ``final_loss``: the loss of the run's last step (rank 0's, the mean
+        over its micro-batches), not a log-window mean, so a resume does not change it; a run
+        resumed at its final checkpoint reads it from that checkpoint."""
+        if self.last_loss is not None:
+            return float(self.last_loss)
+        return self.resumed_last_loss
+
+    def _train_flops(self, clips_trained: int) -> float | None:
+        """``summary.json``'s ``train_flops`` (vlmask.flops: one step's FLOPs per clip x clips
+        trained), counted on a separate copy of the model on the ``meta`` device. A counting
+        failure is a warning, never a failed run; the process's random state is left as it was."""
+        from vlmask.flops import train_flops_of_recipe
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return train_flops_of_recipe(self.recipe, clips_trained, self.plugins)
+        except Exception as error:  # FLOPs annotate a run; they must never fail one
+            print(f"warning: {self.run_dir}: training FLOPs not counted ({type(error).__name__}: {error}); "
+                  f"summary.json has train_flops null", file=sys.stderr, flush=True)
+            return None
+
+    def _last_checkpoint(self) -> Path | None:
+        return ckpt.latest_checkpoint(self.run_dir / "checkpoints", report=False)
+
     # ---------------------------------------------------------------- checkpoints
-    def _write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _resolved_config(self) -> dict[str, Any]:
+        """The recipe as plain containers, every interpolation resolved (``config.yaml`` without ``record``)."""
         config = OmegaConf.to_container(self.recipe.config, resolve=True)
         assert isinstance(config, dict)
+        return config  # type: ignore[return-value]
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = self._resolved_config()
         config["record"] = {
             "recipe": str(self.recipe.path),
             "git_commit": git_commit(self.recipe.path.parent),
@@ -515,11 +679,18 @@ class Trainer:
         optimizer_state = parallel.optimizer_state(self.student, self.optimizer)
         if self.rank != 0:
             return None
+        bad = _non_finite_tensors(modules)
+        if bad:  # a gradient that was not finite can leave the weights so while the loss still was
+            kept = self._last_checkpoint()
+            raise rundir.NonFiniteLoss(f"not saving step {step}: non-finite weights in {', '.join(bad[:5])}"
+                                       + (f"; the last good checkpoint is {kept}" if kept else "")
+                                       + "; try train.precision fp32/bf16, a lower optim.lr or train.grad_clip", step)
         state = {
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.rng_state(),
             "total_steps": self.total_steps,
+            "last_loss": float(self.last_loss) if self.last_loss is not None else self.resumed_last_loss,
         }
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", step, modules, state, keep=self.train_cfg.keep_checkpoints)
         self.hooks.vlmask_checkpoint_saved(step=step, path=path, run=self.run)
@@ -541,10 +712,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
         self.resumed_from = path
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists() and self.rank == 0:  # drop lines logged after the checkpoint
-            kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.start_step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        last_loss = state.get("last_loss")  # absent in checkpoints of older runs
+        self.resumed_last_loss = float(last_loss) if isinstance(last_loss, (int, float)) else None
 
     def describe(self) -> str:
         """The first line of a run: what runs on what."""

@@ -1,7 +1,9 @@
-"""Run-directory safety through the real command line (issue 14, items 4, 5 and 8).
+"""Run-directory safety through the real command line (issue 14, items 3, 4, 5 and 8): one
+writer per run directory, a non-finite loss named at its step with no bad checkpoint saved, a
+re-run with another recipe refused (a larger max_steps continues), a torn metrics line and a
+killed writer's temporary folder cleaned at resume, final_loss the last step's loss.
 
-PENDING: these pass once vlmask/rundir.py is wired into the engine and the CLI (see the reliab
-report for where). Rename to test_run_safety.py then; every test here fails on today's engine.
+Each test fails on the engine before vlmask/rundir.py was wired into it (checked in a scratch copy).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from vlmask.checkpoint import _host
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -101,7 +105,7 @@ def test_a_non_finite_loss_names_its_first_step_and_no_bad_checkpoint_is_saved(t
     good one out) and names step 10."""
     run_dir = tmp_path / "run"
     result = vlmask(*tiny_run(tiny_synth, tiny_scale, run_dir, "train.max_steps=10", "train.log_every=10",
-                              "train.ckpt_every=1", "optim.lr=1e12", "optim.warmup_steps=0", "train.grad_clip=0"))
+                              "train.ckpt_every=1", "optim.lr=1e12", "optim.warmup_steps=0", "train.grad_clip=null"))
     assert result.returncode == 1, result.stderr
     (line,) = [l for l in result.stderr.splitlines() if "loss is" in l]
     assert "loss is nan at step 2" in line and "no checkpoint was saved after it" in line
@@ -142,9 +146,15 @@ def test_a_torn_last_metrics_line_is_named_and_resume_goes_on(tmp_path, tiny_syn
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 3, "lo')  # the kill came mid-line
     lines = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = run_dir / "checkpoints" / f".tmp-step_00000003-{_host()}-{int(dead.stdout)}"  # a killed writer's folder
+    orphan.mkdir()
+    (orphan / "student.safetensors").write_bytes(b"half written")
     resumed = vlmask(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"warning: {run_dir / 'metrics.jsonl'}:{lines}: the last line is incomplete" in resumed.stderr
+    assert f"removed {orphan} (a checkpoint write that never finished)" in resumed.stderr  # at resume, not at a save
+    assert not orphan.exists()
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
 
 

@@ -1,0 +1,156 @@
+"""What a tiny real run records beyond the loss: training diagnostics in ``metrics.jsonl`` at log
+steps (vlmask.diagnostics), ``train_flops`` and ``final_loss`` in ``summary.json``, and the
+reads of the non-finite guard and the feature hooks at log and checkpoint steps only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlmask import rundir
+from vlmask.bench import count_flops
+from vlmask.config import load_recipe
+from vlmask.engine import FeatureTap, Trainer
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+TEACHER_KEYS = {"teacher_std", "student_teacher_cos"}
+
+
+def tiny(tiny_synth, tiny_scale, run_dir: Path, *extra: str) -> list[str]:
+    return [*tiny_scale, f"data.train={tiny_synth[0]}", f"run.dir={run_dir}", "train.max_steps=4", "train.log_every=2",
+            "train.ckpt_every=4", *extra]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fils_logs_the_four_diagnostics_and_mae_the_student_ones_at_log_steps(tiny_synth, tiny_scale, tmp_path):
+    batch = 4
+    with Trainer(load_recipe(RECIPES / "fils.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "fils"))) as trainer:
+        trainer.train()
+    fils = rows(tmp_path / "fils")
+    assert [r["step"] for r in fils] == [2, 4]
+    for row in fils:
+        assert 1.0 <= row["rankme"] <= batch + 1e-4  # pooled (B, D) features: rank at most B
+        assert 0.0 < row["student_std"] < 1.0 and 0.0 < row["teacher_std"] < 1.0
+        assert -1.0 <= row["student_teacher_cos"] <= 1.0 + 1e-6
+    # an EMA teacher starts as the student's copy: at step 2 the two agree far more than chance
+    assert fils[0]["student_teacher_cos"] > 0.5
+
+    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "mae"))) as trainer:
+        trainer.train()
+    mae = rows(tmp_path / "mae")
+    assert [r["step"] for r in mae] == [2, 4]
+    for row in mae:
+        assert {"rankme", "student_std"} <= set(row) and not TEACHER_KEYS & set(row)
+        assert all(math.isfinite(row[k]) for k in ("rankme", "student_std"))
+
+
+def test_summary_has_train_flops_per_clip_times_clips_and_the_last_steps_loss(tiny_synth, tiny_scale, tmp_path):
+    overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.log_every=4")
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        losses: list[float] = []
+        step = trainer.train_step
+
+        def recording_step(batch, at):
+            logged = step(batch, at)
+            losses.append(float(logged["loss"]))
+            return logged
+
+        trainer.train_step = recording_step  # an instance attribute shadows the method
+        summary = trainer.train()
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_clip = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])["flops_per_clip"]
+    assert per_clip > 0 and saved["train_flops"] == pytest.approx(per_clip * 4 * 4, rel=1e-9)  # 4 steps x 4 clips
+    assert saved["train_flops"] == summary["train_flops"] and saved["wall_s"] > 0
+    # final_loss is step 4's loss, not the mean of the log window (steps 1-4) that metrics.jsonl holds
+    assert len(losses) == 4 and saved["final_loss"] == pytest.approx(losses[-1], rel=1e-6)
+    assert rows(tmp_path / "run")[-1]["loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
+    assert saved["final_loss"] != pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
+def test_a_flop_counting_failure_is_a_warning_not_a_failed_run(tiny_synth, tiny_scale, tmp_path, monkeypatch, capfd):
+    import vlmask.bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("counter broke")
+
+    monkeypatch.setattr(vlmask.bench, "count_flops", broken)
+    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "run"))) as trainer:
+        summary = trainer.train()
+    assert summary["steps"] == 4 and summary["train_flops"] is None
+    assert "training FLOPs not counted (RuntimeError: counter broke)" in capfd.readouterr().err
+
+
+def test_the_guard_and_the_feature_hooks_are_read_at_log_and_checkpoint_steps_only(tiny_synth, tiny_scale, tmp_path,
+                                                                                    monkeypatch):
+    reads: list[int] = []
+    real = rundir.NonFiniteGuard.first_bad_step
+
+    def counted(self):
+        reads.append(int(self._step))  # the guard's own device counter: the step it has seen up to
+        return real(self)
+
+    monkeypatch.setattr(rundir.NonFiniteGuard, "first_bad_step", counted)
+    overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.max_steps=6", "train.log_every=3",
+                     "train.ckpt_every=5")
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        kept: list[int] = []
+        diagnostics = trainer.features.diagnostics
+
+        def recorded():
+            kept.append(trainer.features.student is not None)
+            return diagnostics()
+
+        trainer.features.diagnostics = recorded
+        trainer.train()
+    assert reads == [3, 5, 6, 6]  # log step 3, checkpoint 5, step 6 logs and saves
+    assert kept == [True, True]  # features kept at the two log steps, 3 and 6
+
+
+def test_the_feature_tap_keeps_the_first_call_of_an_armed_step_only():
+    encoder, teacher = nn.Linear(3, 3), nn.Linear(3, 5)
+    tap = FeatureTap(encoder, teacher)
+    x = torch.randn(4, 2, 3)
+    encoder(x), teacher(x)
+    assert tap.student is None and tap.teacher is None, "idle hooks keep nothing"
+    with tap.arm():
+        first = encoder(x)
+        encoder(torch.randn(4, 2, 3))  # a second call in the step (faithful DPC's online future)
+        teacher(x)
+    assert torch.equal(tap.student, first.detach()) and tap.teacher.shape == (4, 2, 5)
+    assert not tap.student.requires_grad
+    diagnostics = tap.diagnostics()
+    assert {"rankme", "student_std", "teacher_std"} <= set(diagnostics)
+    assert "student_teacher_cos" not in diagnostics  # widths differ: no cosine
+    tap.remove()
+    with tap.arm():
+        encoder(x)
+    assert tap.student is None, "removed hooks keep nothing"
+
+
+class VisibleTokens(nn.Module):
+    """An encoder called as the student's is, ``encoder(video, visible)``: the rows at ``visible``."""
+
+    def forward(self, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return torch.gather(tokens, 1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])) * 2.0
+
+
+def test_the_teacher_is_compared_at_the_students_visible_tokens():
+    encoder, teacher = VisibleTokens(), nn.Identity()
+    tap = FeatureTap(encoder, teacher)
+    tokens = torch.randn(6, 5, 4)
+    visible = torch.tensor([[0, 3]] * 6)
+    with tap.arm():
+        encoder(tokens, visible)
+        teacher(tokens)
+    assert torch.equal(tap.visible, visible)
+    # the student's features are twice the teacher's at the same tokens: cosine 1 there, not over all tokens
+    assert tap.diagnostics()["student_teacher_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert tap.diagnostics()["teacher_std"] == pytest.approx(tap.diagnostics()["student_std"], abs=1e-6)
