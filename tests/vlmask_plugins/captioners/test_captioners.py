@@ -171,8 +171,10 @@ def test_hf_captioner_is_deterministic_and_identity_follows_weights(tiny_model: 
         ids = prompted.model.generate(pixel_values=pixels, decoder_input_ids=torch.tensor([[1, 4 + WORDS.index("a"),
                                       4 + WORDS.index("red"), 4 + WORDS.index("square")]]), max_new_tokens=4, do_sample=False)
     raw = prompted.tokenizer.decode(ids[0], skip_special_tokens=True)
-    assert raw.startswith("a red square ")
-    assert prompted.caption(frames[:1]) == raw[len("a red square ") :]  # ... and the caption leaves the prompt out
+    # (what follows the prompt may be special tokens only: the tiny random model's greedy choice
+    # varied with the thread count inside a full run, so only the prefix is pinned)
+    assert raw.startswith("a red square")
+    assert prompted.caption(frames[:1]) == raw[len("a red square") :].strip()  # ... and the caption leaves the prompt out
 
 
 def test_hf_captioner_through_fill_captions_uses_the_cache(tiny_model: Path, synth: Path, tmp_path: Path) -> None:
