@@ -80,9 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         if check.status == "extend" and int(os.environ.get("RANK", 0)) == 0:
             console.print(check.message(), markup=False, highlight=False, soft_wrap=True)
-    from vlmask.flops import train_flops_of_recipe
-
-    trainer = Trainer(recipe, _plugins(), console=console, flops_counter=train_flops_of_recipe)
+    trainer = Trainer(recipe, _plugins(), console=console)
     rank0 = trainer.rank == 0
     if rank0:
         out.print(f"run directory: {trainer.run_dir}")

@@ -195,18 +195,13 @@ class Trainer:
     another run. Leaving the ``with`` block (or :meth:`close`) unregisters them.
     """
 
-    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True,
-                 flops_counter: Callable[[Recipe, int, Plugins], float] | None = None) -> None:
-        """``flops_counter(recipe, clips_trained, plugins)`` gives ``summary.json``'s ``train_flops``
-        (the command line passes :func:`vlmask.flops.train_flops_of_recipe`, which counts with
-        ``vlmask bench``'s counter, a layer above the engine; without it ``train_flops`` is null).
-        ``with_data=False`` builds the model, optimizer and run settings without reading any
+    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True) -> None:
+        """``with_data=False`` builds the model, optimizer and run settings without reading any
         data (benchmarks, FLOP counts): ``train()`` is then unavailable."""
         self.recipe = recipe
         self.with_data = with_data
         self.plugins = plugins or default_plugins()
         self.console = console
-        self.flops_counter = flops_counter
         problems = validate(recipe, self.plugins.registry)
         if problems:
             raise RecipeError(problems)
@@ -630,11 +625,11 @@ class Trainer:
         """``summary.json``'s ``train_flops`` (vlmask.flops: one step's FLOPs per clip x clips
         trained), counted on a separate copy of the model on the ``meta`` device. A counting
         failure is a warning, never a failed run; the process's random state is left as it was."""
-        if self.flops_counter is None:
-            return None
+        from vlmask.flops import train_flops_of_recipe
+
         try:
             with torch.random.fork_rng(devices=[]):
-                return self.flops_counter(self.recipe, clips_trained, self.plugins)
+                return train_flops_of_recipe(self.recipe, clips_trained, self.plugins)
         except Exception as error:  # FLOPs annotate a run; they must never fail one
             print(f"warning: {self.run_dir}: training FLOPs not counted ({type(error).__name__}: {error}); "
                   f"summary.json has train_flops null", file=sys.stderr, flush=True)

@@ -50,7 +50,6 @@ from torch import Tensor
 from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
-from vlmask.flops import train_flops_of_recipe
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
@@ -477,7 +476,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                 console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False, markup=False)
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
-                with Trainer(load_recipe(recipe_path, run.overrides), flops_counter=train_flops_of_recipe) as trainer:
+                with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
                     trainer.train()
             evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
             if evaluation is None:

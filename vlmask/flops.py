@@ -8,9 +8,8 @@ The count is taken at the run's own scale (its clip size, model width, masker ra
 clip do not depend on the batch size, so a batch of :data:`vlmask.bench.FLOP_COUNT_BATCH` clips
 is counted.
 
-``vlmask.engine.Trainer.train`` calls :func:`train_flops_of_recipe` (passed in as the Trainer's
-``flops_counter`` by ``vlmask run`` and ``vlmask compare``: the engine sits below this module's
-counter, vlmask.bench) once at the end of a run, on the main rank, with ``clips_trained = steps * batch_size * world_size * accumulate``; a counting
+``vlmask.engine.Trainer.train`` calls :func:`train_flops_of_recipe` once at the end of a run, on
+the main rank, with ``clips_trained = steps * batch_size * world_size * accumulate``; a counting
 failure is a warning there, never a failed run (``train_flops`` is then null).
 """
 

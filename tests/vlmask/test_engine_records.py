@@ -15,7 +15,6 @@ from torch import nn
 from vlmask import rundir
 from vlmask.bench import count_flops
 from vlmask.config import load_recipe
-from vlmask.flops import train_flops_of_recipe
 from vlmask.engine import FeatureTap, Trainer
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -55,7 +54,7 @@ def test_fils_logs_the_four_diagnostics_and_mae_the_student_ones_at_log_steps(ti
 
 def test_summary_has_train_flops_per_clip_times_clips_and_the_last_steps_loss(tiny_synth, tiny_scale, tmp_path):
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.log_every=4")
-    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides), flops_counter=train_flops_of_recipe) as trainer:
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         losses: list[float] = []
         step = trainer.train_step
 
@@ -83,8 +82,7 @@ def test_a_flop_counting_failure_is_a_warning_not_a_failed_run(tiny_synth, tiny_
         raise RuntimeError("counter broke")
 
     monkeypatch.setattr(vlmask.bench, "count_flops", broken)
-    recipe = load_recipe(RECIPES / "mae.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "run"))
-    with Trainer(recipe, flops_counter=train_flops_of_recipe) as trainer:
+    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "run"))) as trainer:
         summary = trainer.train()
     assert summary["steps"] == 4 and summary["train_flops"] is None
     assert "training FLOPs not counted (RuntimeError: counter broke)" in capfd.readouterr().err
