@@ -106,6 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         with trainer:
             summary = trainer.train(progress)
     if rank0:
+        from vlmask.flops import record_train_flops
+
+        summary = record_train_flops(trainer.run_dir, recipe, summary, trainer.plugins)
         out.print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips")}))
         out.print(f"run directory: {trainer.run_dir}")
     return 0
