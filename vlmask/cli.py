@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if check.status == "same" and check.finished:
             out.print(check.message())
             return 0
-        if check.status == "extend" and int(os.environ.get("RANK", 0)) == 0:
+        if check.status == "extend" and int(os.environ.get("RANK", "0")) == 0:
             console.print(check.message(), markup=False, highlight=False, soft_wrap=True)
     trainer = Trainer(recipe, _plugins(), console=console)
     rank0 = trainer.rank == 0

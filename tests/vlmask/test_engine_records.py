@@ -78,7 +78,8 @@ def test_vlmask_run_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_sca
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run")
     assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    per_clip = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])["flops_per_clip"]
+    counted = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])
+    per_clip = counted["flops_per_clip"]
     assert per_clip > 0 and saved["train_flops"] == pytest.approx(per_clip * 4 * 4, rel=1e-9)  # 4 steps x 4 clips
     assert saved["wall_s"] > 0 and saved["steps"] == 4
 
