@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if check.status == "same" and check.finished:
             out.print(check.message())
             return 0
-        if check.status == "extend" and int(os.environ.get("RANK", 0)) == 0:
+        if check.status == "extend" and int(os.environ.get("RANK", "0")) == 0:
             console.print(check.message(), markup=False, highlight=False, soft_wrap=True)
     trainer = Trainer(recipe, _plugins(), console=console)
     rank0 = trainer.rank == 0
@@ -110,6 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         with trainer:
             summary = trainer.train(progress)
     if rank0:
+        from vlmask.flops import record_train_flops
+
+        summary = record_train_flops(trainer.run_dir, recipe, summary, trainer.plugins)
         out.print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips")}))
         out.print(f"run directory: {trainer.run_dir}")
     return 0

@@ -608,7 +608,6 @@ class Trainer:
             "params_per_rank": parallel.local_parameter_count(self.student),
         }
         if main:
-            summary["train_flops"] = self._train_flops(step * clips_per_step)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             self.hooks.vlmask_train_end(summary=summary, run=self.run)
         return summary
@@ -620,20 +619,6 @@ class Trainer:
         if self.last_loss is not None:
             return float(self.last_loss)
         return self.resumed_last_loss
-
-    def _train_flops(self, clips_trained: int) -> float | None:
-        """``summary.json``'s ``train_flops`` (vlmask.flops: one step's FLOPs per clip x clips
-        trained), counted on a separate copy of the model on the ``meta`` device. A counting
-        failure is a warning, never a failed run; the process's random state is left as it was."""
-        from vlmask.flops import train_flops_of_recipe
-
-        try:
-            with torch.random.fork_rng(devices=[]):
-                return train_flops_of_recipe(self.recipe, clips_trained, self.plugins)
-        except Exception as error:  # FLOPs annotate a run; they must never fail one
-            print(f"warning: {self.run_dir}: training FLOPs not counted ({type(error).__name__}: {error}); "
-                  f"summary.json has train_flops null", file=sys.stderr, flush=True)
-            return None
 
     def _last_checkpoint(self) -> Path | None:
         return ckpt.latest_checkpoint(self.run_dir / "checkpoints", report=False)

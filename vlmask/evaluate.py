@@ -457,6 +457,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     """
     from vlmask.checkpoint import latest_checkpoint
     from vlmask.engine import Trainer, is_finished
+    from vlmask.flops import record_train_flops
 
     if not recipes:
         raise ValueError("compare needs at least one recipe")
@@ -477,7 +478,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
                 with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
-                    trainer.train()
+                    record_train_flops(run_dir, trainer.recipe, trainer.train(), trainer.plugins)
             evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
             if evaluation is None:
                 evaluation = evaluate_run(run_dir, progress=progress)

@@ -8,20 +8,26 @@ The count is taken at the run's own scale (its clip size, model width, masker ra
 clip do not depend on the batch size, so a batch of :data:`vlmask.bench.FLOP_COUNT_BATCH` clips
 is counted.
 
-``vlmask.engine.Trainer.train`` calls :func:`train_flops_of_recipe` once at the end of a run, on
-the main rank, with ``clips_trained = steps * batch_size * world_size * accumulate``; a counting
-failure is a warning there, never a failed run (``train_flops`` is then null).
+:func:`record_train_flops` adds ``train_flops`` to a finished run's ``summary.json``: ``vlmask
+run`` and ``vlmask compare`` call it once at the end of training, on the main rank (the counter
+builds a Trainer, so the engine cannot call it without importing a layer above itself); a
+counting failure is a warning there, never a failed run (``train_flops`` is then null).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+import torch
 
 from vlmask.config import Recipe
 from vlmask.plugins import Plugins
 
-__all__ = ["train_flops", "train_flops_of_recipe"]
+__all__ = ["record_train_flops", "train_flops", "train_flops_of_recipe"]
 
 
 def train_flops(recipe_path: str | Path, overrides: Sequence[str], clips_trained: int,
@@ -41,3 +47,25 @@ def train_flops_of_recipe(recipe: Recipe, clips_trained: int, plugins: Plugins |
     """:func:`train_flops` for an already loaded recipe (e.g. ``Trainer.recipe``): its source
     file with the overrides it was loaded with (``run.dir`` dropped)."""
     return train_flops(recipe.path, list(recipe.overrides), clips_trained, plugins)
+
+
+def record_train_flops(run_dir: str | Path, recipe: Recipe, summary: dict[str, Any], plugins: Plugins | None = None,
+                       ) -> dict[str, Any]:
+    """Count ``train_flops`` for a run that just finished (one step's FLOPs per clip x
+    ``steps * batch_size * world_size * accumulate``), put it into ``summary`` and rewrite
+    ``RUN_DIR/summary.json`` with it (atomically). A counting failure is a warning on stderr and
+    ``train_flops: null``, never an exception; the process's random state is left as it was."""
+    clips = int(summary.get("steps") or 0) * int(recipe.get("train.batch_size") or 1) \
+        * int(summary.get("world_size") or 1) * int(recipe.get("train.accumulate") or 1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            summary["train_flops"] = train_flops_of_recipe(recipe, clips, plugins)
+    except Exception as error:  # FLOPs annotate a run; they must never fail one
+        print(f"warning: {run_dir}: training FLOPs not counted ({type(error).__name__}: {error}); "
+              f"summary.json has train_flops null", file=sys.stderr, flush=True)
+        summary["train_flops"] = None
+    path = Path(run_dir) / "summary.json"
+    scratch = path.with_name(".summary.json.tmp")
+    scratch.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(scratch, path)
+    return summary

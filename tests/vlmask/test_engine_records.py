@@ -1,6 +1,7 @@
 """What a tiny real run records beyond the loss: training diagnostics in ``metrics.jsonl`` at log
-steps (vlmask.diagnostics), ``train_flops`` and ``final_loss`` in ``summary.json``, and the
-reads of the non-finite guard and the feature hooks at log and checkpoint steps only."""
+steps (vlmask.diagnostics), ``final_loss`` in ``summary.json`` and ``train_flops`` there through
+``vlmask run``, and the reads of the non-finite guard and the feature hooks at log and
+checkpoint steps only."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from vlmask import rundir
 from vlmask.bench import count_flops
+from vlmask.cli import main
 from vlmask.config import load_recipe
 from vlmask.engine import FeatureTap, Trainer
 
@@ -52,7 +54,7 @@ def test_fils_logs_the_four_diagnostics_and_mae_the_student_ones_at_log_steps(ti
         assert all(math.isfinite(row[k]) for k in ("rankme", "student_std"))
 
 
-def test_summary_has_train_flops_per_clip_times_clips_and_the_last_steps_loss(tiny_synth, tiny_scale, tmp_path):
+def test_final_loss_is_the_last_steps_loss_not_the_log_window_mean(tiny_synth, tiny_scale, tmp_path):
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.log_every=4")
     with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         losses: list[float] = []
@@ -64,27 +66,35 @@ def test_summary_has_train_flops_per_clip_times_clips_and_the_last_steps_loss(ti
             return logged
 
         trainer.train_step = recording_step  # an instance attribute shadows the method
-        summary = trainer.train()
+        trainer.train()
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    per_clip = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])["flops_per_clip"]
-    assert per_clip > 0 and saved["train_flops"] == pytest.approx(per_clip * 4 * 4, rel=1e-9)  # 4 steps x 4 clips
-    assert saved["train_flops"] == summary["train_flops"] and saved["wall_s"] > 0
     # final_loss is step 4's loss, not the mean of the log window (steps 1-4) that metrics.jsonl holds
     assert len(losses) == 4 and saved["final_loss"] == pytest.approx(losses[-1], rel=1e-6)
     assert rows(tmp_path / "run")[-1]["loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
     assert saved["final_loss"] != pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
-def test_a_flop_counting_failure_is_a_warning_not_a_failed_run(tiny_synth, tiny_scale, tmp_path, monkeypatch, capfd):
+def test_vlmask_run_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_scale, tmp_path, isolated_cache):
+    overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run")
+    assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    counted = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])
+    per_clip = counted["flops_per_clip"]
+    assert per_clip > 0 and saved["train_flops"] == pytest.approx(per_clip * 4 * 4, rel=1e-9)  # 4 steps x 4 clips
+    assert saved["wall_s"] > 0 and saved["steps"] == 4
+
+
+def test_a_flop_counting_failure_is_a_warning_not_a_failed_run(tiny_synth, tiny_scale, tmp_path, monkeypatch, capfd,
+                                                                isolated_cache):
     import vlmask.bench
 
     def broken(*args, **kwargs):
         raise RuntimeError("counter broke")
 
     monkeypatch.setattr(vlmask.bench, "count_flops", broken)
-    with Trainer(load_recipe(RECIPES / "mae.yaml", tiny(tiny_synth, tiny_scale, tmp_path / "run"))) as trainer:
-        summary = trainer.train()
-    assert summary["steps"] == 4 and summary["train_flops"] is None
+    assert main(["run", str(RECIPES / "mae.yaml"), *tiny(tiny_synth, tiny_scale, tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["steps"] == 4 and saved["train_flops"] is None and saved["final_loss"] is not None
     assert "training FLOPs not counted (RuntimeError: counter broke)" in capfd.readouterr().err
 
 
