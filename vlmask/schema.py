@@ -17,6 +17,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import torch
@@ -89,6 +90,7 @@ class ModelSettings:
     encoder: dict[str, Any] = field(default_factory=dict)  # plugin node, kind encoder
     predictor: dict[str, Any] | None = None  # plugin node, kind predictor
     projection: bool = False  # a video-to-text linear projection (theta), needs text_encoder
+    init: str | None = None  # pretrained weights to start from (hook vlmask_load_init): a folder or a file
 
 
 SECTIONS: dict[str, type] = {
@@ -394,6 +396,10 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")
+    init = model.get("init")
+    if init is not None and not Path(str(init)).exists():
+        problems.append(f"{where('model.init')}: key model.init: {init} does not exist (a Hugging Face VideoMAE "
+                        "folder or a VideoMAE checkpoint file)")
     problems += _check_clip_geometry(config, recipe, registry)
     return problems
 

@@ -2,7 +2,7 @@
 
 Every built-in factory is registered here, explicitly, through the same hooks third-party
 plugins implement; nothing registers itself by being imported. Besides the factories, the
-built-in plugin provides the default data (the synthetic video-caption set, through
+built-in plugin starts ``model.init`` from VideoMAE checkpoints (``vlmask_load_init``), provides the default data (the synthetic video-caption set, through
 ``vlmask_default_manifests``) and the commands ``vlmask data synth|boxes|captions`` and
 ``vlmask export`` (through ``vlmask_add_commands``).
 """
@@ -42,6 +42,14 @@ def vlmask_default_manifests(recipe: Any, cache_dir: Path, progress: bool) -> tu
     from vlmask_plugins.data import synthetic
 
     return synthetic.ensure_builtin(cache_dir, **(recipe.get("data.synthetic") or {}), progress=progress)
+
+
+@hookimpl
+def vlmask_load_init(path: Path, encoder: Any, predictor: Any) -> Any:
+    """``model.init``: VideoMAE checkpoints (Hugging Face folders, original ``.pth`` files)."""
+    from vlmask_plugins.encoders.videomae_init import load_init
+
+    return load_init(path, encoder, predictor)
 
 
 @hookimpl
