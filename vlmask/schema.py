@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import DATA_REQUIREMENTS, REQUIREMENTS, RequirementError, missing_members, requirements_of
 from vlmask.registry import Registry, RegistryError
+from vlmask.stages import stage_problems
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
     EVALUATION_KEYS,
@@ -115,6 +116,7 @@ TOP_LEVEL: dict[str, Any] = {
     "loggers": typing.Optional[dict],
     "evaluation": typing.Optional[dict],
     "finetune": typing.Optional[dict],  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
+    "stages": typing.Optional[list],  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
     "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
 }
 
@@ -352,6 +354,7 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
             continue
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
+    problems += stage_problems(config, recipe.where, registry, value_problem)
     if not problems:  # rules across keys assume every key has its type
         problems += check_rules(config, recipe, registry)
         errors, _ = check_requirements(config, recipe, registry)
@@ -378,7 +381,7 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     where = recipe.where
     train, optim, model = (config.get(k) or {} for k in ("train", "optim", "model"))
     problems: list[str] = []
-    if train.get("max_steps") is None and train.get("epochs") is None:
+    if train.get("max_steps") is None and train.get("epochs") is None and not config.get("stages"):
         problems.append(f"{where('train.max_steps')}: key train.max_steps: set train.max_steps or train.epochs")
     if model.get("projection") and not config.get("text_encoder"):
         problems.append(f"{where('model.projection')}: key model.projection: the projection maps into a text space "
