@@ -124,7 +124,7 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         grid: TokenGrid = encoder.grid
         if check_grid is not None:
             check_grid(grid)
-        injected: dict[str, Any] = {"grid": grid, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
+        injected: dict[str, Any] = {"grid": grid, "encoder": encoder, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
                                     "num_classes": num_classes}
         projection = None
         if recipe.get("model.projection"):

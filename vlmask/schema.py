@@ -139,7 +139,7 @@ SLOT_PROVIDED: dict[str, dict[str, str]] = {
 }
 
 #: Constructor arguments the engine fills when a factory declares them and the recipe does not.
-INJECTED = ("grid", "encoder_dim", "text_dim", "num_classes", "student", "total_steps")
+INJECTED = ("grid", "encoder", "encoder_dim", "text_dim", "num_classes", "student", "total_steps")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -473,9 +473,10 @@ def check_requirements(config: dict[str, Any], recipe: Recipe, registry: Registr
         "teacher": bool(config.get("teacher")),
         "projection": bool((config.get("model") or {}).get("projection")),
         "text_embedding": bool(config.get("text_encoder")),
+        "flow": bool(((config.get("data") or {}).get("dataset") or {}).get("flow")),
     }
     provider_key = {"predictor": "model.predictor", "teacher": "teacher", "projection": "model.projection",
-                    "text_embedding": "text_encoder"}
+                    "text_embedding": "text_encoder", "flow": "data.dataset.flow"}
     errors, notes = [], []
     for key, kind, name, needs in _requirers(config, registry):
         if isinstance(needs, str):
