@@ -141,3 +141,16 @@ def test_coclr_killed_in_stage_two_resumes_exactly(tiny_synth, tmp_path):
     assert a.keys() == b.keys() and any("queue" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_flop_count_is_four_full_encoder_passes_and_one_or_two_backwards():
+    """benchmarks/README.md, "CoCLR at demo scale": one full-clip pass of the demo ViT is 1.145
+    GFLOP (blocks 1.107, patch embedding 0.038), the student's masked forward 0.139."""
+    from vlmask.bench import count_flops
+
+    both = count_flops(RECIPES / "coclr" / "infonce.yaml")
+    rgb = count_flops(RECIPES / "coclr" / "coclr.yaml", ["heads.coclr.stream=rgb", "heads.coclr.positives=topk"])
+    assert both["breakdown"]["student_forward"] == pytest.approx(4 * 1.145 + 0.139, abs=0.005)
+    assert both["breakdown"]["student_backward"] == pytest.approx(2 * (2 * 1.107 + 0.038), abs=0.005)
+    assert rgb["breakdown"]["student_backward"] == pytest.approx(2 * 1.107 + 0.038, abs=0.005)
+    assert (both["gflops_per_clip"], rgb["gflops_per_clip"]) == (pytest.approx(9.226, abs=0.002), pytest.approx(6.973, abs=0.002))
