@@ -8,8 +8,8 @@ switched on late) writes::
       - {name: rgb, steps: 50, overrides: {heads.coclr.train: rgb}, freeze: [objective_modules.coclr.flow]}
       - {name: flow, steps: 50, overrides: {heads.coclr.train: flow, loss_weights.pixels: 0.0}, freeze: [encoder]}
 
-Stages run in order; the run's total steps is their sum (``train.max_steps``, when set, must
-equal it; ``train.epochs`` is not used). The active stage is a function of the step alone
+Stages run in order; the run's total steps is their sum (``train.max_steps``, when set, may
+cut the run short inside the stages, never lengthen it; ``train.epochs`` is not used). The active stage is a function of the step alone
 (:meth:`StagePlan.index_at`), and the Trainer enters it at the start of every step, so a run
 killed in the middle of a stage resumes in the same stage at the same step: the checkpoint
 holds nothing about stages.
@@ -29,6 +29,9 @@ What a stage may change without rebuilding anything (checked by ``vlmask validat
     AdamW leaves them (and their moments) as they are. Every other parameter of the student
     trains as it was built. A prefix must match a trainable parameter (checked when the run
     is built).
+
+Under DDP, a stage that freezes parameters changes which of them receive gradients: set
+``train.find_unused_parameters: true`` (DDP otherwise waits for their gradients).
 
 Anything else (an encoder width, a masking ratio the plugin does not declare, the optimizer)
 would need a rebuild and is refused. This module imports no plugin and nothing above the
@@ -88,9 +91,13 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def staged_total(config: Mapping[str, Any]) -> int | None:
-    """The sum of the stages' steps, or None for a recipe without stages."""
+    """A staged run's length: ``train.max_steps`` when set (at most the stages' sum: a short
+    run stops inside the stages), else the sum of the stages' steps; None without stages."""
     stages = read_stages(config)
-    return sum(s.steps for s in stages) if stages else None
+    if not stages:
+        return None
+    max_steps = (config.get("train") or {}).get("max_steps")
+    return int(max_steps) if max_steps is not None else sum(s.steps for s in stages)
 
 
 def settable_of(factory: Callable[..., Any]) -> tuple[str, ...]:
@@ -138,9 +145,9 @@ def stage_problems(
                 problems.append(f"{at}: key {key}.overrides.{dotted}: {problem}")
     total = sum(s["steps"] for s in stages if isinstance(s, dict) and isinstance(s.get("steps"), int))
     max_steps = (config.get("train") or {}).get("max_steps")
-    if not problems and max_steps is not None and max_steps != total:
-        problems.append(f"{where('train.max_steps')}: key train.max_steps: {max_steps}, but the stages ({at}) sum to "
-                        f"{total} steps; set train.max_steps={total} or null")
+    if not problems and isinstance(max_steps, int) and max_steps > total:
+        problems.append(f"{where('train.max_steps')}: key train.max_steps: {max_steps} is more than the stages ({at}) "
+                        f"sum to ({total} steps); set train.max_steps={total} or less, or null")
     return problems
 
 

@@ -58,7 +58,8 @@ def test_validate_checks_every_stage_key(staged):
     [p] = problems(staged, "stages.0.overrides.model.encoder.depth=3")
     assert "anything else needs a rebuild" in p
     [p] = problems(staged, "train.max_steps=9")
-    assert "key train.max_steps: 9, but the stages" in p and "sum to 7 steps" in p
+    assert "key train.max_steps: 9 is more than the stages" in p and "(7 steps)" in p
+    assert problems(staged, "train.max_steps=2") == []  # a short run stops inside the stages
     assert any("stages.0.colour: unknown" in p for p in problems(staged, "stages.0.colour=red"))
 
 
