@@ -80,7 +80,7 @@ def clip_shape(grid: TokenGrid) -> tuple[int, int, int, int]:
 def synthetic_batch(
     trainer: Trainer, batch_size: int, device: torch.device | str, seed: int = 0, video: Tensor | None = None
 ) -> Batch:
-    """A batch shaped like the recipe's clips: normal-noise pixels, a random unit text embedding
+    """A batch shaped like the recipe's clips: normal-noise pixels (and flow images), a random unit text embedding
     (when the recipe has a text encoder), centred action boxes covering 30-60% of each side,
     labels over :data:`SYNTHETIC_CLASSES` classes and indices ``0..B-1``.
 
@@ -101,6 +101,7 @@ def synthetic_batch(
         text_embedding=text,
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
+        flow=torch.randn(video.shape, generator=generator),  # CoCLR's flow view, shaped like the clip
     )
     return batch.to(device)
 
@@ -183,6 +184,7 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
                 module.set_attention_backend("sdpa")
     batch = cpu_batch.to("meta")
     batch.video = torch.empty(cpu_batch.video.shape, device="meta")
+    batch.flow = torch.empty(cpu_batch.video.shape, device="meta")
     mask = mask.to("meta")
 
     named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}

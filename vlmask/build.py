@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
 import torch
@@ -101,7 +102,7 @@ class Components:
 
 
 def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_classes: int = 0,
-                     check_grid: Callable[[TokenGrid], None] | None = None) -> Components:
+                     check_grid: Callable[[TokenGrid], None] | None = None, init: bool = True) -> Components:
     """Validate ``recipe`` and build its parts on the CPU, in the recipe's ``seed`` (so every
     process builds the same initial model). The caller's random state is left as it was.
 
@@ -109,7 +110,8 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
     declare them (schedules, classification heads). ``check_grid`` is called with the encoder's
     token grid as soon as the encoder is built, before the other parts, under the same random
     state (the Trainer checks that its dataset's clips fit the encoder there; what the check
-    draws is part of the recipe's initial model). Raises ``RecipeError`` naming file and key.
+    draws is part of the recipe's initial model). ``init=False`` skips ``model.init`` (a caller
+    that loads a checkpoint over the parts anyway). Raises ``RecipeError`` naming file and key.
     """
     problems = validate(recipe, plugins.registry)
     if problems:
@@ -122,7 +124,7 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         grid: TokenGrid = encoder.grid
         if check_grid is not None:
             check_grid(grid)
-        injected: dict[str, Any] = {"grid": grid, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
+        injected: dict[str, Any] = {"grid": grid, "encoder": encoder, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
                                     "num_classes": num_classes}
         projection = None
         if recipe.get("model.projection"):
@@ -133,6 +135,8 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         if text_encoder is not None:
             injected["text_dim"] = text_encoder.dim
         predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
+        if init and recipe.get("model.init"):  # before the teacher: an EMA teacher copies the imported weights
+            load_init(recipe, plugins, encoder, predictor)
         objectives: dict[str, Any] = {}
         for section, kind in (("targets", "target"), ("heads", "head")):
             for name, node in (recipe.get(section) or {}).items():
@@ -149,6 +153,22 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         }
     loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items() if v is not None}
     return Components(student, teacher, masker, text_encoder, loggers, grid, loss_weights)
+
+
+def load_init(recipe: Recipe, plugins: Plugins, encoder: nn.Module, predictor: nn.Module | None) -> Any:
+    """Start the encoder (and predictor) from ``model.init`` through the ``vlmask_load_init`` hook
+    (the built-in plugin reads VideoMAE checkpoints); returns the plugin's report of every key.
+    Raises ``RecipeError`` with one line naming the key, the path and the first problem."""
+    path = Path(str(recipe.get("model.init")))
+    where = f"{recipe.where('model.init')}: key model.init"
+    try:
+        report = plugins.manager.hook.vlmask_load_init(path=path, encoder=encoder, predictor=predictor)
+    except (ValueError, OSError, RuntimeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RecipeError([f"{where}: {first}"]) from None
+    if report is None:
+        raise RecipeError([f"{where}: no plugin reads {path} (the built-in one reads VideoMAE checkpoints)"])
+    return report
 
 
 def resolve_device(requested: str) -> torch.device:

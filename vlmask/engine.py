@@ -42,6 +42,7 @@ from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite,
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, new_manager
 from vlmask.schema import build, settings, validate
+from vlmask.stages import stage_plan, staged_total
 from vlmask.types import Batch, TokenGrid, gather_tokens
 
 
@@ -225,10 +226,13 @@ class Trainer:
             else:
                 self.train_set, self.data_source, self.steps_per_epoch = None, "none (synthetic tensors)", 1
                 self.accumulate = self.train_cfg.accumulate
-                self.total_steps = int(self.train_cfg.max_steps or 1)
+                self.total_steps = int(staged_total(OmegaConf.to_container(recipe.config, resolve=True))  # type: ignore[arg-type]
+                                       or self.train_cfg.max_steps or 1)
             self._setup_model()
             torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
             self._setup_optimizer()
+            self.stages = stage_plan(OmegaConf.to_container(recipe.config, resolve=True), self.student,  # type: ignore[arg-type]
+                                     self.loss_weights, self.masker, self.parts.objectives, recipe.where("stages"))
             if with_data:
                 self._setup_run_dir()
             else:
@@ -306,7 +310,10 @@ class Trainer:
         if self.accumulate < 1:
             raise RecipeError([f"{self.recipe.where('train.accumulate')}: key train.accumulate: must be >= 1, got {self.accumulate}"])
         steps_per_epoch = max(1, self.batches.batches_per_epoch // self.accumulate)
-        if self.train_cfg.max_steps is not None:
+        staged = staged_total(OmegaConf.to_container(self.recipe.config, resolve=True))  # type: ignore[arg-type]
+        if staged is not None:  # a staged run's length is its stages' (vlmask.stages)
+            self.total_steps = staged
+        elif self.train_cfg.max_steps is not None:
             self.total_steps = int(self.train_cfg.max_steps)
         elif self.train_cfg.epochs is not None:
             self.total_steps = max(1, round(self.train_cfg.epochs * steps_per_epoch))
@@ -482,6 +489,7 @@ class Trainer:
         (the teacher's forward inside it), ``student_backward``, ``optimizer`` (learning rate,
         zeroing, clipping, AdamW, scaler), ``teacher_update`` and ``hooks``."""
         micro = batch if isinstance(batch, list) else [batch]
+        self.stages.enter(step)  # the stage follows from the step (vlmask.stages): loss weights, switches, frozen parts
         with self._phase("optimizer"):
             lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
             for group in self.optimizer.param_groups:

@@ -145,6 +145,27 @@ def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path,
     """
 
 
+# --- model ---------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def vlmask_load_init(path: Path, encoder: torch.nn.Module, predictor: torch.nn.Module | None) -> Any | None:
+    """Start ``encoder`` (and ``predictor``) from the pretrained weights at ``path`` (recipe key
+    ``model.init``), in place and strictly, and return a report of every key (its ``str`` is
+    printed; it should have an ``ok`` attribute).
+
+    Called by ``vlmask.build.build_components`` once the encoder and predictor are built and
+    before the teacher and the targets and heads are (an EMA teacher then starts from the
+    imported weights too); a run that resumes loads its checkpoint over them afterwards, and
+    ``vlmask.runs.open_run`` does not call it. ``predictor`` is None when the recipe has none
+    (then only the encoder is started). An implementation that does not recognise ``path``
+    returns None; one that recognises it but finds that it does not fit raises ``ValueError``
+    with one line naming the first mismatched key (nothing loaded). ``firstresult``: the first
+    answer is used; None from every plugin is an error naming the key. The built-in plugin
+    reads Hugging Face ``VideoMAEForPreTraining``/``VideoMAEModel`` folders and original
+    VideoMAE checkpoints (``vlmask_plugins.encoders.videomae_init``).
+    """
+
+
 # --- run lifecycle --------------------------------------------------------------------------
 
 @hookspec
@@ -199,6 +220,7 @@ HOOKS = (
     "vlmask_default_manifests",
     "vlmask_plan_requirement",
     "vlmask_fill_requirement",
+    "vlmask_load_init",
     "vlmask_train_start",
     "vlmask_after_optimizer_step",
     "vlmask_step_end",

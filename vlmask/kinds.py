@@ -18,12 +18,12 @@ missing predictor or teacher before the first training step. A factory declares 
   ``video_text_infonce`` head needs ``action_box`` only with ``pooling="action_area"``.
 
 The names come from the closed set :data:`REQUIREMENTS`. ``validate`` turns a missing
-``predictor``, ``teacher``, ``projection`` or ``text_embedding`` into an error naming the file
-and key; ``action_box`` and ``label`` live in the data, so ``validate`` reports them as notes
+``predictor``, ``teacher``, ``projection``, ``text_embedding`` or ``flow`` (the dataset's
+``flow: true``) into an error naming the file and key; ``action_box`` and ``label`` live in the data, so ``validate`` reports them as notes
 (:func:`vlmask.schema.requirements_report`), never as errors.
 
 >>> sorted(REQUIREMENTS)
-['action_box', 'label', 'predictor', 'projection', 'teacher', 'text_embedding']
+['action_box', 'flow', 'label', 'predictor', 'projection', 'teacher', 'text_embedding']
 >>> class NeedsTeacher:
 ...     requires = frozenset({"teacher"})
 >>> sorted(requirements_of(NeedsTeacher, {}))
@@ -52,6 +52,7 @@ REQUIREMENTS: dict[str, str] = {
     "text_embedding": "a caption embedding per clip (a text_encoder and captions in the manifest)",
     "action_box": "an action box per clip (action_box in the manifest, or an action-area detector)",
     "label": "a class label per clip (label in the manifest)",
+    "flow": "optical-flow images per clip (data.dataset.flow: true; CoCLR's second view)",
 }
 
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.

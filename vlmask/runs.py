@@ -111,7 +111,7 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugin
     if _needs_classes(recipe, plugins):
         num_classes = len(getattr(_train_set(recipe, plugins, train_manifest), "classes", []) or [])
     total_steps = int(recipe.get("record.total_steps") or settings(recipe, "train").max_steps or 1)
-    parts = build_components(recipe, plugins, total_steps=total_steps, num_classes=num_classes)
+    parts = build_components(recipe, plugins, total_steps=total_steps, num_classes=num_classes, init=False)
     load_strict(parts.student, load_tensors(checkpoint / "student.safetensors"), checkpoint / "student.safetensors")
     if parts.teacher is not None:
         load_strict(parts.teacher, load_tensors(checkpoint / "teacher.safetensors"), checkpoint / "teacher.safetensors")

@@ -17,6 +17,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import DATA_REQUIREMENTS, REQUIREMENTS, RequirementError, missing_members, requirements_of
 from vlmask.registry import Registry, RegistryError
+from vlmask.stages import stage_problems
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
     EVALUATION_KEYS,
@@ -89,6 +91,7 @@ class ModelSettings:
     encoder: dict[str, Any] = field(default_factory=dict)  # plugin node, kind encoder
     predictor: dict[str, Any] | None = None  # plugin node, kind predictor
     projection: bool = False  # a video-to-text linear projection (theta), needs text_encoder
+    init: str | None = None  # pretrained weights to start from (hook vlmask_load_init): a folder or a file
 
 
 SECTIONS: dict[str, type] = {
@@ -113,6 +116,7 @@ TOP_LEVEL: dict[str, Any] = {
     "loggers": typing.Optional[dict],
     "evaluation": typing.Optional[dict],
     "finetune": typing.Optional[dict],  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
+    "stages": typing.Optional[list],  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
     "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
 }
 
@@ -135,7 +139,7 @@ SLOT_PROVIDED: dict[str, dict[str, str]] = {
 }
 
 #: Constructor arguments the engine fills when a factory declares them and the recipe does not.
-INJECTED = ("grid", "encoder_dim", "text_dim", "num_classes", "student", "total_steps")
+INJECTED = ("grid", "encoder", "encoder_dim", "text_dim", "num_classes", "student", "total_steps")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -350,6 +354,7 @@ def validate(recipe: Recipe, registry: Registry) -> list[str]:
             continue
         problems += check_plugin_node(registry, key, kind, node, recipe.where)
     problems += _check_loss_weights(config, recipe)
+    problems += stage_problems(config, recipe.where, registry, value_problem)
     if not problems:  # rules across keys assume every key has its type
         problems += check_rules(config, recipe, registry)
         errors, _ = check_requirements(config, recipe, registry)
@@ -376,7 +381,7 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     where = recipe.where
     train, optim, model = (config.get(k) or {} for k in ("train", "optim", "model"))
     problems: list[str] = []
-    if train.get("max_steps") is None and train.get("epochs") is None:
+    if train.get("max_steps") is None and train.get("epochs") is None and not config.get("stages"):
         problems.append(f"{where('train.max_steps')}: key train.max_steps: set train.max_steps or train.epochs")
     if model.get("projection") and not config.get("text_encoder"):
         problems.append(f"{where('model.projection')}: key model.projection: the projection maps into a text space "
@@ -394,6 +399,10 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")
+    init = model.get("init")
+    if init is not None and not Path(str(init)).exists():
+        problems.append(f"{where('model.init')}: key model.init: {init} does not exist (a Hugging Face VideoMAE "
+                        "folder or a VideoMAE checkpoint file)")
     problems += _check_clip_geometry(config, recipe, registry)
     return problems
 
@@ -464,9 +473,10 @@ def check_requirements(config: dict[str, Any], recipe: Recipe, registry: Registr
         "teacher": bool(config.get("teacher")),
         "projection": bool((config.get("model") or {}).get("projection")),
         "text_embedding": bool(config.get("text_encoder")),
+        "flow": bool(((config.get("data") or {}).get("dataset") or {}).get("flow")),
     }
     provider_key = {"predictor": "model.predictor", "teacher": "teacher", "projection": "model.projection",
-                    "text_embedding": "text_encoder"}
+                    "text_embedding": "text_encoder", "flow": "data.dataset.flow"}
     errors, notes = [], []
     for key, kind, name, needs in _requirers(config, registry):
         if isinstance(needs, str):

@@ -19,6 +19,9 @@ from torch import Tensor
 #: (data loader, pixel targets, exported preprocessing), as in VideoMAE.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Flow images (uint8, 128 = no motion) are mapped to [-1, 1] (CoCLR's flow normalisation).
+FLOW_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+FLOW_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 _NORMALIZE_CONSTANTS: dict[tuple[str, tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor]] = {}
@@ -117,6 +120,7 @@ class Batch:
     action_box: Tensor | None = None
     label: Tensor | None = None
     caption: list[str] | None = None
+    flow: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -135,6 +139,7 @@ class Batch:
             text_embedding=move(self.text_embedding),
             action_box=move(self.action_box),
             label=move(self.label),
+            flow=normalize_video(move(self.flow), FLOW_MEAN, FLOW_STD) if self.flow is not None else None,
         )
 
 

@@ -2,11 +2,11 @@
 
 Every built-in factory is registered here, explicitly, through the same hooks third-party
 plugins implement; nothing registers itself by being imported. Besides the factories, the
-built-in plugin provides the default data (the synthetic video-caption set, through
-``vlmask_default_manifests``), action boxes detected before training where a recipe needs them
-and the manifest lacks them (``vlmask_plan_requirement`` / ``vlmask_fill_requirement``) and the
-commands ``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through
-``vlmask_add_commands``).
+built-in plugin starts ``model.init`` from VideoMAE checkpoints (``vlmask_load_init``), provides the
+default data (the synthetic video-caption set, through ``vlmask_default_manifests``), action boxes
+detected before training where a recipe needs them and the manifest lacks them
+(``vlmask_plan_requirement`` / ``vlmask_fill_requirement``) and the commands
+``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through ``vlmask_add_commands``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ def vlmask_fill_requirement(requirement: str, manifest: Path, cache_dir: Path, p
     from vlmask_plugins.action_area.boxes import boxes_for_training
 
     return boxes_for_training(manifest, cache_dir, progress=progress)
+
+
+@hookimpl
+def vlmask_load_init(path: Path, encoder: Any, predictor: Any) -> Any:
+    """``model.init``: VideoMAE checkpoints (Hugging Face folders, original ``.pth`` files)."""
+    from vlmask_plugins.encoders.videomae_init import load_init
+
+    return load_init(path, encoder, predictor)
 
 
 @hookimpl

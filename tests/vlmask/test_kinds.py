@@ -47,6 +47,7 @@ def batch(generator: torch.Generator | None = None) -> Batch:
         action_box=torch.tensor([[0.1, 0.1, 0.6, 0.7]] * B),
         label=torch.tensor([0, 1, 2]),
         index=torch.arange(B),
+        flow=torch.randn(B, 3, 4, 32, 32, generator=g),
     )
 
 
@@ -139,6 +140,7 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("target", "future_infonce"): lambda tmp, data: {"bidirectional": True},
     ("head", "video_text_infonce"): lambda tmp, data: {"pooling": "action_area", "gather": False},
     ("head", "classification"): lambda tmp, data: {"num_classes": 3, "encoder_dim": D},
+    ("head", "coclr"): lambda tmp, data: {"encoder": tiny_encoder(), "encoder_dim": D, "queue_size": 8, "topk": 2},
     ("teacher", "ema"): lambda tmp, data: {"student": _student(), "total_steps": 10},
     ("teacher", "frozen"): lambda tmp, data: {"student": _student()},
     ("text_encoder", "minilm"): lambda tmp, data: {},
@@ -184,6 +186,7 @@ def _loss_inputs(name: str) -> StepOutputs:
         teacher_features=torch.randn(B, GRID.num_tokens, D, generator=g),
         projection=nn.Linear(D, TEXT_DIM, bias=False),
         teacher_projection=nn.Linear(D, TEXT_DIM, bias=False),
+        encoder=tiny_encoder(),
     )
 
 
@@ -290,7 +293,7 @@ def check_entry(entry: Entry, tmp_path: Path, data: Any) -> None:
     assert not missing and conforms(entry.kind, component), (
         f"{entry.kind} {entry.name!r} (from {entry.provider}) breaks the {entry.kind} contract: lacks {', '.join(missing)}"
     )
-    requirements_of(entry.factory, {k: v for k, v in arguments.items() if k not in ("student", "total_steps")})
+    requirements_of(entry.factory, {k: v for k, v in arguments.items() if k not in ("student", "total_steps", "encoder")})
     exercise(entry.kind, component, data)
 
 

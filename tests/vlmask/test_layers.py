@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).parents[2] / "vlmask"
 LAYERS: list[tuple[str, set[str]]] = [
     ("types, provenance, schedules, small io", {"vlmask", "types", "provenance", "schedules", "paths", "metrics",
                                                 "diagnostics", "statistics"}),
-    ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features"}),
+    ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages"}),
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
      {"checkpoint", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
     ("build, engine, runs", {"build", "engine", "runs"}),

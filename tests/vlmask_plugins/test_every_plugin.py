@@ -26,4 +26,4 @@ def test_the_registry_covers_the_first_slice():
 
 
 def test_injected_arguments_are_the_documented_ones():
-    assert set(INJECTED) == {"grid", "encoder_dim", "text_dim", "num_classes", "student", "total_steps"}
+    assert set(INJECTED) == {"grid", "encoder", "encoder_dim", "text_dim", "num_classes", "student", "total_steps"}

@@ -428,4 +428,36 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["ActionArea", "FlowActionArea", "dominant_motion", "residual_flow", "motion_boundaries",
-           "intensity_change", "CAMERAS", "EVIDENCE", "PRESETS"]
+           "intensity_change", "flow_images", "CAMERAS", "EVIDENCE", "PRESETS"]
+
+
+def flow_images(frames: np.ndarray, preset: str = "ultrafast", bound: float = 20.0) -> np.ndarray:
+    """A clip's optical flow as images, CoCLR's flow input (Han et al., NeurIPS 2020): the same
+    DIS flow (Kroeger et al., ECCV 2016) the action-area detector uses, between each frame and
+    the next, (T, H, W, 3) uint8 in the frames' coordinates. Channels 0 and 1 are the x and y
+    displacement clipped to ``[-bound, bound]`` pixels and mapped to [0, 255] (0 px -> 128);
+    channel 2 is zero displacement (128), as CoCLR stacks x, y and a zero channel. The last
+    frame, which has no next, repeats the flow of the pair before it.
+
+    >>> still = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    >>> images = flow_images(still)
+    >>> images.shape, int(images.min()), int(images.max())
+    ((3, 16, 16, 3), 128, 128)
+    """
+    frames = _check_frames(frames)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if bound <= 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+    count, height, width = frames.shape[:3]
+    images = np.full((count, height, width, 3), 128, dtype=np.uint8)
+    if count < 2:
+        return images
+    engine = cv2.DISOpticalFlow_create(PRESETS[preset])
+    grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
+    for t in range(count - 1):
+        flow = engine.calc(grey[t], grey[t + 1], None)
+        scaled = np.clip(flow, -bound, bound) * (127.5 / bound) + 127.5
+        images[t, ..., :2] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    images[-1] = images[-2]
+    return images

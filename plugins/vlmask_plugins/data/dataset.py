@@ -131,7 +131,9 @@ class VideoManifestDataset(Dataset):
     ``vlmask.types.normalize_video`` when the batch is moved there, with this dataset's ``mean``
     and ``std``: ``.collate`` records them in the batch), ``index`` (row among the kept
     clips), ``label`` (class index or -1), ``action_box`` (4,) or NaNs, ``caption`` ("" when
-    absent) and ``load_failures`` (list of (line, video, reason), usually empty).
+    absent) and ``load_failures`` (list of (line, video, reason), usually empty). With
+    ``flow=True`` (CoCLR's second view) items also hold ``flow``: (3, T, H, W) uint8 DIS
+    optical-flow images of the frames as cropped (``action_area.flow.flow_images``; x, y, zero).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class VideoManifestDataset(Dataset):
         decode_short_side: int | None = None,
         probe_workers: int = 8,
         decode_device: str = "cpu",
+        flow: bool = False,
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -173,6 +176,7 @@ class VideoManifestDataset(Dataset):
         if decode_device == "cuda" and self.decoder != "torchcodec":
             raise ValueError(f"decode_device='cuda' needs decoder torchcodec, got {self.decoder} ({self.decoder_reason})")
         self.decode_device = decode_device
+        self.flow = bool(flow)
         if decode_short_side is not None and decode_short_side < size:
             raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
@@ -276,7 +280,13 @@ class VideoManifestDataset(Dataset):
         video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
         box = torch.tensor(clip.action_box, dtype=torch.float32) if clip.action_box is not None else None
         video, box = self.transform(video, box)
-        return {
+        item: dict[str, Any] = {}
+        if self.flow:  # CoCLR's flow view, of the frames as cropped: (C, T, H, W) uint8 x/y/zero images
+            from vlmask_plugins.action_area.flow import flow_images
+
+            images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy())
+            item["flow"] = torch.from_numpy(images).permute(3, 0, 1, 2).contiguous()
+        return item | {
             "video": video.permute(1, 0, 2, 3).contiguous(),  # (C, T, H, W) uint8
             "index": index,
             "label": self.label_ids[index],
@@ -372,5 +382,6 @@ def collate(items: Sequence[dict[str, Any]], mean: Sequence[float] = IMAGENET_ME
         action_box=None if torch.isnan(boxes).all() else boxes,
         label=None if bool((labels < 0).all()) else labels,
         caption=[item["caption"] for item in items],
+        flow=torch.stack([item["flow"] for item in items]) if "flow" in items[0] else None,
         extra=extra,
     )

@@ -236,3 +236,34 @@ def _config_notes(config: Mapping[str, Any]) -> list[str]:
         notes.append("the Hugging Face decoder's final LayerNorm uses eps 1e-5 (nn.LayerNorm's default); "
                      "vlmask's predictor and the original VideoMAE decoder use 1e-6")
     return notes
+
+
+def _has_decoder(state: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("decoder.") for k in state)
+
+
+def load_init(path: Path, encoder: nn.Module, predictor: nn.Module | None) -> Any:
+    """The recipe key ``model.init`` (hook ``vlmask_load_init``): start ``encoder`` (and
+    ``predictor``, when the recipe has one and the checkpoint a decoder) from a VideoMAE
+    checkpoint, strictly. A pretraining checkpoint (Hugging Face ``VideoMAEForPreTraining``
+    folder or original ``.pth``) fills both through :func:`load_videomae_pretraining`; an
+    encoder-only one (``VideoMAEModel`` folder, a finetuned backbone) fills the encoder through
+    :func:`~vlmask_plugins.interop.hf_videomae.load_videomae_state_dict` and leaves the
+    predictor as built. Raises ``ValueError`` whose first line names the first mismatched key.
+    """
+    state, description, config = read_videomae_checkpoint(path)
+    if predictor is not None and _has_decoder(state):
+        return load_videomae_pretraining(encoder, predictor, path)
+    report = load_videomae_state_dict(encoder, state, strict=False)
+    report.source = description
+    report.notes += _config_notes(config)[:2]
+    if not report.ok:
+        if report.mismatched:
+            key, stored, own = report.mismatched[0]
+            first = f"encoder key {key}: checkpoint {stored} vs recipe {own}"
+        elif report.missing:
+            first = f"encoder key {report.missing[0]} is not in the checkpoint"
+        else:
+            first = f"checkpoint key {report.unexpected[0]} has no place in the encoder"
+        raise VideoMAEInitError(f"{description} does not fit the recipe: {first}\n{report}")
+    return report

@@ -36,10 +36,10 @@ def step_outputs(
     return StepOutputs(batch=batch, grid=GRID, mask=mask, visible_features=features, projection=projection)
 
 
-def test_register_plugins_registers_both_heads() -> None:
+def test_register_plugins_registers_every_head() -> None:
     seen: list[tuple[str, str]] = []
     register_plugins(lambda kind, name, factory: seen.append((kind, name)))
-    assert sorted(seen) == [("head", "classification"), ("head", "video_text_infonce")]
+    assert sorted(seen) == [("head", "classification"), ("head", "coclr"), ("head", "video_text_infonce")]
 
 
 @pytest.mark.parametrize("module", [pooling_module, video_text_module])

@@ -1,0 +1,207 @@
+"""CoCLR's two streams as one head (Han, Xie & Zisserman, "Self-supervised Co-training for Video
+Representation Learning", NeurIPS 2020; thesis ch. 4, eq. 4.2-4.5).
+
+The RGB stream is the student's encoder; the optical-flow stream is a second encoder of the
+same architecture, owned by this head. Each stream has a projection MLP, a momentum (MoCo)
+copy of encoder and projection, and a queue of the momentum copy's past keys; the two queues
+are filled with the same clips in the same order, so a row of one names the same clip as the
+row of the other (what eq. 4.3's cross-stream mining relies on). Encoders, momentum copies and
+queues are parameters and buffers of the head, so the run's checkpoint holds all of them and a
+resume is exact.
+
+Two switches (``stage_settable``: a recipe's ``stages`` change them between steps, see
+``vlmask.stages``):
+
+``stream`` (which stream trains)
+    ``both`` (stage 1: each stream learns alone), ``rgb`` or ``flow`` (stage 2's alternation:
+    the other stream runs without gradient and only mines positives).
+``positives``
+    ``self``: InfoNCE with the momentum queue, the clip's own key the only positive (eq. 4.2);
+    ``topk``: multi-instance InfoNCE (eq. 4.4) whose positives are the clip plus the ``topk``
+    queue entries nearest to it in the OTHER stream (eq. 4.3); ``labels``: UberNCE, the clips of
+    the same class (eq. 4.5, the supervised upper bound; needs labels).
+
+Views: the query is the clip as loaded; the key is a second view made here, a random crop
+(scale ``key_crop_scale``) of the same clip resized back, the same crop for RGB and flow. Flow
+comes from the dataset (``data.dataset.flow: true``): DIS flow images, 3 channels x/y/zero
+(``vlmask_plugins.action_area.flow.flow_images``). The RGB query runs the student's encoder on
+every token of the clip; the recipe's masker only decides what the student's own forward
+encodes (``StepOutputs.visible_features``), which this head does not use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vlmask
+from vlmask.types import StepOutputs
+from vlmask_plugins.encoders.vit import init_transformer_weights
+from vlmask_plugins.targets.coclr import (
+    enqueue,
+    label_positive_mask,
+    multi_instance_infonce,
+    queue_infonce,
+    topk_positive_mask,
+)
+
+STREAMS = ("both", "rgb", "flow")
+POSITIVES = ("self", "topk", "labels")
+
+
+def projection_mlp(width: int, dim: int) -> nn.Sequential:
+    """MoCo v2's projection: Linear, ReLU, Linear (CoCLR uses it on the pooled feature)."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(module)
+    for parameter in copied.parameters():
+        parameter.requires_grad_(False)
+    return copied
+
+
+def crop_resize(video: Tensor, top: int, left: int, height: int, width: int) -> Tensor:
+    """(B, C, T, H, W): the window ``[top:top+height, left:left+width]`` resized back to (H, W)."""
+    frames, full_h, full_w = video.shape[2:]
+    window = video[..., top:top + height, left:left + width]
+    return F.interpolate(window, size=(frames, full_h, full_w), mode="trilinear", align_corners=False)
+
+
+class CoCLRHead(nn.Module):
+    """CoCLR (Han et al., NeurIPS 2020): RGB and optical-flow streams, each a MoCo with a queue;
+    InfoNCE per stream (eq. 4.2), co-training with top-K positives mined in the other stream
+    (eq. 4.3-4.4), or UberNCE's label positives (eq. 4.5).
+
+    ``encoder`` (injected) is the student's encoder: the RGB stream, and the architecture the
+    flow stream copies (re-initialised). ``dim`` is the projection width, ``queue_size`` the
+    number of negatives per stream, ``momentum`` MoCo's m, ``topk`` CoCLR's K.
+    """
+
+    stage_settable = ("stream", "positives")
+
+    @classmethod
+    def requirements(cls, positives: str = "self", **_: Any) -> frozenset[str]:
+        return frozenset({"flow", "label"}) if positives == "labels" else frozenset({"flow"})
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        encoder_dim: int,
+        dim: int = 128,
+        queue_size: int = 2048,
+        temperature: float = 0.07,
+        momentum: float = 0.999,
+        topk: int = 5,
+        stream: str = "both",
+        positives: str = "self",
+        key_crop_scale: float = 0.7,
+    ) -> None:
+        super().__init__()
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+        if positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {positives!r}")
+        if not 0 <= topk <= queue_size:
+            raise ValueError(f"topk must be in [0, queue_size={queue_size}], got {topk}")
+        if not 0.0 <= momentum < 1.0 or temperature <= 0 or dim < 1 or queue_size < 1:
+            raise ValueError("momentum must be in [0, 1), temperature > 0, dim and queue_size >= 1")
+        if not 0.0 < key_crop_scale <= 1.0:
+            raise ValueError(f"key_crop_scale must be in (0, 1], got {key_crop_scale}")
+        self.stream, self.positives = stream, positives  # the stage switches
+        self.temperature, self.momentum, self.topk, self.key_crop_scale = temperature, momentum, topk, key_crop_scale
+        self._online_rgb = [encoder]  # the student's encoder: not registered here (the student owns it)
+        self.flow_encoder = copy.deepcopy(encoder)
+        self.flow_encoder.apply(init_transformer_weights)
+        self.rgb_projection = projection_mlp(encoder_dim, dim)
+        self.flow_projection = projection_mlp(encoder_dim, dim)
+        self.rgb_key_encoder = momentum_copy(encoder)
+        self.rgb_key_projection = momentum_copy(self.rgb_projection)
+        self.flow_key_encoder = momentum_copy(self.flow_encoder)
+        self.flow_key_projection = momentum_copy(self.flow_projection)
+        self.register_buffer("rgb_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("flow_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
+        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+
+    @vlmask.hookimpl
+    def vlmask_after_optimizer_step(self, step: int) -> None:
+        """MoCo's momentum update of both streams' key encoders and projections."""
+        pairs = ((self._online_rgb[0], self.rgb_key_encoder), (self.rgb_projection, self.rgb_key_projection),
+                 (self.flow_encoder, self.flow_key_encoder), (self.flow_projection, self.flow_key_projection))
+        with torch.no_grad():
+            for online, key in pairs:
+                for p_key, p_online in zip(key.parameters(), online.parameters()):
+                    p_key.mul_(self.momentum).add_(p_online.detach(), alpha=1.0 - self.momentum)
+
+    def _embed(self, encoder: nn.Module, projection: nn.Module, clip: Tensor) -> Tensor:
+        return F.normalize(projection(encoder(clip).mean(dim=1)), dim=1)
+
+    def _key_window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        scale = self.key_crop_scale + (1.0 - self.key_crop_scale) * float(torch.rand(()))
+        crop_h, crop_w = max(1, round(height * scale**0.5)), max(1, round(width * scale**0.5))
+        top = int(torch.randint(0, height - crop_h + 1, ()))
+        left = int(torch.randint(0, width - crop_w + 1, ()))
+        return top, left, crop_h, crop_w
+
+    def _positives(self, other_query: Tensor, other_queue: Tensor, labels: Tensor | None) -> Tensor | None:
+        if self.positives == "topk":
+            return topk_positive_mask(other_query, other_queue, self.topk)
+        if self.positives == "labels":
+            if labels is None:
+                raise ValueError("head 'coclr' with positives='labels' (UberNCE) needs batch.label (labels in the manifest)")
+            return label_positive_mask(labels, self.queue_labels)
+        return None
+
+    def _loss(self, query: Tensor, key: Tensor, queue: Tensor, positives: Tensor | None) -> Tensor:
+        if positives is None:
+            return queue_infonce(query, key, queue, self.temperature)
+        return multi_instance_infonce(query, key, queue, positives, self.temperature)
+
+    def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        video, flow, labels = out.batch.video, out.batch.flow, out.batch.label
+        if flow is None:
+            raise ValueError("head 'coclr' needs batch.flow: set data.dataset.flow: true")
+        if out.encoder is None:
+            raise ValueError("head 'coclr' needs the student's encoder in StepOutputs.encoder")
+        train_rgb, train_flow = self.stream in ("both", "rgb"), self.stream in ("both", "flow")
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and train_rgb):
+            q_rgb = self._embed(out.encoder, self.rgb_projection, video)
+        with torch.set_grad_enabled(grad and train_flow):
+            q_flow = self._embed(self.flow_encoder, self.flow_projection, flow)
+        with torch.no_grad():
+            window = self._key_window(*video.shape[-2:])
+            k_rgb = self._embed(self.rgb_key_encoder, self.rgb_key_projection, crop_resize(video, *window))
+            k_flow = self._embed(self.flow_key_encoder, self.flow_key_projection, crop_resize(flow, *window))
+        rgb_queue, flow_queue = self.rgb_queue.clone(), self.flow_queue.clone()  # the enqueue below is in place
+        total = q_rgb.new_zeros(())
+        stats: dict[str, Tensor] = {}
+        for name, trained, query, key, queue, other_query, other_queue in (
+            ("rgb", train_rgb, q_rgb, k_rgb, rgb_queue, q_flow, flow_queue),
+            ("flow", train_flow, q_flow, k_flow, flow_queue, q_rgb, rgb_queue),
+        ):
+            if not trained:
+                continue
+            positives = self._positives(other_query.detach(), other_queue, labels)
+            loss = self._loss(query, key, queue, positives)
+            total = total + loss
+            stats[name] = loss.detach()
+            if positives is not None:
+                stats[f"{name}_positives"] = positives.sum(dim=1).float().mean().detach()
+        if self.training and not self.rgb_queue.is_meta:  # FLOP counting runs on the meta device
+            with torch.no_grad():
+                pointer = int(self.queue_pointer)
+                new_rgb, _ = enqueue(self.rgb_queue, k_rgb, pointer)
+                new_flow, next_pointer = enqueue(self.flow_queue, k_flow, pointer)
+                self.rgb_queue.copy_(new_rgb)
+                self.flow_queue.copy_(new_flow)
+                if labels is not None:
+                    rows = (pointer + torch.arange(labels.shape[0], device=labels.device)) % self.queue_labels.shape[0]
+                    self.queue_labels[rows] = labels
+                self.queue_pointer.fill_(next_pointer)
+        return total, stats
