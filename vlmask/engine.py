@@ -489,8 +489,8 @@ class Trainer:
         (the teacher's forward inside it), ``student_backward``, ``optimizer`` (learning rate,
         zeroing, clipping, AdamW, scaler), ``teacher_update`` and ``hooks``."""
         micro = batch if isinstance(batch, list) else [batch]
-        self.stages.enter(step)  # the stage follows from the step (vlmask.stages): loss weights, switches, frozen parts
         with self._phase("optimizer"):
+            self.stages.enter(step)  # the stage follows from the step (vlmask.stages): loss weights, switches, frozen parts
             lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
