@@ -22,7 +22,8 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
 
 
-def _plugins() -> Plugins:
+def loaded_plugins() -> Plugins:
+    """The process's plugins, each skipped one reported once on stderr (also for plugin commands)."""
     plugins = default_plugins()
     for failure in plugins.failures:
         console.print(f"[yellow]warning:[/] {escape(str(failure))}", soft_wrap=True, highlight=False)
@@ -30,7 +31,7 @@ def _plugins() -> Plugins:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    plugins = _plugins()
+    plugins = loaded_plugins()
     table = Table(title="vlmask plugins")
     for column in ("kind", "name", "provided by", "summary"):
         table.add_column(column)
@@ -47,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from vlmask.paths import cache_dir
     from vlmask.schema import validate
 
-    plugins = _plugins()
+    plugins = loaded_plugins()
     recipe = load_recipe(args.recipe, args.overrides)
     problems = validate(recipe, plugins.registry)
     data_errors, notes = check_data(recipe, plugins.registry, plugins.manager.hook, cache_dir())  # reads data.train
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         if check.status == "extend" and int(os.environ.get("RANK", "0")) == 0:
             console.print(check.message(), markup=False, highlight=False, soft_wrap=True)
-    trainer = Trainer(recipe, _plugins(), console=console)
+    trainer = Trainer(recipe, loaded_plugins(), console=console)
     rank0 = trainer.rank == 0
     if rank0:
         out.print(f"run directory: {trainer.run_dir}")

@@ -10,22 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-
+from vlmask.cli import loaded_plugins, out  # the command line's output console and plugin report
 from vlmask.config import RecipeError, parse_override
-from vlmask.plugins import Plugins, default_plugins
 from vlmask.schema import check_plugin_node
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
-
-
-def _plugins() -> Plugins:
-    plugins = default_plugins()
-    for failure in plugins.failures:
-        console.print(f"[yellow]warning:[/] {escape(str(failure))}", soft_wrap=True, highlight=False)
-    return plugins
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -39,7 +26,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_boxes(args: argparse.Namespace) -> int:
     from vlmask_plugins.action_area.boxes import fill_boxes
 
-    entry = _plugins().registry.get("action_area", args.detector)
+    entry = loaded_plugins().registry.get("action_area", args.detector)
     stats = fill_boxes(Path(args.manifest), Path(args.out), entry.factory(), workers=args.workers)
     out.print(stats.summary(), highlight=False)
     if args.stats:
@@ -50,7 +37,7 @@ def cmd_data_boxes(args: argparse.Namespace) -> int:
 def cmd_data_captions(args: argparse.Namespace) -> int:
     from vlmask_plugins.captioners.fill import fill_captions
 
-    registry = _plugins().registry
+    registry = loaded_plugins().registry
     node = {"name": args.captioner, **{k: v for k, v, _ in map(parse_override, args.overrides)}}
     problems = check_plugin_node(registry, "captioner", "captioner", node, lambda key: "command line")
     if problems:
