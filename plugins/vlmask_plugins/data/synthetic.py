@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -79,9 +79,25 @@ _VERB_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def classes() -> list[str]:
-    """Every label the generator can produce, in a fixed order."""
-    return [f"{verb} {shape}" for verb in VERBS for shape in SHAPES if (verb, shape) not in EXCLUDED]
+def classes(verbs: Sequence[str] | None = None) -> list[str]:
+    """Every label the generator can produce (with only ``verbs``, when given), in a fixed order."""
+    chosen = check_verbs(verbs)
+    return [f"{verb} {shape}" for verb in VERBS if verb in chosen for shape in SHAPES if (verb, shape) not in EXCLUDED]
+
+
+def check_verbs(verbs: Sequence[str] | None) -> tuple[str, ...]:
+    """``verbs`` (a subset of :data:`VERBS`, the difficulty knob for the class count) as a tuple
+    in :data:`VERBS` order; None means all of them."""
+    if verbs is None:
+        return VERBS
+    if isinstance(verbs, str) or not verbs:
+        raise ValueError(f"verbs must be a non-empty list of {VERBS}, got {verbs!r}")
+    unknown = [v for v in verbs if v not in VERBS]
+    if unknown:
+        raise ValueError(f"verbs: unknown {unknown}; choose from {VERBS}")
+    if len(set(verbs)) != len(verbs):
+        raise ValueError(f"verbs: each verb at most once, got {list(verbs)}")
+    return tuple(v for v in VERBS if v in verbs)
 
 
 @dataclass(frozen=True)
@@ -261,21 +277,38 @@ def _caption(rng: np.random.Generator, verb: str, shape: str, colour: str, backg
     return template.format(D=determiner.capitalize(), d=determiner, T=thing, P=phrase, B=BACKGROUNDS[background])
 
 
-def clip_class(seed: int, index: int) -> str:
+def clip_class(seed: int, index: int, verbs: Sequence[str] | None = None) -> str:
     """The label of clip ``index``: clips cycle through a seed-shuffled class order, so any
-    ``len(classes())`` consecutive clips hold every class once."""
-    order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes()))
-    return classes()[int(order[index % len(order)])]
+    ``len(classes(verbs))`` consecutive clips hold every class once."""
+    labels = classes(verbs)
+    order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(labels))
+    return labels[int(order[index % len(order)])]
 
 
-def clip_spec(seed: int, index: int, frames: int = 16, size: int = 64) -> ClipSpec:
-    """Draw the parameters of clip ``index`` of the set with ``seed`` (a pure function)."""
+def check_difficulty(pan_fraction: float, distractors: int) -> None:
+    """Validate the scene difficulty knobs (see :func:`clip_spec`)."""
+    if not 0.0 <= pan_fraction <= 1.0:
+        raise ValueError(f"pan_fraction must be in [0, 1], got {pan_fraction}")
+    if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
+        raise ValueError(f"distractors must be an integer >= 0, got {distractors!r}")
+
+
+def clip_spec(seed: int, index: int, frames: int = 16, size: int = 64, verbs: Sequence[str] | None = None,
+              pan_fraction: float = PAN_FRACTION, distractors: int = 2) -> ClipSpec:
+    """Draw the parameters of clip ``index`` of the set with ``seed`` (a pure function).
+
+    Difficulty knobs (the defaults give the standard set, clip for clip): ``verbs``, the actions
+    used (fewer verbs, fewer classes); ``pan_fraction``, the share of clips with a camera pan;
+    ``distractors``, the most still distractor shapes per clip (1 to that many are drawn; 0:
+    none, so the only shape in view is the acting one).
+    """
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
     if size < 24:
         raise ValueError(f"size must be >= 24, got {size}")
+    check_difficulty(pan_fraction, distractors)
     rng = np.random.default_rng([seed, index])
-    label = clip_class(seed, index)
+    label = clip_class(seed, index, verbs)
     verb = next(v for v in VERBS if label.startswith(v + " "))
     shape = label[len(verb) + 1:]
     colour = str(rng.choice(list(COLOURS)))
@@ -308,7 +341,7 @@ def clip_spec(seed: int, index: int, frames: int = 16, size: int = 64) -> ClipSp
 
     # Camera: the view's top-left corner moves linearly through a larger world.
     margin = int(math.ceil(0.2 * size)) + 2
-    pan = bool(rng.random() < PAN_FRACTION)
+    pan = bool(rng.random() < pan_fraction)
     pan_vector = np.zeros(2)
     if pan:
         theta = rng.uniform(0, 2 * math.pi)
@@ -332,32 +365,32 @@ def clip_spec(seed: int, index: int, frames: int = 16, size: int = 64) -> ClipSp
     sweep_lo = np.min(world_centres - extent[:, None], axis=0)
     sweep_hi = np.max(world_centres + extent[:, None], axis=0)
     mid = camera[frames // 2]
-    distractors: list[Distractor] = []
-    for _ in range(int(rng.integers(1, 3))):
+    still: list[Distractor] = []
+    for _ in range(int(rng.integers(1, distractors + 1)) if distractors else 0):
         for _attempt in range(30):
             radius = rng.uniform(0.08, 0.12) * size
             reach = radius * 1.15 + 1.0
             centre = rng.uniform(reach, size - reach, size=2) + mid
             apart = np.any((centre + reach < sweep_lo) | (centre - reach > sweep_hi))
-            clear = all(np.hypot(*(centre - np.array(d.centre))) > reach + d.radius * 1.15 for d in distractors)
+            clear = all(np.hypot(*(centre - np.array(d.centre))) > reach + d.radius * 1.15 for d in still)
             if apart and clear:
                 d_colour, d_shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
                 if (d_colour, d_shape) == (colour, shape):  # keep "the <colour> <shape>" unambiguous
                     d_colour = next(c for c in COLOURS if c != colour)
-                distractors.append(Distractor(
+                still.append(Distractor(
                     shape=d_shape, colour=d_colour, rgb=COLOURS[d_colour],
                     centre=(float(centre[0]), float(centre[1])), radius=float(radius),
                     angle=float(rng.uniform(0, 2 * math.pi)),
                 ))
                 break
-    caption = _caption(rng, verb, shape, colour, background, pan, tuple(distractors))
+    caption = _caption(rng, verb, shape, colour, background, pan, tuple(still))
     return ClipSpec(
         index=index, frames=frames, size=size, verb=verb, shape=shape, colour=colour, rgb=rgb,  # type: ignore[arg-type]
         background=background, background_params=background_params,
         centres=tuple((float(x), float(y)) for x, y in centres),
         radii=tuple(float(r) for r in radii), angles=tuple(float(a) for a in angles),
         camera=tuple((int(x), int(y)) for x, y in camera), margin=margin,
-        distractors=tuple(distractors), caption=caption,
+        distractors=tuple(still), caption=caption,
     )
 
 
@@ -491,12 +524,16 @@ def generate(
     val_fraction: float = 0.25,
     fps: int = 8,
     progress: bool = True,
+    verbs: Sequence[str] | None = None,
+    pan_fraction: float = PAN_FRACTION,
+    distractors: int = 2,
 ) -> tuple[Path, Path]:
     """Write ``videos/clip_XXXXX.mp4``, ``train.jsonl`` and ``val.jsonl`` into ``out_dir``.
 
     The last ``round(clips * val_fraction)`` clips form the validation split; since classes
     cycle (:func:`clip_class`), both splits hold every class when each has at least
     ``len(classes())`` clips. Returns ``(train_manifest, val_manifest)``.
+    ``verbs``, ``pan_fraction`` and ``distractors`` set the difficulty (:func:`clip_spec`).
     This is what ``vlmask data synth --out DIR --clips N --seed S`` runs.
     """
     if clips < 2:
@@ -507,12 +544,14 @@ def generate(
         raise ValueError(f"fps must be >= 1, got {fps}")
     if size % 2:
         raise ValueError(f"size must be even (yuv420p), got {size}")
+    check_verbs(verbs)
+    check_difficulty(pan_fraction, distractors)
     num_val = min(max(1, round(clips * val_fraction)), clips - 1)
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for index in _progress(range(clips), progress, f"synthetic clips -> {out_dir}"):
-        spec = clip_spec(seed, index, frames, size)
+        spec = clip_spec(seed, index, frames, size, verbs=verbs, pan_fraction=pan_fraction, distractors=distractors)
         pixels, box = render_clip(spec)
         name = f"videos/clip_{index:05d}.mp4"
         write_video(out_dir / name, pixels, fps=fps)
@@ -524,9 +563,19 @@ def generate(
 
 
 def builtin_name(clips: int = 400, seed: int = 0, frames: int = 16, size: int = 64,
-                 val_fraction: float = 0.25, fps: int = 8) -> str:
-    """The cache folder name of a built-in synthetic set with these parameters."""
-    return f"synthetic-{VERSION}-c{clips}-s{seed}-t{frames}-r{size}-v{val_fraction:g}-fps{fps}"
+                 val_fraction: float = 0.25, fps: int = 8, verbs: Sequence[str] | None = None,
+                 pan_fraction: float = PAN_FRACTION, distractors: int = 2) -> str:
+    """The cache folder name of a built-in synthetic set with these parameters (the difficulty
+    knobs appear only when they differ from the standard set's, whose name is unchanged)."""
+    name = f"synthetic-{VERSION}-c{clips}-s{seed}-t{frames}-r{size}-v{val_fraction:g}-fps{fps}"
+    chosen = check_verbs(verbs)
+    if chosen != VERBS:
+        name += "-verbs" + "".join(str(VERBS.index(v)) for v in chosen)
+    if pan_fraction != PAN_FRACTION:
+        name += f"-pan{pan_fraction:g}"
+    if distractors != 2:
+        name += f"-d{distractors}"
+    return name
 
 
 def ensure_builtin(
@@ -538,6 +587,9 @@ def ensure_builtin(
     val_fraction: float = 0.25,
     fps: int = 8,
     progress: bool = True,
+    verbs: Sequence[str] | None = None,
+    pan_fraction: float = PAN_FRACTION,
+    distractors: int = 2,
 ) -> tuple[Path, Path]:
     """The built-in synthetic set's ``(train, val)`` manifests, generated on first use.
 
@@ -546,15 +598,15 @@ def ensure_builtin(
     call (or a concurrent one that lost the race) just returns the existing manifests.
     """
     root = Path(cache_dir) if cache_dir is not None else vlmask_cache_dir()
-    final = root / builtin_name(clips, seed, frames, size, val_fraction, fps)
+    final = root / builtin_name(clips, seed, frames, size, val_fraction, fps, verbs, pan_fraction, distractors)
     train, val = final / "train.jsonl", final / "val.jsonl"
     if train.is_file() and val.is_file():
         return train, val
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        generate(scratch, clips=clips, seed=seed, frames=frames, size=size,
-                 val_fraction=val_fraction, fps=fps, progress=progress)
+        generate(scratch, clips=clips, seed=seed, frames=frames, size=size, val_fraction=val_fraction,
+                 fps=fps, progress=progress, verbs=verbs, pan_fraction=pan_fraction, distractors=distractors)
         try:
             os.rename(scratch, final)
         except OSError:  # another process finished first (the target exists and is not empty)

@@ -164,3 +164,69 @@ def test_an_interrupted_generation_is_not_used(tmp_path: Path):
     (tmp_path / f".{builtin_name(clips=3, frames=4, size=32)}.tmp-dead").mkdir(parents=True)
     train, _ = ensure_builtin(tmp_path, clips=3, frames=4, size=32, progress=False)
     assert train.is_file() and train.parent.name == builtin_name(clips=3, frames=4, size=32)
+
+
+# --------------------------------------------------------------------------- difficulty knobs
+
+
+def test_default_knobs_keep_the_standard_set_clip_for_clip():
+    # Recorded from the generator before the knobs existed (issue 12): the same draws, the same
+    # distractors (they appear in captions) and the same cache folder name.
+    assert [clip_spec(0, i).caption for i in range(3)] == [
+        "An orange circle moves right next to a blue cross",
+        "A yellow triangle moves left against a striped backdrop",
+        "A white triangle becomes tiny against a noisy backdrop",
+    ]
+    assert [len(clip_spec(0, i).distractors) for i in range(12)] == [1, 2, 2, 1, 1, 1, 2, 2, 1, 1, 2, 2]
+    assert sum(clip_spec(0, i).camera_pan for i in range(40)) == 10
+    assert builtin_name() == "synthetic-v2-c400-s0-t16-r64-v0.25-fps8"
+    assert clip_spec(SEED, 5) == clip_spec(SEED, 5, verbs=list(VERBS), pan_fraction=0.3, distractors=2)
+
+
+def test_no_distractors_and_no_pan_leave_only_the_acting_shape():
+    for index in range(40):
+        spec = clip_spec(SEED, index, frames=8, size=48, pan_fraction=0.0, distractors=0)
+        assert spec.distractors == () and not spec.camera_pan
+        frames, _ = render_clip(spec)
+        # nothing but the object changes: where it never is, the pixels stay still
+        still = ~object_masks(spec).any(axis=0)
+        assert np.array_equal(frames[0][still], frames[-1][still])
+    counts = {len(clip_spec(SEED, i, distractors=1).distractors) for i in range(40)}
+    assert counts <= {0, 1} and 1 in counts
+    assert all(clip_spec(SEED, i, frames=8, size=48, pan_fraction=1.0).camera_pan for i in range(40))
+
+
+def test_a_verb_subset_makes_fewer_classes_that_still_cycle():
+    verbs = ["move right", "rotate", "move left"]  # any order; classes follow VERBS' order
+    labels = classes(verbs)
+    assert len(labels) == 3 * len(SHAPES) - 1  # no "rotate circle"
+    assert [label.rsplit(" ", 1)[0] for label in labels][:4] == ["move left"] * 4
+    drawn = [clip_spec(SEED, i, frames=4, size=32, verbs=verbs).label for i in range(2 * len(labels))]
+    assert sorted(drawn[: len(labels)]) == sorted(labels) == sorted(drawn[len(labels):])
+
+
+def test_difficulty_knobs_name_their_own_cached_set(isolated_cache: Path):
+    knobs = {"verbs": ["move up", "grow"], "pan_fraction": 0.0, "distractors": 0}
+    name = builtin_name(clips=6, frames=4, size=32, **knobs)
+    assert name == "synthetic-v2-c6-s0-t4-r32-v0.25-fps8-verbs25-pan0-d0"
+    train, val = ensure_builtin(clips=6, frames=4, size=32, progress=False, **knobs)
+    assert train.parent.name == name
+    rows = [json.loads(line) for path in (train, val) for line in path.read_text().splitlines()]
+    assert {row["verb"] for row in rows} == {"move up", "grow"}
+    assert all(row["distractors"] == 0 and not row["camera_pan"] for row in rows)
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"verbs": ["move sideways"]}, "verbs: unknown"),
+    ({"verbs": []}, "verbs must be"),
+    ({"verbs": "grow"}, "verbs must be"),
+    ({"verbs": ["grow", "grow"]}, "at most once"),
+    ({"pan_fraction": 1.5}, "pan_fraction"),
+    ({"distractors": -1}, "distractors"),
+    ({"distractors": 1.5}, "distractors"),
+])
+def test_difficulty_knobs_are_validated(tmp_path: Path, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tmp_path, clips=4, progress=False, **knobs)
+    with pytest.raises(ValueError, match=message):
+        clip_spec(0, 0, **knobs)
