@@ -57,3 +57,47 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_scale() -> list[str]:
     return list(TINY_SCALE)
+
+
+class StopAfterCheckpoint:
+    """Interrupts a run right after a given checkpoint, as a user's Ctrl-C would (a lifecycle hook)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    from vlmask import hookimpl
+
+    @hookimpl
+    def vlmask_checkpoint_saved(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="session")
+def stop_after_checkpoint() -> type[StopAfterCheckpoint]:
+    return StopAfterCheckpoint
+
+
+#: ``python -c KILL_AT_CHECKPOINT RECIPE OVERRIDE ...`` trains and SIGKILLs itself right after the
+#: checkpoint of step ``$KILL_AT`` (no cleanup of any kind runs, as after a power cut).
+KILL_AT_CHECKPOINT = """
+import os, signal, sys
+from vlmask import hookimpl
+from vlmask.config import load_recipe
+from vlmask.engine import Trainer
+from vlmask.plugins import load_plugins
+
+class Kill:
+    @hookimpl
+    def vlmask_checkpoint_saved(self, step):
+        if step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+with Trainer(load_recipe(sys.argv[1], sys.argv[2:]), load_plugins([("kill", Kill())])) as trainer:
+    trainer.train()
+"""
+
+
+@pytest.fixture(scope="session")
+def kill_at_checkpoint() -> str:
+    return KILL_AT_CHECKPOINT

@@ -43,21 +43,11 @@ def test_run_writes_the_contract_run_directory(tiny_overrides, tmp_path):
     assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "state.pt"}
 
 
-class StopAfterCheckpoint:
-    """Interrupts a run right after a given checkpoint, as a user's Ctrl-C would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def vlmask_checkpoint_saved(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
-def test_resume_continues_to_the_same_final_loss(tiny_overrides, tmp_path):
+def test_resume_continues_to_the_same_final_loss(tiny_overrides, tmp_path, stop_after_checkpoint):
     def final_loss(run_dir: Path, stop_at: int | None = None) -> float:
-        extra = [("stopper", StopAfterCheckpoint(stop_at))] if stop_at else []
+        extra = [("stopper", stop_after_checkpoint(stop_at))] if stop_at else []
         with Trainer(load_recipe(RECIPES / "mae.yaml", tiny_overrides(run_dir, steps=6, workers=2)), load_plugins(extra)) as trainer:
             return trainer.train()["final_loss"]
 

@@ -86,24 +86,14 @@ def test_cli_trains_on_from_init_and_a_size_mismatch_is_one_line(tmp_path, overr
     assert missing.returncode != 0 and "key model.init:" in missing.stderr and "does not exist" in missing.stderr
 
 
-class StopAfterCheckpoint:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    from vlmask import hookimpl
-
-    @hookimpl
-    def vlmask_checkpoint_saved(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
-def test_resume_loads_the_checkpoint_over_init(tmp_path, overrides):
+def test_resume_loads_the_checkpoint_over_init(tmp_path, overrides, stop_after_checkpoint):
     """Were init applied after the checkpoint on resume, steps 3-4 would restart from the import."""
     folder = videomae_folder(tmp_path / "hf")
 
     def final(run_dir: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:
-        extra = [("stopper", StopAfterCheckpoint(stop_at))] if stop_at else []
+        extra = [("stopper", stop_after_checkpoint(stop_at))] if stop_at else []
         recipe = load_recipe(RECIPES / "mae.yaml", [*overrides(run_dir, steps=4), f"model.init={folder}"])
         with Trainer(recipe, load_plugins(extra)) as trainer:
             trainer.train()

@@ -79,22 +79,6 @@ def test_a_stage_freezes_and_reweights_then_hands_over(staged, overrides, tmp_pa
         assert not torch.equal(encoder0["blocks.0.attn.qkv.weight"], trainer.student.encoder.state_dict()["blocks.0.attn.qkv.weight"])
 
 
-KILLER = """
-import os, signal, sys
-from vlmask import hookimpl
-from vlmask.config import load_recipe
-from vlmask.engine import Trainer
-from vlmask.plugins import load_plugins
-
-class Kill:
-    @hookimpl
-    def vlmask_checkpoint_saved(self, step):
-        if step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-with Trainer(load_recipe(sys.argv[1], sys.argv[2:]), load_plugins([("kill", Kill())])) as trainer:
-    trainer.train()
-"""
 
 
 def final_student(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,10 +87,10 @@ def final_student(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_tensors(checkpoint / "student.safetensors")
 
 
-def killed_and_resumed(recipe: Path, overrides: list[str], run_dir: Path, kill_at: int) -> None:
+def killed_and_resumed(script: str, recipe: Path, overrides: list[str], run_dir: Path, kill_at: int) -> None:
     """Run ``recipe`` in a subprocess SIGKILLed right after the checkpoint of ``kill_at``, then resume it."""
     env = {**os.environ, "KILL_AT": str(kill_at)}
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(recipe), *overrides], env=env, capture_output=True,
+    killed = subprocess.run([sys.executable, "-c", script, str(recipe), *overrides], env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (run_dir / "summary.json").exists()
@@ -116,10 +100,10 @@ def killed_and_resumed(recipe: Path, overrides: list[str], run_dir: Path, kill_a
     assert "resumed at step 5" in resumed.stdout + resumed.stderr
 
 
-def test_a_run_killed_mid_stage_two_resumes_exactly(staged, overrides, tmp_path):
+def test_a_run_killed_mid_stage_two_resumes_exactly(kill_at_checkpoint, staged, overrides, tmp_path):
     with Trainer(load_recipe(staged, overrides(tmp_path / "a"))) as trainer:
         trainer.train()
-    killed_and_resumed(staged, overrides(tmp_path / "b"), tmp_path / "b", kill_at=5)  # stage 2 is steps 3..6
+    killed_and_resumed(kill_at_checkpoint, staged, overrides(tmp_path / "b"), tmp_path / "b", kill_at=5)  # stage 2 is steps 3..6
     uninterrupted, resumed = final_student(tmp_path / "a"), final_student(tmp_path / "b")
     assert uninterrupted.keys() == resumed.keys()
     for key in uninterrupted:

@@ -103,11 +103,7 @@ class LinearProbe:
         self.device = compute_device(device)
 
     def evaluate(self, features: EvalFeatures) -> dict[str, float] | None:
-        train_x, val_x = features.train.features(self.pooling), features.val.features(self.pooling)
-        if train_x is None or val_x is None or not _can_classify(features):
-            return None
-        probabilities = self.fit_predict(*_labelled_train(features.train, train_x), val_x, features.num_classes)
-        return _classification_report(probabilities, features)
+        return _evaluate_pooled_probe(self, features)
 
     def fit_predict(self, x: Tensor, y: Tensor, x_eval: Tensor, num_classes: int) -> Tensor:
         """Fit on (x, y) with the protocol above; softmax probabilities (M, num_classes) of ``x_eval``."""
@@ -252,11 +248,7 @@ class LogisticRegressionProbe:
         self.chosen_c: float | None = None
 
     def evaluate(self, features: EvalFeatures) -> dict[str, float] | None:
-        train_x, val_x = features.train.features(self.pooling), features.val.features(self.pooling)
-        if train_x is None or val_x is None or not _can_classify(features):
-            return None
-        probabilities = self.fit_predict(*_labelled_train(features.train, train_x), val_x, features.num_classes)
-        return _classification_report(probabilities, features)
+        return _evaluate_pooled_probe(self, features)
 
     def _fit(self, x: "np.ndarray", y: "np.ndarray", c: float) -> Any:
         import warnings
@@ -307,6 +299,16 @@ class LogisticRegressionProbe:
         probabilities = np.zeros((x_eval.shape[0], num_classes))
         probabilities[:, model.classes_] = model.predict_proba(((x_eval - mean) / std).double().numpy())
         return torch.from_numpy(probabilities).float()
+
+
+def _evaluate_pooled_probe(probe: Any, features: EvalFeatures) -> dict[str, float] | None:
+    """A probe on pooled features (``probe.pooling``, ``probe.fit_predict``): fit on the labelled
+    training rows, report on the validation clips; None when the section cannot be computed."""
+    train_x, val_x = features.train.features(probe.pooling), features.val.features(probe.pooling)
+    if train_x is None or val_x is None or not _can_classify(features):
+        return None
+    probabilities = probe.fit_predict(*_labelled_train(features.train, train_x), val_x, features.num_classes)
+    return _classification_report(probabilities, features)
 
 
 def _classification_report(probabilities: Tensor, features: EvalFeatures) -> dict[str, float]:

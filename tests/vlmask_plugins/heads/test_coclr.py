@@ -98,25 +98,9 @@ TINY = ("train.batch_size=4", "data.num_workers=0", "data.dataset.num_frames=4",
         "device=cpu", "heads.coclr.queue_size=8", "heads.coclr.topk=2", "train.log_every=1", "train.ckpt_every=5",
         "stages.0.steps=2", "stages.1.steps=2", "stages.2.steps=2", "stages.3.steps=1", "stages.4.steps=1")
 
-KILLER = """
-import os, signal, sys
-from vlmask import hookimpl
-from vlmask.config import load_recipe
-from vlmask.engine import Trainer
-from vlmask.plugins import load_plugins
-
-class Kill:
-    @hookimpl
-    def vlmask_checkpoint_saved(self, step):
-        if step == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-with Trainer(load_recipe(sys.argv[1], sys.argv[2:]), load_plugins([("kill", Kill())])) as trainer:
-    trainer.train()
-"""
 
 
-def test_coclr_killed_in_stage_two_resumes_exactly(tiny_synth, tmp_path):
+def test_coclr_killed_in_stage_two_resumes_exactly(tiny_synth, tmp_path, kill_at_checkpoint):
     recipe = RECIPES / "coclr" / "coclr.yaml"
 
     def args(run_dir: Path) -> list[str]:
@@ -130,7 +114,7 @@ def test_coclr_killed_in_stage_two_resumes_exactly(tiny_synth, tmp_path):
         (False, True)] * 2 + [(True, False), (False, True)]
     assert all(m["loss"] == m["loss"] for m in metrics)
     # killed right after step 5's checkpoint, in the middle of stage 2's flow_1 (steps 4 and 5)
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(recipe), *args(tmp_path / "b")], capture_output=True,
+    killed = subprocess.run([sys.executable, "-c", kill_at_checkpoint, str(recipe), *args(tmp_path / "b")], capture_output=True,
                             text=True, env={**os.environ, "KILL_AT": "5"}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = subprocess.run([sys.executable, "-m", "vlmask", "run", str(recipe), *args(tmp_path / "b")],
