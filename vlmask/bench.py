@@ -102,6 +102,8 @@ def synthetic_batch(
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
         flow=torch.randn(video.shape, generator=generator),  # CoCLR's flow view, shaped like the clip
+        second_video=torch.randn(video.shape, generator=generator),  # a second clip (CoCLR's key view)
+        second_flow=torch.randn(video.shape, generator=generator),
     )
     return batch.to(device)
 
@@ -184,7 +186,8 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
                 module.set_attention_backend("sdpa")
     batch = cpu_batch.to("meta")
     batch.video = torch.empty(cpu_batch.video.shape, device="meta")
-    batch.flow = torch.empty(cpu_batch.video.shape, device="meta")
+    for view in ("flow", "second_video", "second_flow"):
+        setattr(batch, view, torch.empty(cpu_batch.video.shape, device="meta"))
     mask = mask.to("meta")
 
     named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}

@@ -18,12 +18,12 @@ missing predictor or teacher before the first training step. A factory declares 
   ``video_text_infonce`` head needs ``action_box`` only with ``pooling="action_area"``.
 
 The names come from the closed set :data:`REQUIREMENTS`. ``validate`` turns a missing
-``predictor``, ``teacher``, ``projection``, ``text_embedding`` or ``flow`` (the dataset's
-``flow: true``) into an error naming the file and key; ``action_box`` and ``label`` live in the data, so ``validate`` reports them as notes
+``predictor``, ``teacher``, ``projection``, ``text_embedding``, ``flow`` or ``second_clip`` (the
+dataset's ``flow: true`` / ``second_clip: true``) into an error naming the file and key; ``action_box`` and ``label`` live in the data, so ``validate`` reports them as notes
 (:func:`vlmask.schema.requirements_report`), never as errors.
 
 >>> sorted(REQUIREMENTS)
-['action_box', 'flow', 'label', 'predictor', 'projection', 'teacher', 'text_embedding']
+['action_box', 'flow', 'label', 'predictor', 'projection', 'second_clip', 'teacher', 'text_embedding']
 >>> class NeedsTeacher:
 ...     requires = frozenset({"teacher"})
 >>> sorted(requirements_of(NeedsTeacher, {}))
@@ -53,6 +53,7 @@ REQUIREMENTS: dict[str, str] = {
     "action_box": "an action box per clip (action_box in the manifest, or an action-area detector)",
     "label": "a class label per clip (label in the manifest)",
     "flow": "optical-flow images per clip (data.dataset.flow: true; CoCLR's second view)",
+    "second_clip": "a second clip of each video, sampled and augmented apart (data.dataset.second_clip: true)",
 }
 
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.

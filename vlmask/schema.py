@@ -468,15 +468,18 @@ def check_requirements(config: dict[str, Any], recipe: Recipe, registry: Registr
     labels) cannot be known without reading it and is a note.
     """
     where = recipe.where
+    dataset = (config.get("data") or {}).get("dataset") or {}
     provided = {
         "predictor": bool((config.get("model") or {}).get("predictor")),
         "teacher": bool(config.get("teacher")),
         "projection": bool((config.get("model") or {}).get("projection")),
         "text_embedding": bool(config.get("text_encoder")),
-        "flow": bool(((config.get("data") or {}).get("dataset") or {}).get("flow")),
+        "flow": bool(dataset.get("flow")),
+        "second_clip": bool(dataset.get("second_clip")),
     }
     provider_key = {"predictor": "model.predictor", "teacher": "teacher", "projection": "model.projection",
-                    "text_embedding": "text_encoder", "flow": "data.dataset.flow"}
+                    "text_embedding": "text_encoder", "flow": "data.dataset.flow",
+                    "second_clip": "data.dataset.second_clip"}
     errors, notes = [], []
     for key, kind, name, needs in _requirers(config, registry):
         if isinstance(needs, str):

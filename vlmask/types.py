@@ -111,7 +111,10 @@ class Batch:
     text encoder's embeddings of the captions (computed once and cached, never in the step),
     ``action_box`` (B, 4) holds [x0, y0, x1, y1] as fractions of width and height (after the
     same crop and flip as the pixels), ``label`` (B,) class indices, ``index`` (B,) the rows of
-    the manifest.
+    the manifest. ``flow`` (B, 3, T, H, W) are optical-flow images of the clip (dataset
+    ``flow: true``); ``second_video`` and ``second_flow`` a second, independently sampled and
+    augmented clip of the same video and its flow (dataset ``second_clip: true``: the positive
+    view of instance discrimination), normalised like ``video`` and ``flow``.
     """
 
     video: Tensor
@@ -121,6 +124,8 @@ class Batch:
     label: Tensor | None = None
     caption: list[str] | None = None
     flow: Tensor | None = None
+    second_video: Tensor | None = None
+    second_flow: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -140,6 +145,10 @@ class Batch:
             action_box=move(self.action_box),
             label=move(self.label),
             flow=normalize_video(move(self.flow), FLOW_MEAN, FLOW_STD) if self.flow is not None else None,
+            second_video=(normalize_video(move(self.second_video), mean, std)
+                          if self.second_video is not None else None),
+            second_flow=(normalize_video(move(self.second_flow), FLOW_MEAN, FLOW_STD)
+                         if self.second_flow is not None else None),
         )
 
 

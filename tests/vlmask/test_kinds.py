@@ -48,6 +48,8 @@ def batch(generator: torch.Generator | None = None) -> Batch:
         label=torch.tensor([0, 1, 2]),
         index=torch.arange(B),
         flow=torch.randn(B, 3, 4, 32, 32, generator=g),
+        second_video=torch.randn(B, 3, 4, 32, 32, generator=g),
+        second_flow=torch.randn(B, 3, 4, 32, 32, generator=g),
     )
 
 

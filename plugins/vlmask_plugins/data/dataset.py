@@ -134,6 +134,11 @@ class VideoManifestDataset(Dataset):
     absent) and ``load_failures`` (list of (line, video, reason), usually empty). With
     ``flow=True`` (CoCLR's second view) items also hold ``flow``: (3, T, H, W) uint8 DIS
     optical-flow images of the frames as cropped (``action_area.flow.flow_images``; x, y, zero).
+    With ``second_clip=True`` items also hold ``second_video`` (and ``second_flow`` with
+    ``flow``): a second clip of the same segment, sampled and augmented independently of the
+    first (another temporal draw of the sampler: another phase with ``dynamic``, another start
+    with ``fixed``; its own crop and flip), as the positive pair of instance discrimination
+    (MoCo / CoCLR: Han et al., NeurIPS 2020, sec. 4.1 "two clips of the same video").
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class VideoManifestDataset(Dataset):
         probe_workers: int = 8,
         decode_device: str = "cpu",
         flow: bool = False,
+        second_clip: bool = False,
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -177,6 +183,7 @@ class VideoManifestDataset(Dataset):
             raise ValueError(f"decode_device='cuda' needs decoder torchcodec, got {self.decoder} ({self.decoder_reason})")
         self.decode_device = decode_device
         self.flow = bool(flow)
+        self.second_clip = bool(second_clip)
         if decode_short_side is not None and decode_short_side < size:
             raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
@@ -271,28 +278,40 @@ class VideoManifestDataset(Dataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         clip = self.clips[index]
-        frames, _ = decode_clip(
-            clip.video, self.sampler, train=self.train, short_side=self.decode_short_side,
-            start=clip.start, end=clip.end, decoder=self.requested_decoder,
-            info=self._infos[index], device=self.decode_device,
-        )
-        # uint8 until the end: torch's uint8 antialiased resize is several times faster than float's.
-        video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
-        box = torch.tensor(clip.action_box, dtype=torch.float32) if clip.action_box is not None else None
-        video, box = self.transform(video, box)
-        item: dict[str, Any] = {}
-        if self.flow:  # CoCLR's flow view, of the frames as cropped: (C, T, H, W) uint8 x/y/zero images
-            from vlmask_plugins.action_area.flow import flow_images
-
-            images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy())
-            item["flow"] = torch.from_numpy(images).permute(3, 0, 1, 2).contiguous()
+        video, box, flow = self._view(clip, self._infos[index])
+        item: dict[str, Any] = {} if flow is None else {"flow": flow}
+        if self.second_clip:  # independent temporal draw, crop and flip of the same segment
+            second_video, _, second_flow = self._view(clip, self._infos[index])
+            item["second_video"] = second_video
+            if second_flow is not None:
+                item["second_flow"] = second_flow
         return item | {
-            "video": video.permute(1, 0, 2, 3).contiguous(),  # (C, T, H, W) uint8
+            "video": video,
             "index": index,
             "label": self.label_ids[index],
             "action_box": box if box is not None else torch.full((4,), float("nan")),
             "caption": self.captions[index],
         }
+
+    def _view(self, clip: ManifestClip, info: VideoInfo | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """One decoded, augmented clip of ``clip``'s segment: (C, T, H, W) uint8 pixels, the
+        action box after the same crop and flip (or None), and the flow images (or None)."""
+        frames, _ = decode_clip(
+            clip.video, self.sampler, train=self.train, short_side=self.decode_short_side,
+            start=clip.start, end=clip.end, decoder=self.requested_decoder,
+            info=info, device=self.decode_device,
+        )
+        # uint8 until the end: torch's uint8 antialiased resize is several times faster than float's.
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
+        box = torch.tensor(clip.action_box, dtype=torch.float32) if clip.action_box is not None else None
+        video, box = self.transform(video, box)
+        flow = None
+        if self.flow:  # CoCLR's flow view, of the frames as cropped: (C, T, H, W) uint8 x/y/zero images
+            from vlmask_plugins.action_area.flow import flow_images
+
+            images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy())
+            flow = torch.from_numpy(images).permute(3, 0, 1, 2).contiguous()
+        return video.permute(1, 0, 2, 3).contiguous(), box, flow
 
     def transform(self, video: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Crop, resize and flip (T, C, H, W) frames (uint8 or float) and the box the same way."""
@@ -383,5 +402,7 @@ def collate(items: Sequence[dict[str, Any]], mean: Sequence[float] = IMAGENET_ME
         label=None if bool((labels < 0).all()) else labels,
         caption=[item["caption"] for item in items],
         flow=torch.stack([item["flow"] for item in items]) if "flow" in items[0] else None,
+        second_video=torch.stack([item["second_video"] for item in items]) if "second_video" in items[0] else None,
+        second_flow=torch.stack([item["second_flow"] for item in items]) if "second_flow" in items[0] else None,
         extra=extra,
     )

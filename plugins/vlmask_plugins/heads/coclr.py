@@ -21,9 +21,13 @@ Two switches (``stage_settable``: a recipe's ``stages`` change them between step
     queue entries nearest to it in the OTHER stream (eq. 4.3); ``labels``: UberNCE, the clips of
     the same class (eq. 4.5, the supervised upper bound; needs labels).
 
-Views: the query is the clip as loaded; the key is a second view made here, a random crop
-(scale ``key_crop_scale``) of the same clip resized back, the same crop for RGB and flow. Flow
-comes from the dataset (``data.dataset.flow: true``): DIS flow images, 3 channels x/y/zero
+Views (CoCLR's data, Han et al. sec. 4.1): the query is the clip as loaded; the key is, with
+``key_view="clip"`` (the default, as CoCLR), the dataset's second clip of the same video
+(``data.dataset.second_clip: true``: another temporal draw with its own crop, and its own flow
+images), or, with ``key_view="crop"``, a random crop (scale ``key_crop_scale``) of the same clip
+resized back, the same crop for RGB and flow (cheaper: one decode and one flow computation per
+clip, but the two views then show the same frames). Flow comes from the dataset
+(``data.dataset.flow: true``): DIS flow images, 3 channels x/y/zero
 (``vlmask_plugins.action_area.flow.flow_images``). The RGB query runs the student's encoder on
 every token of the clip; the recipe's masker only decides what the student's own forward
 encodes (``StepOutputs.visible_features``), which this head does not use.
@@ -51,6 +55,7 @@ from vlmask_plugins.targets.coclr import (
 
 STREAMS = ("both", "rgb", "flow")
 POSITIVES = ("self", "topk", "labels")
+KEY_VIEWS = ("clip", "crop")
 
 
 def projection_mlp(width: int, dim: int) -> nn.Sequential:
@@ -85,8 +90,9 @@ class CoCLRHead(nn.Module):
     stage_settable = ("stream", "positives")
 
     @classmethod
-    def requirements(cls, positives: str = "self", **_: Any) -> frozenset[str]:
-        return frozenset({"flow", "label"}) if positives == "labels" else frozenset({"flow"})
+    def requirements(cls, positives: str = "self", key_view: str = "clip", **_: Any) -> frozenset[str]:
+        needs = {"flow"} | ({"label"} if positives == "labels" else set())
+        return frozenset(needs | ({"second_clip"} if key_view == "clip" else set()))
 
     def __init__(
         self,
@@ -100,12 +106,15 @@ class CoCLRHead(nn.Module):
         stream: str = "both",
         positives: str = "self",
         key_crop_scale: float = 0.7,
+        key_view: str = "clip",
     ) -> None:
         super().__init__()
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
         if positives not in POSITIVES:
             raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {positives!r}")
+        if key_view not in KEY_VIEWS:
+            raise ValueError(f"key_view must be one of {', '.join(KEY_VIEWS)}, got {key_view!r}")
         if not 0 <= topk <= queue_size:
             raise ValueError(f"topk must be in [0, queue_size={queue_size}], got {topk}")
         if not 0.0 <= momentum < 1.0 or temperature <= 0 or dim < 1 or queue_size < 1:
@@ -114,6 +123,7 @@ class CoCLRHead(nn.Module):
             raise ValueError(f"key_crop_scale must be in (0, 1], got {key_crop_scale}")
         self.stream, self.positives = stream, positives  # the stage switches
         self.temperature, self.momentum, self.topk, self.key_crop_scale = temperature, momentum, topk, key_crop_scale
+        self.key_view = key_view
         self._online_rgb = [encoder]  # the student's encoder: not registered here (the student owns it)
         self.flow_encoder = copy.deepcopy(encoder)
         self.flow_encoder.apply(init_transformer_weights)
@@ -148,6 +158,18 @@ class CoCLRHead(nn.Module):
         left = int(torch.randint(0, width - crop_w + 1, ()))
         return top, left, crop_h, crop_w
 
+    def _key_views(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
+        """The key view's RGB and flow: the dataset's second clip, or a crop of the clip."""
+        batch = out.batch
+        if self.key_view == "clip":
+            if batch.second_video is None or batch.second_flow is None:
+                raise ValueError("head 'coclr' with key_view='clip' needs batch.second_video and batch.second_flow: "
+                                 "set data.dataset.second_clip: true and data.dataset.flow: true")
+            return batch.second_video, batch.second_flow
+        assert batch.flow is not None
+        window = self._key_window(*batch.video.shape[-2:])
+        return crop_resize(batch.video, *window), crop_resize(batch.flow, *window)
+
     def _positives(self, other_query: Tensor, other_queue: Tensor, labels: Tensor | None) -> Tensor | None:
         if self.positives == "topk":
             return topk_positive_mask(other_query, other_queue, self.topk)
@@ -174,10 +196,10 @@ class CoCLRHead(nn.Module):
             q_rgb = self._embed(out.encoder, self.rgb_projection, video)
         with torch.set_grad_enabled(grad and train_flow):
             q_flow = self._embed(self.flow_encoder, self.flow_projection, flow)
+        key_video, key_flow = self._key_views(out)
         with torch.no_grad():
-            window = self._key_window(*video.shape[-2:])
-            k_rgb = self._embed(self.rgb_key_encoder, self.rgb_key_projection, crop_resize(video, *window))
-            k_flow = self._embed(self.flow_key_encoder, self.flow_key_projection, crop_resize(flow, *window))
+            k_rgb = self._embed(self.rgb_key_encoder, self.rgb_key_projection, key_video)
+            k_flow = self._embed(self.flow_key_encoder, self.flow_key_projection, key_flow)
         rgb_queue, flow_queue = self.rgb_queue.clone(), self.flow_queue.clone()  # the enqueue below is in place
         total = q_rgb.new_zeros(())
         stats: dict[str, Tensor] = {}

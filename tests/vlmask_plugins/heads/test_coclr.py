@@ -34,25 +34,29 @@ def tiny_head(**kwargs) -> tuple[VideoViT, CoCLRHead]:
 
 def outputs(encoder: VideoViT, batch_size: int = 3, seed: int = 1) -> StepOutputs:
     g = torch.Generator().manual_seed(seed)
-    batch = Batch(video=torch.randn(batch_size, 3, 4, 32, 32, generator=g), flow=torch.randn(batch_size, 3, 4, 32, 32, generator=g),
+    clip = (batch_size, 3, 4, 32, 32)
+    batch = Batch(video=torch.randn(clip, generator=g), flow=torch.randn(clip, generator=g),
+                  second_video=torch.randn(clip, generator=g), second_flow=torch.randn(clip, generator=g),
                   label=torch.tensor([0, 1, 0])[:batch_size])
     mask = Mask(torch.arange(4).expand(batch_size, 4), torch.arange(4, 8).expand(batch_size, 4))
     return StepOutputs(batch=batch, grid=TokenGrid(2, 4, 4, 2, 8), mask=mask, visible_features=torch.zeros(batch_size, 4, 32),
                        encoder=encoder)
 
 
-def test_topk_loss_is_eq_4_4_over_the_other_streams_neighbours():
-    encoder, head = tiny_head(stream="rgb", positives="topk", topk=2)
+@pytest.mark.parametrize("key_view", ["clip", "crop"])
+def test_topk_loss_is_eq_4_4_over_the_other_streams_neighbours(key_view):
+    encoder, head = tiny_head(stream="rgb", positives="topk", topk=2, key_view=key_view)
     out = outputs(encoder)
     rgb_queue, flow_queue = head.rgb_queue.clone(), head.flow_queue.clone()
     torch.manual_seed(7)
     loss, stats = head(out)
-    # recompute by hand: the same key window (same random draws), the queues before the enqueue
+    # recompute by hand: the key is the second clip, or the same crop window (same random draws)
+    # of the clip; the queues are those before the enqueue
     torch.manual_seed(7)
-    window = head._key_window(32, 32)
+    key_video = out.batch.second_video if key_view == "clip" else crop_resize(out.batch.video, *head._key_window(32, 32))
     with torch.no_grad():
         q_flow = F.normalize(head.flow_projection(head.flow_encoder(out.batch.flow).mean(1)), dim=1)
-        k_rgb = F.normalize(head.rgb_key_projection(head.rgb_key_encoder(crop_resize(out.batch.video, *window)).mean(1)), dim=1)
+        k_rgb = F.normalize(head.rgb_key_projection(head.rgb_key_encoder(key_video).mean(1)), dim=1)
     q_rgb = F.normalize(head.rgb_projection(encoder(out.batch.video).mean(1)), dim=1)
     positives = topk_positive_mask(q_flow, flow_queue, 2)
     expected = multi_instance_infonce(q_rgb, k_rgb, rgb_queue, positives, 0.07)
@@ -91,6 +95,31 @@ def test_flow_is_required_by_validate(tmp_path):
 
     problems = validate(load_recipe(RECIPES / "coclr" / "infonce.yaml", ["data.dataset.flow=false"]), default_plugins().registry)
     assert any("key data.dataset.flow: head 'coclr'" in p and "optical-flow images" in p for p in problems), problems
+    recipe = load_recipe(RECIPES / "coclr" / "infonce.yaml", ["data.dataset.second_clip=false"])
+    problems = validate(recipe, default_plugins().registry)
+    assert any("key data.dataset.second_clip: head 'coclr'" in p and "a second clip" in p for p in problems), problems
+    recipe = load_recipe(RECIPES / "coclr" / "infonce.yaml", ["data.dataset.second_clip=false", "heads.coclr.key_view=crop"])
+    assert validate(recipe, default_plugins().registry) == []
+
+
+def test_the_key_view_is_an_independent_second_clip_with_its_own_flow(tiny_synth):
+    """CoCLR's positive pair: two clips of the same video (Han et al. sec. 4.1), each drawn,
+    cropped and given flow images on its own; the key view is not the query's frames."""
+    from vlmask_plugins.action_area.flow import flow_images
+    from vlmask_plugins.data.dataset import VideoManifestDataset, collate
+
+    dataset = VideoManifestDataset(str(tiny_synth[0]), num_frames=4, size=32, flow=True, second_clip=True, hflip=False)
+    torch.manual_seed(0)
+    items = [dataset[i] for i in range(2)]
+    for item in items:
+        assert item["second_video"].shape == item["video"].shape == (3, 4, 32, 32)
+        assert not torch.equal(item["second_video"], item["video"])  # another draw of frames and crop
+        own_flow = flow_images(item["second_video"].permute(1, 2, 3, 0).contiguous().numpy())
+        assert torch.equal(item["second_flow"], torch.from_numpy(own_flow).permute(3, 0, 1, 2))
+    batch = collate(items).to("cpu")
+    assert batch.second_video.dtype == torch.float32 and batch.second_flow.shape == batch.flow.shape
+    plain = VideoManifestDataset(str(tiny_synth[0]), num_frames=4, size=32, hflip=False)
+    assert "second_video" not in plain[0] and collate([plain[0]]).second_video is None
 
 
 TINY = ("train.batch_size=4", "data.num_workers=0", "data.dataset.num_frames=4", "data.dataset.size=32",
