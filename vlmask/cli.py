@@ -46,6 +46,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlmask.data_requirements import check_data
     from vlmask.paths import cache_dir
+    from vlmask.rehearsal import rehearse
     from vlmask.schema import validate
 
     plugins = loaded_plugins()
@@ -55,6 +56,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in notes:  # what the data provides, and what will be done about what it lacks
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     problems += data_errors
+    if not problems:  # build the run and take each stage's first step on meta: what only the plugins know
+        problems += rehearse(recipe, plugins)
     if problems:
         console.print(f"[red]{escape(args.recipe)}: {len(problems)} problem(s)[/]", highlight=False)
         for p in problems:

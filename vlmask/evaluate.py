@@ -399,10 +399,12 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
     """Every (recipe, seed) run of a comparison, each recipe validated first with the overrides
     (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, the data
     carries what the recipe needs or a plugin fills it (``vlmask.data_requirements.check_data``),
-    a finished run in ``out`` was trained with these overrides). Raises one RecipeError listing every problem
+    a finished run in ``out`` was trained with these overrides, the run builds and takes the first
+    step of every stage, :func:`vlmask.rehearsal.rehearse`). Raises one RecipeError listing every problem
     of every recipe, so that nothing trains when any recipe would fail at start."""
     from vlmask.data_requirements import check_data
     from vlmask.engine import is_finished
+    from vlmask.rehearsal import rehearse
     from vlmask.schema import validate
 
     plugins = plugins if plugins is not None else default_plugins()
@@ -424,6 +426,8 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
         if not found:  # the data must carry what the recipe needs, or a plugin must fill it (action boxes)
             data_errors, _ = check_data(recipe, registry, plugins.manager.hook, cache_dir())
             found += [f"{recipe_path}: {error}" for error in data_errors]
+        if not found:  # build it and take each stage's first step on meta (vlmask.rehearsal)
+            found += rehearse(recipe, plugins)
         problems += found
         run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
         for seed in run_seeds:

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
      {"checkpoint", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
     ("build, engine, runs", {"build", "engine", "runs"}),
-    ("evaluate, finetune, bench, flops", {"evaluate", "finetune", "bench", "flops"}),
+    ("evaluate, finetune, bench, flops, rehearsal", {"evaluate", "finetune", "bench", "flops", "rehearsal"}),
     ("command line", {"cli", "__main__"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -1,0 +1,64 @@
+"""Rehearsal (vlmask.rehearsal): every shipped recipe builds and takes the first step of each of
+its stages on meta; recipes whose keys are each valid but fail when built or at step 1 are
+refused by ``vlmask validate`` and ``vlmask compare`` with the key of the part that fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmask.config import RecipeError, load_recipe
+from vlmask.evaluate import plan_compare
+from vlmask.plugins import default_plugins
+from vlmask.rehearsal import rehearse
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "base" not in p.parts and "paper" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return default_plugins()
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_rehearses(recipe, plugins):
+    assert rehearse(load_recipe(recipe), plugins) == []
+
+
+@pytest.mark.parametrize("recipe, overrides, expected", [
+    # the masker's rule: 4 frames in tubelets of 2 are 2 slots, and DPC predicts 2 of them
+    ("dpc_faithful.yaml", ["data.dataset.num_frames=4"],
+     "recipes/dpc_faithful.yaml:11: key masker: the first training step would fail: ValueError: num_future_slots=2 "
+     "leaves no visible slot of the 2 temporal slots"),
+    # a constructor's rule across two values of one node
+    ("mae.yaml", ["model.encoder.num_heads=5"], "recipes/base/demo.yaml:20: key model.encoder (encoder 'video_vit'): num_heads (5)"),
+    ("coclr/infonce.yaml", ["heads.coclr.topk=1000"], "key heads.coclr (head 'coclr'): topk must be in [0, queue_size=512]"),
+])
+def test_a_recipe_that_fails_when_built_or_stepped_names_the_key(recipe, overrides, expected, plugins):
+    problems = rehearse(load_recipe(RECIPES / recipe, overrides), plugins)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_every_stage_is_rehearsed_and_named(tmp_path, plugins):
+    """Stage 'frozen' freezes every trained parameter: its first step has nothing to backpropagate."""
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(f"base: [{RECIPES / 'mae.yaml'}]\ntrain: {{max_steps: null}}\nstages:\n"
+                      "  - {name: warm, steps: 2}\n  - {name: frozen, steps: 2, freeze: [encoder, predictor]}\n")
+    problems = rehearse(load_recipe(staged), plugins)
+    assert len(problems) == 1 and "(stage 'frozen') would fail: RuntimeError: element 0 of tensors does not require grad" in problems[0]
+    assert str(staged) in problems[0]
+
+
+def test_validate_and_compare_refuse_what_fails_at_step_one(tmp_path):
+    bad = [str(RECIPES / "dpc_faithful.yaml"), "data.dataset.num_frames=4"]
+    result = subprocess.run([sys.executable, "-m", "vlmask", "validate", *bad], capture_output=True, text=True, timeout=300)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and "key masker" in said and "Traceback" not in said, said
+    with pytest.raises(RecipeError) as refused:
+        plan_compare([str(RECIPES / "mae.yaml"), bad[0]], bad[1:], [0], tmp_path / "out")
+    assert len(refused.value.problems) == 1 and "key masker" in refused.value.problems[0]
+    assert not (tmp_path / "out").exists()  # nothing trained

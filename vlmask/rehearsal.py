@@ -1,0 +1,144 @@
+"""Rehearsal: build a recipe's run and take the first step of every stage on the ``meta`` device.
+
+``vlmask validate`` checks each key and the rules across keys that :mod:`vlmask.schema` knows;
+what only a plugin knows (a constructor's own rules, a mask the token grid cannot hold, a queue
+shorter than the batch, a shape one part gives and another refuses) shows only when the parts
+are built and run. :func:`rehearse` does both without reading any data: it builds the run as
+``vlmask run`` would (``Trainer(with_data=False)``: every part, the optimizer, the stage plan),
+then, for the first step of every stage, enters the stage and runs the masker (on the CPU), the
+student's forward, every loss term, the weighted sum and its backward on ``meta`` tensors with a
+synthetic batch of ``train.batch_size`` clips shaped like the recipe's data (the same step the
+FLOP counter runs, :func:`vlmask.bench.count_step_flops`). Nothing is computed (``meta``
+tensors have shapes, no values), so a demo recipe rehearses in about a second beyond building
+it.
+
+A failure becomes one line naming the key of the part that raised it (``masker``,
+``model.encoder``, ``targets.NAME``, ``heads.NAME`` ...), its file, the stage and the error's
+first line. ``vlmask validate`` and ``vlmask compare`` (before anything trains) call it.
+
+Not rehearsed: what depends on the data (``vlmask.data_requirements`` checks that against the
+manifest), on values (a loss that becomes NaN), on several processes, and hooks after the
+optimizer step (the EMA and momentum updates are elementwise copies of the trained weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from vlmask.bench import _one_process_view, count_step_flops
+from vlmask.config import Recipe, RecipeError
+from vlmask.engine import Trainer
+from vlmask.plugins import Plugins
+
+
+class _Blame:
+    """Which part of the step is running: the key of the innermost part entered."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.blamed: str | None = None  # the innermost part an error left
+
+    @property
+    def current(self) -> str | None:
+        return self.blamed or (self.stack[-1] if self.stack else None)
+
+    def clear(self) -> None:
+        self.stack.clear()
+        self.blamed = None
+
+    @contextmanager
+    def inside(self, key: str) -> Iterator[None]:
+        self.stack.append(key)
+        depth = len(self.stack)
+        try:
+            yield
+        except BaseException:
+            # a module that raised never ran its post-forward hook: its key is still on the stack
+            self.blamed = self.blamed or self.stack[-1]
+            raise
+        finally:
+            del self.stack[depth - 1:]
+
+    def watch(self, module: nn.Module, key: str) -> list[Any]:
+        """Forward hooks that enter ``key`` for the duration of ``module``'s forward."""
+
+        def enter(*_: Any) -> None:
+            self.stack.append(key)
+
+        def leave(*_: Any) -> None:
+            if self.stack and self.stack[-1] == key:
+                self.stack.pop()
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+def _attributed(blame: _Blame, key: str, part: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with blame.inside(key):
+            return part(*args, **kwargs)
+
+    return call
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def rehearse(recipe: Recipe, plugins: Plugins) -> list[str]:
+    """Problems a run of ``recipe`` would meet before or at the first step of each stage, each
+    naming the file and key (empty: it builds and steps). Builds on the CPU in fp32 in one
+    process whatever the recipe says (the device and precision are checked by
+    ``vlmask.schema.validate``); reads no data and writes nothing."""
+    recipe = copy.deepcopy(recipe)
+    OmegaConf.update(recipe.config, "device", "cpu")
+    OmegaConf.update(recipe.config, "train.precision", "fp32")
+    try:
+        with _one_process_view():
+            trainer = Trainer(recipe, plugins, with_data=False)
+    except RecipeError as error:
+        return list(error.problems)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError) as error:
+        return [f"{recipe.path}: building the run fails: {_first_line(error)}"]
+    with trainer:
+        return _rehearse_steps(recipe, trainer)
+
+
+def _rehearse_steps(recipe: Recipe, trainer: Trainer) -> list[str]:
+    blame = _Blame()
+    student = trainer.student
+    handles = []
+    for key, module in (("model.encoder", student.encoder), ("model.predictor", student.predictor),
+                        ("model.projection", student.projection), ("teacher", trainer.teacher)):
+        if isinstance(module, nn.Module):
+            handles += blame.watch(module, key)
+    keys = {name: f"{section}.{name}" for section in ("targets", "heads") for name in (recipe.get(section) or {})}
+    objectives = student.objectives
+    student.objectives = {name: _attributed(blame, keys.get(name, name), part) for name, part in objectives.items()}
+    trainer.masker = _attributed(blame, "masker", trainer.masker)
+    batch_size = int(recipe.get("train.batch_size", 1) or 1)
+    stages = trainer.stages.stages
+    firsts = [0] + trainer.stages.ends[:-1] if stages else [0]
+    try:
+        for index, step in enumerate(firsts):
+            trainer.stages.enter(step)
+            try:
+                count_step_flops(trainer, batch_size)
+            except (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError) as error:
+                key = blame.current
+                where = recipe.where(key) if key else str(recipe.path)
+                stage = f" (stage {stages[index].name!r})" if stages else ""
+                part = f"key {key}: " if key else ""
+                return [f"{where}: {part}the first training step{stage} would fail: {_first_line(error)}"]
+            finally:
+                blame.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        student.objectives = objectives
+    return []
