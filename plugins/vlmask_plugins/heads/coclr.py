@@ -31,6 +31,21 @@ clip, but the two views then show the same frames). Flow comes from the dataset
 (``vlmask_plugins.action_area.flow.flow_images``). The RGB query runs the student's encoder on
 every token of the clip; the recipe's masker only decides what the student's own forward
 encodes (``StepOutputs.visible_features``), which this head does not use.
+
+Several processes (``torchrun``; ``train.parallel`` ``ddp`` or ``fsdp``), as MoCo does
+(``concat_all_gather`` before ``_dequeue_and_enqueue``, facebookresearch/moco ``builder.py``):
+each step gathers the RGB keys, flow keys and labels of every rank, in rank order and without
+gradient (:func:`vlmask_plugins.heads.distributed.concat_all_gather`; a rank whose batch has no
+labels sends -1), and every rank enqueues all of them, so the queues are identical on every rank
+and the pointer moves by world size x batch size per step. Those keys must fit in the queue
+(``queue_size`` >= world size x ``train.batch_size``): a step with more is refused, also when
+FLOPs are counted on the meta device (which enqueues nothing). Under DDP the engine keeps DDP's
+default ``broadcast_buffers``: each forward overwrites the queues with rank 0's, which are the
+same (redundant, harmless). Under FSDP the key encoders are sharded with the student's root unit
+and the student's encoder per block, so the momentum update combines shards elementwise (no
+gather); the FSDP run matches the DDP run (``tests/vlmask_plugins/heads/test_coclr_distributed.py``).
+The stages of ``coclr/coclr.yaml`` freeze one stream at a time, which DDP accepts only with
+``train.find_unused_parameters: true`` (the recipe sets it).
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from torch import Tensor, nn
 import vlmask
 from vlmask.types import StepOutputs
 from vlmask_plugins.encoders.vit import init_transformer_weights
+from vlmask_plugins.heads.distributed import concat_all_gather, world
 from vlmask_plugins.targets.coclr import (
     enqueue,
     label_positive_mask,
@@ -215,15 +231,32 @@ class CoCLRHead(nn.Module):
             stats[name] = loss.detach()
             if positives is not None:
                 stats[f"{name}_positives"] = positives.sum(dim=1).float().mean().detach()
-        if self.training and not self.rgb_queue.is_meta:  # FLOP counting runs on the meta device
-            with torch.no_grad():
-                pointer = int(self.queue_pointer)
-                new_rgb, _ = enqueue(self.rgb_queue, k_rgb, pointer)
-                new_flow, next_pointer = enqueue(self.flow_queue, k_flow, pointer)
-                self.rgb_queue.copy_(new_rgb)
-                self.flow_queue.copy_(new_flow)
-                if labels is not None:
-                    rows = (pointer + torch.arange(labels.shape[0], device=labels.device)) % self.queue_labels.shape[0]
-                    self.queue_labels[rows] = labels
-                self.queue_pointer.fill_(next_pointer)
+        if self.training:
+            self._enqueue(k_rgb, k_flow, labels)
         return total, stats
+
+    @torch.no_grad()
+    def _enqueue(self, k_rgb: Tensor, k_flow: Tensor, labels: Tensor | None) -> None:
+        """MoCo's enqueue with every rank's keys (``concat_all_gather`` before
+        ``_dequeue_and_enqueue``, facebookresearch/moco ``builder.py``): the keys and labels of all
+        ranks, in rank order, go into the queues of every rank, which therefore stay identical.
+        A rank without labels contributes -1 (no class) and still joins every collective."""
+        _, world_size = world()
+        count, queue_size = world_size * k_rgb.shape[0], self.rgb_queue.shape[0]
+        if count > queue_size:  # checked on shapes, so a FLOP count on the meta device catches it too
+            raise ValueError(f"head 'coclr': a step enqueues {count} keys (world size {world_size} x batch size "
+                             f"{k_rgb.shape[0]}), more than heads.coclr.queue_size={queue_size}: raise "
+                             "heads.coclr.queue_size or lower train.batch_size")
+        if self.rgb_queue.is_meta:  # FLOP counting runs on the meta device: no values, no collectives
+            return
+        if labels is None:
+            labels = torch.full((k_rgb.shape[0],), -1, dtype=torch.long, device=k_rgb.device)
+        k_rgb, k_flow, labels = concat_all_gather(k_rgb), concat_all_gather(k_flow), concat_all_gather(labels)
+        pointer = int(self.queue_pointer)
+        new_rgb, _ = enqueue(self.rgb_queue, k_rgb, pointer)
+        new_flow, next_pointer = enqueue(self.flow_queue, k_flow, pointer)
+        self.rgb_queue.copy_(new_rgb)
+        self.flow_queue.copy_(new_flow)
+        rows = (pointer + torch.arange(count, device=self.queue_labels.device)) % queue_size
+        self.queue_labels[rows] = labels.to(self.queue_labels.device)
+        self.queue_pointer.fill_(next_pointer)

@@ -1,4 +1,5 @@
-"""Gathering contrastive features across processes (open_clip's ``gather_features``)."""
+"""Gathering contrastive features across processes: open_clip's ``gather_features`` (with the
+local gradient) and MoCo's ``concat_all_gather`` (without gradient, for queues)."""
 
 from __future__ import annotations
 
@@ -46,4 +47,21 @@ def gather_with_local_gradient(features: Tensor) -> Tensor:
     gathered = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features.detach().contiguous())
     gathered[rank] = _ScaleGradient.apply(features, float(world_size))
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (B, ...) from every rank in rank order: (world * B, ...), without
+    gradient (MoCo's ``concat_all_gather``, He et al. CVPR 2020, facebookresearch/moco
+    ``builder.py``: the keys of every rank go into every rank's queue).
+
+    A collective: every rank must call it, with the same shape and dtype. Without a process
+    group (one process) it returns ``tensor`` detached.
+    """
+    _, world_size = world()
+    if world_size == 1:
+        return tensor.detach()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.detach().contiguous())
     return torch.cat(gathered, dim=0)

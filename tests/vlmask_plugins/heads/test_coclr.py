@@ -32,12 +32,12 @@ def tiny_head(**kwargs) -> tuple[VideoViT, CoCLRHead]:
     return encoder, CoCLRHead(encoder, 32, dim=8, queue_size=6, momentum=0.9, **kwargs)
 
 
-def outputs(encoder: VideoViT, batch_size: int = 3, seed: int = 1) -> StepOutputs:
+def outputs(encoder: VideoViT, batch_size: int = 3, seed: int = 1, labelled: bool = True) -> StepOutputs:
     g = torch.Generator().manual_seed(seed)
     clip = (batch_size, 3, 4, 32, 32)
     batch = Batch(video=torch.randn(clip, generator=g), flow=torch.randn(clip, generator=g),
                   second_video=torch.randn(clip, generator=g), second_flow=torch.randn(clip, generator=g),
-                  label=torch.tensor([0, 1, 0])[:batch_size])
+                  label=torch.arange(batch_size) % 2 if labelled else None)  # 0, 1, 0, ...
     mask = Mask(torch.arange(4).expand(batch_size, 4), torch.arange(4, 8).expand(batch_size, 4))
     return StepOutputs(batch=batch, grid=TokenGrid(2, 4, 4, 2, 8), mask=mask, visible_features=torch.zeros(batch_size, 4, 32),
                        encoder=encoder)
@@ -68,6 +68,36 @@ def test_topk_loss_is_eq_4_4_over_the_other_streams_neighbours(key_view):
     assert int(head.queue_pointer) == 3 and torch.allclose(head.rgb_queue[:3], k_rgb, atol=1e-6)
     assert torch.equal(head.rgb_queue[3:], rgb_queue[3:]) and not torch.equal(head.flow_queue[:3], flow_queue[:3])
     assert head.queue_labels.tolist() == [0, 1, 0, -1, -1, -1]
+
+
+def test_a_batch_without_labels_enqueues_label_minus_one():
+    """Rows that take the keys of clips without a label lose the label of the clip they held."""
+    encoder, head = tiny_head()
+    head(outputs(encoder))
+    assert head.queue_labels.tolist() == [0, 1, 0, -1, -1, -1]
+    head(outputs(encoder, seed=2, labelled=False))
+    head(outputs(encoder, seed=3, labelled=False))  # wraps around onto rows 0..2
+    assert head.queue_labels.tolist() == [-1] * 6 and int(head.queue_pointer) == 3
+
+
+def test_a_step_with_more_keys_than_the_queue_is_refused_also_on_meta():
+    """The keys of a step (world size x batch size) must fit in the queue; the check reads shapes,
+    so a FLOP count on the meta device (which enqueues nothing) refuses the batch too."""
+    message = r"7 keys \(world size 1 x batch size 7\), more than heads\.coclr\.queue_size=6"
+    encoder, head = tiny_head()
+    head(outputs(encoder, batch_size=6))  # exactly the queue: fine
+    with pytest.raises(ValueError, match=message):
+        head(outputs(encoder, batch_size=7))
+    encoder.to("meta"), head.to("meta")
+    head(_on_meta(encoder, 6))
+    with pytest.raises(ValueError, match=message):
+        head(_on_meta(encoder, 7))
+
+
+def _on_meta(encoder: VideoViT, batch_size: int) -> StepOutputs:
+    out = outputs(encoder, batch_size=batch_size)
+    return StepOutputs(batch=out.batch.to("meta"), grid=out.grid, mask=out.mask.to("meta"), visible_features=out.visible_features.to("meta"),
+                       encoder=encoder)
 
 
 def test_labels_give_ubernce_positives_and_stream_both_sums_two_terms():
