@@ -42,7 +42,7 @@ from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite,
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, new_manager
 from vlmask.schema import build, settings, validate
-from vlmask.stages import stage_plan, staged_total
+from vlmask.stages import read_stages, stage_plan, staged_total
 from vlmask.types import Batch, TokenGrid, gather_tokens
 
 
@@ -375,7 +375,10 @@ class Trainer:
             if self.teacher is not None:  # DDP broadcasts the student's weights, not the teacher's
                 parallel.broadcast_from_rank0(self.teacher)
             if any(p.requires_grad for p in self.student.parameters()):
-                self.ddp_student = parallel.wrap_ddp(self.student, self.device, self.train_cfg.find_unused_parameters)
+                # a stage that freezes parameters leaves them without gradients: DDP must not wait for them
+                freezes = any(stage.freeze for stage in read_stages(OmegaConf.to_container(self.recipe.config, resolve=True)))
+                find_unused = self.train_cfg.find_unused_parameters or freezes
+                self.ddp_student = parallel.wrap_ddp(self.student, self.device, find_unused)
 
         self.features = FeatureTap(self.student.encoder, self.teacher)  # before compile: it ignores later hooks
         if self.train_cfg.compile:

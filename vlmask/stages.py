@@ -30,8 +30,10 @@ What a stage may change without rebuilding anything (checked by ``vlmask validat
     trains as it was built. A prefix must match a trainable parameter (checked when the run
     is built).
 
-Under DDP, a stage that freezes parameters changes which of them receive gradients: set
-``train.find_unused_parameters: true`` (DDP otherwise waits for their gradients).
+Under DDP, a stage that freezes parameters changes which of them receive gradients, so the
+Trainer wraps a recipe whose stages freeze anything with ``find_unused_parameters=True``
+whatever ``train.find_unused_parameters`` says (DDP would otherwise wait for their gradients
+and fail at the first such stage).
 
 Anything else (an encoder width, a masking ratio the plugin does not declare, the optimizer)
 would need a rebuild and is refused. This module imports no plugin and nothing above the

@@ -122,3 +122,19 @@ def test_fsdp_trains_coclr_like_ddp(runs):
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_staged_recipe_that_freezes_a_stream_trains_under_ddp(tiny_synth, tmp_path):
+    """coclr.yaml's stage 2 freezes one stream: DDP must not wait for its gradients (the Trainer
+    turns find_unused_parameters on for recipes whose stages freeze anything; without it DDP
+    fails at the first such stage: "Expected to have finished reduction in the prior iteration")."""
+    staged = RECIPE.parent / "coclr.yaml"
+    stages = [f"stages.{i}.steps=1" for i in range(5)]
+    result = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", str(WORLD), "-m", "vlmask", "run", str(staged),
+         f"data.train={tiny_synth[0]}", f"run.dir={tmp_path / 'run'}", *TINY[:-3], "train.max_steps=null", *stages],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(tmp_path / "cache")},
+        timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5
