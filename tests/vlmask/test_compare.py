@@ -211,8 +211,13 @@ def test_an_eval_json_is_reused_only_when_made_with_the_settings_the_compare_ask
     assert knn_k() == 1 and "was made with evaluation.evaluators.knn.k=20, the compare asks 1" in " ".join(
         capfd.readouterr().err.split())
     assert "`knn (k=1)`" in (out_dir / "comparison.md").read_text()  # the table says which knn
-    made = (run / "eval.json").stat().st_mtime_ns
-    compare(recipes, [*overrides, "evaluation.evaluators.knn.k=1"], seeds=[0], out_dir=out_dir, progress=False)
-    assert (run / "eval.json").stat().st_mtime_ns == made  # the same settings again: reused
     assert {p: p.stat().st_mtime_ns for p in trained} == stamps  # never retrained
     assert set(kept().values()) == {3, 20}  # every evaluation made is still on disk
+
+    old = {k: v for k, v in json.loads((run / "eval.json").read_text()).items() if k != "settings"}
+    (run / "eval.json").write_text(json.dumps(old))  # as an older vlmask wrote it: settings unknown
+    capfd.readouterr()
+    compare(recipes, [*overrides, "evaluation.evaluators.knn.k=1"], seeds=[0], out_dir=out_dir, progress=False)
+    assert "eval.json does not record its evaluation settings (an older vlmask wrote it): evaluating again" in " ".join(
+        capfd.readouterr().err.split())
+    assert knn_k() == 1 and old in [json.loads(p.read_text()) for p in run.glob("eval-*.json")]
