@@ -32,6 +32,8 @@ baseline ``paired``) and ``comparison.md``; see :func:`compare`.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -47,14 +49,15 @@ from rich.console import Console
 from rich.markup import escape
 from torch import Tensor
 
-from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features
+from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features, file_digest
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.registry import Registry
-from vlmask.runs import OpenRun, open_run
+from vlmask.rundir import ABSENT, flatten_keys
+from vlmask.runs import OpenRun, open_run, run_recipe
 from vlmask.schema import INJECTED, build, evaluation_settings, factory_parameters
 from vlmask.sections import DEFAULT_EVALUATORS, EvaluationSettings
 
@@ -103,19 +106,158 @@ def build_evaluators(settings: EvaluationSettings, recipe: Recipe, registry: Reg
     return built
 
 
+# --------------------------------------------------------------------------- what eval.json was made with
+
+
+def evaluator_node(registry: Registry, node: dict[str, Any]) -> dict[str, Any]:
+    """An evaluator node with every argument of its factory: the recipe's values, the factory's
+    defaults for the others (so that ``{name: attentive_probe}`` and ``{name: attentive_probe,
+    epochs: 20}`` are one setting, and a changed default is a changed setting); JSON values."""
+    full: dict[str, Any] = {"name": node["name"]}
+    factory = registry.get("evaluator", node["name"]).factory
+    for name, parameter in inspect.signature(factory).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if name in node:
+            full[name] = node[name]
+        elif parameter.default is not parameter.empty:
+            full[name] = parameter.default
+    full.update({k: v for k, v in node.items() if k not in full})  # arguments taken by **kwargs
+    return json.loads(json.dumps(full, default=str))
+
+
+def evaluation_record(recipe: Recipe, plugins: Plugins, settings: EvaluationSettings, device: torch.device,
+                      precision: str, train: Path | None, val: Path | None,
+                      sections: Sequence[str] | None = None) -> dict[str, Any]:
+    """eval.json's ``settings`` (docs/contract.md, "eval.json"): what determines its numbers
+    besides the checkpoint. The evaluators asked for (``sections``, default every configured
+    one, each with all its arguments: :func:`evaluator_node`), the manifests the features come
+    from (resolved path and sha256 of the bytes), the dataset node that decodes them, and the
+    device and precision of the extraction: the same settings the feature cache keys on
+    (:func:`run_features`). Left out, as from that key: ``evaluation.batch_size`` and
+    ``num_workers`` (how many clips are extracted at once, not which features come out)."""
+
+    def manifest(path: Path | None) -> tuple[str | None, str | None]:
+        if path is None:
+            return None, None
+        path = Path(path).resolve()
+        return str(path), file_digest(path) if path.is_file() else None
+
+    train_path, train_digest = manifest(train)
+    val_path, val_digest = manifest(val)
+    return {
+        "evaluation": {"evaluators": {name: evaluator_node(plugins.registry, node) for name, node in settings.evaluators.items()
+                                      if sections is None or name in sections}},
+        "data": {"train": train_path, "train_sha256": train_digest, "val": val_path, "val_sha256": val_digest,
+                 "dataset": json.loads(json.dumps(recipe.get("data.dataset"), default=str))},
+        "device": device.type,
+        "precision": precision,
+    }
+
+
+def _show(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value[:12] if key.endswith("_sha256") else value
+    return json.dumps(value, default=str)
+
+
+@dataclass(frozen=True)
+class EvalMismatch:
+    """Why an existing eval.json is not the evaluation asked for: the first key that differs
+    (``checkpoint``, ``settings`` when the file records none, else a dotted key of ``settings``
+    such as ``evaluation.evaluators.attentive_probe.epochs``), its two values and how many other
+    keys differ."""
+
+    key: str
+    before: Any
+    after: Any
+    others: int = 0
+
+    def describe(self, asks: str) -> str:
+        """One line after the file's name; ``asks``: who wants ``after`` ("the compare asks")."""
+        if self.key == "checkpoint":
+            return f"was made for checkpoint {self.before}, {asks} {self.after}"
+        if self.key == "settings":
+            return "does not record its evaluation settings (an older vlmask wrote it)"
+        if self.before is ABSENT:
+            text = f"was made without {self.key}, {asks} {self.key}={_show(self.key, self.after)}"
+        elif self.after is ABSENT:
+            text = f"was made with {self.key}={_show(self.key, self.before)}, {asks} none"
+        else:
+            text = f"was made with {self.key}={_show(self.key, self.before)}, {asks} {_show(self.key, self.after)}"
+        return text + (f" (and {self.others} other setting{'s' * (self.others > 1)})" if self.others else "")
+
+
+def eval_mismatch(evaluation: dict[str, Any], checkpoint: str, settings: dict[str, Any]) -> EvalMismatch | None:
+    """None when ``evaluation`` (an eval.json) was made of ``checkpoint`` (relative to the run)
+    with exactly ``settings`` (:func:`evaluation_record`), else the first difference."""
+    if evaluation.get("checkpoint") != checkpoint:
+        return EvalMismatch("checkpoint", evaluation.get("checkpoint"), checkpoint)
+    recorded = evaluation.get("settings")
+    if not isinstance(recorded, dict):
+        return EvalMismatch("settings", ABSENT, settings)
+    before, after = flatten_keys(recorded), flatten_keys(settings)
+    keys = [*after, *(k for k in before if k not in after)]
+    differing = [k for k in keys if before.get(k, ABSENT) != after.get(k, ABSENT)]
+    if not differing:
+        return None
+    first = differing[0]
+    return EvalMismatch(first, before.get(first, ABSENT), after.get(first, ABSENT), len(differing) - 1)
+
+
+def read_eval(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN_DIR/eval.json``, or None when there is none (or it is not a JSON object)."""
+    path = Path(run_dir) / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        evaluation = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return evaluation if isinstance(evaluation, dict) else None
+
+
+def keep_previous_eval(run_dir: Path, checkpoint: str, settings: dict[str, Any]) -> Path | None:
+    """Before an eval.json is written: an existing one of another checkpoint or other settings
+    (:func:`eval_mismatch`; also a damaged one) is copied to ``eval-<first 12 hex digits of the
+    sha256 of its bytes>.json`` beside it, so that no measurement is lost to a later evaluation
+    (the same content always gets the same name, so a second copy is not made). Returns that
+    path, or None when the file is missing or is the same evaluation (which is then replaced)."""
+    path = Path(run_dir) / "eval.json"
+    if not path.is_file():
+        return None
+    previous = read_eval(run_dir)
+    mismatch = eval_mismatch(previous, checkpoint, settings) if previous is not None else None
+    if previous is not None and mismatch is None:
+        return None
+    content = path.read_bytes()
+    kept = path.with_name(f"eval-{hashlib.sha256(content).hexdigest()[:12]}.json")
+    if not kept.is_file():
+        temporary = kept.with_name(f".{kept.name}.tmp")
+        temporary.write_bytes(content)
+        os.replace(temporary, kept)
+    why = mismatch.describe("now") if mismatch is not None else "cannot be read as a JSON object"
+    console.print(f"{path} {why}: kept as {kept}", markup=False, highlight=False)
+    return kept
+
+
 # --------------------------------------------------------------------------- features of a run
 
 
 def val_manifest(run: OpenRun) -> Path | None:
     """``data.val``, or the default data's val split (a plugin's, ``vlmask_default_manifests``)
     when training used the default data."""
-    recipe: Recipe = run.recipe
+    return val_manifest_of(run.recipe, run.plugins)
+
+
+def val_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
+    """:func:`val_manifest` of a run's recipe, without opening the run."""
     val = recipe.get("data.val")
     if val:
         return Path(val)
     if recipe.get("data.train"):
         return None
-    manifests = run.plugins.manager.hook.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=False)
+    manifests = plugins.manager.hook.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=False)
     return Path(manifests[1]) if manifests is not None else None
 
 
@@ -215,26 +357,35 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators: list[str] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, evaluation: Recipe | None = None) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` and write ``RUN_DIR/eval.json``; returns it.
 
     ``overrides`` are KEY=VALUE applied to the run's ``config.yaml`` (e.g. ``data.val=...``,
     ``device=cpu``, ``evaluation.evaluators.knn.k=10``); ``evaluators`` limits the run to these
     sections (default: every configured one), keeping the other sections of an ``eval.json`` of
-    the same checkpoint. Sections that cannot be computed are absent.
+    the same checkpoint, data, device and precision. Sections that cannot be computed are absent.
+    ``evaluation``: a recipe whose ``evaluation`` section is used instead of the run's
+    (``vlmask compare`` passes the compared recipe with its overrides).
+
+    ``settings`` in eval.json records what the numbers were made with (:func:`evaluation_record`).
+    An existing eval.json of another checkpoint or other settings is kept beside it as
+    ``eval-<hash>.json`` (:func:`keep_previous_eval`); one of the same is replaced.
     """
     run_dir = Path(run_dir)
     run = open_run(run_dir, list(overrides))
     recipe: Recipe = run.recipe
     registry: Registry = run.plugins.registry
-    settings = evaluation_settings(recipe, registry)
-    built = build_evaluators(settings, recipe, registry, evaluators)
+    evaluation_recipe = evaluation if evaluation is not None else recipe
+    settings = evaluation_settings(evaluation_recipe, registry)
+    built = build_evaluators(settings, evaluation_recipe, registry, evaluators)
     checkpoint = Path(run.checkpoint)
     classes = list(getattr(run.train_set, "classes", []) or [])
     result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
     if classes:
         result["chance_top1"] = 1.0 / len(classes)
     val_path = val_manifest(run)
+    record = evaluation_record(recipe, run.plugins, settings, run.device, run.precision, run.train_manifest, val_path,
+                               list(built))
     data: dict[str, Any] = {"train": str(run.train_manifest), "val": str(val_path) if val_path else None}
     if val_path is None:
         console.print(f"{run_dir}: no validation manifest (set data.val=...): no evaluation section can be computed", style="yellow", markup=False)
@@ -263,14 +414,20 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
         })
     used = {name: settings.evaluators[name] for name in built if name in result}
     if evaluators is not None:  # a partial evaluation keeps the other sections of this checkpoint's eval.json
-        previous = _reusable_eval(run_dir, checkpoint) or {}
-        for name, section in previous.items():
-            if name not in result and name not in built and name not in ("data", "evaluators"):
-                result[name] = section
+        previous = _mergeable_eval(run_dir, result["checkpoint"], record)
+        kept_sections = previous["settings"]["evaluation"]["evaluators"] if previous else {}
+        for name, node in kept_sections.items():
+            if name in built:
+                continue
+            record["evaluation"]["evaluators"][name] = node
+            if isinstance(previous.get(name), dict):
+                result[name] = previous[name]
                 if name in (previous.get("evaluators") or {}):
                     used[name] = previous["evaluators"][name]
     result["data"] = data
     result["evaluators"] = used
+    result["settings"] = record
+    keep_previous_eval(run_dir, result["checkpoint"], record)
     write_json(run_dir / "eval.json", result)
     return result
 
@@ -375,15 +532,30 @@ def _without_run_dir(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("run.dir=")]
 
 
-def _recorded_overrides(run_dir: Path) -> list[str] | None:
+def _other_recipe(run_dir: Path, recipe_path: str, run_overrides: list[str]) -> str | None:
+    """Why the run already in ``run_dir`` cannot be this compare's run, or None: the training
+    settings differ (vlmask.rundir.check_same_recipe, as ``vlmask run`` checks a re-run: keys
+    that do not change training, ``evaluation.*`` among them, may differ), or the run is finished
+    and a larger ``train.max_steps`` would continue it (a compare does not continue finished runs)."""
     from omegaconf import OmegaConf
 
+    from vlmask.rundir import RunDirMismatch, check_same_recipe
+
+    recipe = load_recipe(recipe_path, run_overrides)
     try:
-        record = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")).get("record") or {}  # type: ignore[union-attr]
-    except Exception:
-        return None
-    value = record.get("overrides")
-    return list(value) if isinstance(value, list) else None
+        check = check_same_recipe(run_dir, OmegaConf.to_container(recipe.config, resolve=True), recipe.overrides,
+                                  recipe=str(recipe.path))
+    except RunDirMismatch as exc:
+        return str(exc)
+    if check.status == "refused":
+        keys = "; ".join(str(d) for d in check.differences[:10])
+        more = f"; ... {len(check.differences) - 10} more" if len(check.differences) > 10 else ""
+        return f"{run_dir} was trained with other settings: {keys}{more}; compare into another folder, or remove it"
+    if check.status == "extend" and check.finished:
+        before, after = check.steps or (0, 0)
+        return (f"{run_dir} finished at train.max_steps={before}, the compare asks {after}; a compare does not "
+                f"continue a finished run: compare into another folder, or continue it with vlmask run")
+    return None
 
 
 @dataclass
@@ -399,11 +571,11 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
     """Every (recipe, seed) run of a comparison, each recipe validated first with the overrides
     (``vlmask.schema.validate``, the ``data.train`` / ``data.val`` manifests exist, the data
     carries what the recipe needs or a plugin fills it (``vlmask.data_requirements.check_data``),
-    a finished run in ``out`` was trained with these overrides, the run builds and takes the first
-    step of every stage, :func:`vlmask.rehearsal.rehearse`). Raises one RecipeError listing every problem
-    of every recipe, so that nothing trains when any recipe would fail at start."""
+    a run already in ``out`` was trained with these settings (:func:`_other_recipe`), the run
+    builds and takes the first step of every stage, :func:`vlmask.rehearsal.rehearse`). Raises one
+    RecipeError listing every problem of every recipe, so that nothing trains when any recipe
+    would fail at start."""
     from vlmask.data_requirements import check_data
-    from vlmask.engine import is_finished
     from vlmask.rehearsal import rehearse
     from vlmask.schema import validate
 
@@ -433,11 +605,9 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
         for seed in run_seeds:
             run_dir = out / _run_name(recipe_path, taken, seed)
             run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
-            if is_finished(run_dir):
-                recorded = _recorded_overrides(run_dir)
-                if recorded is not None and _without_run_dir(recorded) != _without_run_dir(run_overrides):
-                    problems.append(f"{run_dir} was trained with other overrides ({' '.join(recorded)}); "
-                                    f"compare into another folder, or remove it")
+            problem = _other_recipe(run_dir, recipe_path, run_overrides) if not found else None
+            if problem:
+                problems.append(problem)
             planned.append(_Planned(str(recipe_path), seed, run_dir, run_overrides))
     if problems:
         raise RecipeError(problems)
@@ -452,7 +622,13 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     Every recipe is validated first (:func:`plan_compare`): with any problem nothing trains.
     Runs live in ``OUT_DIR/<recipe stem>-seed<S>/``. Running again with the same ``out_dir``
     reuses what is done: a run with ``summary.json`` is not retrained (an interrupted one
-    resumes from its last checkpoint), and an ``eval.json`` of its latest checkpoint is reused.
+    resumes from its last checkpoint), and its ``eval.json`` is reused when it was made of the
+    latest checkpoint with the evaluation settings this compare asks (the recipe's ``evaluation``
+    section with the overrides, on the run's data, device and precision: eval.json's
+    ``settings``); otherwise the run is evaluated again, one line saying which setting differs,
+    and the old file is kept as ``eval-<hash>.json`` (:func:`evaluate_run`). ``evaluation.*``
+    overrides do not change training, so a finished run is reused with other ones (the long
+    probe in one command: ``evaluation.evaluators.attentive_probe.epochs=100``).
     A run that fails (training or evaluation) is reported in ``comparison.json``'s ``failed``
     list and on stderr; the others still run and are tabulated.
     ``seeds=None`` runs each recipe once with the seed it sets (after ``overrides``).
@@ -483,9 +659,10 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
                 with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
                     record_train_flops(run_dir, trainer.recipe, trainer.train(), trainer.plugins)
-            evaluation = _reusable_eval(run_dir, latest_checkpoint(run_dir / "checkpoints"))
+            asked = load_recipe(recipe_path, run.overrides)  # its evaluation section: what this compare asks
+            evaluation = _reusable_for_compare(run_dir, latest_checkpoint(run_dir / "checkpoints"), asked)
             if evaluation is None:
-                evaluation = evaluate_run(run_dir, progress=progress)
+                evaluation = evaluate_run(run_dir, progress=progress, evaluation=asked)
             summary = json.loads((run_dir / "summary.json").read_text())
             if "train_flops" not in summary:
                 summary["train_flops"] = _train_flops_of(recipe_path, run.overrides, summary)
@@ -587,22 +764,45 @@ def paired_to_baseline(entries: list[dict[str, Any]], baseline: str) -> list[Any
     return rows
 
 
-def _reusable_eval(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
-    path = run_dir / "eval.json"
-    if checkpoint is None or not path.is_file():
+def _reusable_for_compare(run_dir: Path, checkpoint: Path | None, asked: Recipe) -> dict[str, Any] | None:
+    """``RUN_DIR/eval.json`` when it was made of ``checkpoint`` with the evaluation settings the
+    compare asks (``asked``'s evaluation section on the run's data, device and precision:
+    :func:`evaluation_record`), else None, saying in one line why it is not reused."""
+    previous = read_eval(run_dir)
+    if previous is None or checkpoint is None:
         return None
-    try:
-        evaluation = json.loads(path.read_text())
-    except ValueError:
+    plugins = default_plugins()
+    recipe, device, precision, train = run_recipe(run_dir, (), plugins)
+    record = evaluation_record(recipe, plugins, evaluation_settings(asked, plugins.registry), device, precision,
+                               train, val_manifest_of(recipe, plugins))
+    mismatch = eval_mismatch(previous, relative_path(checkpoint, run_dir), record)
+    if mismatch is None:
+        console.print(f"{run_dir / 'eval.json'} reused: made of {previous['checkpoint']} with the evaluation settings "
+                      f"this compare asks", highlight=False, markup=False)
+        return previous
+    console.print(f"{run_dir / 'eval.json'} {mismatch.describe('the compare asks')}: evaluating again",
+                  highlight=False, markup=False)
+    return None
+
+
+def _mergeable_eval(run_dir: Path, checkpoint: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The eval.json whose sections a partial evaluation keeps: same checkpoint, same settings
+    apart from the evaluators (same data, dataset, device, precision); None otherwise."""
+    previous = read_eval(run_dir)
+    if previous is None:
         return None
-    return evaluation if evaluation.get("checkpoint") == relative_path(checkpoint, run_dir) else None
+    recorded = previous.get("settings")
+    if not isinstance(recorded, dict) or not isinstance((recorded.get("evaluation") or {}).get("evaluators"), dict):
+        return None
+    shared = {**record, "evaluation": {"evaluators": recorded["evaluation"]["evaluators"]}}
+    return previous if eval_mismatch(previous, checkpoint, shared) is None else None
 
 
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     """The numbers of an eval.json as ``section.metric`` (plus ``chance_top1``), in file order."""
     metrics: dict[str, float] = {}
     for section, value in evaluation.items():
-        if section in ("data", "evaluators"):
+        if section in ("data", "evaluators", "settings"):
             continue
         if isinstance(value, dict):
             for metric, number in value.items():
@@ -667,11 +867,13 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
             if name not in metrics:
                 metrics.append(name)
     header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP"]
+    evaluators = evaluators_line(entries)
     lines = [
         "# vlmask compare",
         "",
         f"overrides: `{' '.join(overrides)}`" if overrides else "overrides: none",
         "",
+        *([evaluators, ""] if evaluators else []),
         "Metrics are mean ± sample standard deviation [95% confidence interval of the mean, Student t] "
         "over seeds; with one seed, the value alone (no interval can be computed from one seed).",
         "",
@@ -707,6 +909,34 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
     lines += ["", "Runs:", ""]
     lines += [f"- {e['name']} seed {e['seed']}: `{e['run_dir']}`" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def _node_text(section: str, node: dict[str, Any]) -> str:
+    arguments = [f"{k}={json.dumps(v, default=str)}" for k, v in node.items() if k != "name"]
+    name = [] if node.get("name") == section else [str(node.get("name"))]
+    return f"{section} ({', '.join(name + arguments)})" if name or arguments else section
+
+
+def evaluators_line(entries: list[dict[str, Any]]) -> str | None:
+    """One line for comparison.md: each evaluation section with the arguments set by the recipe
+    or the overrides (eval.json ``evaluators``; the others are the evaluator's defaults, all of
+    them in eval.json ``settings``), the recipes after a variant when the runs differ."""
+    variants: dict[str, dict[str, list[str]]] = {}
+    for entry in entries:
+        for section, node in (entry["eval"].get("evaluators") or {}).items():
+            if isinstance(node, dict):
+                names = variants.setdefault(section, {}).setdefault(_node_text(section, node), [])
+                names += [] if entry["name"] in names else [entry["name"]]
+    if not variants:
+        return None
+    parts = []
+    for by_text in variants.values():
+        if len(by_text) == 1:
+            parts.append(f"`{next(iter(by_text))}`")
+        else:
+            parts.append("; ".join(f"`{text}` for {', '.join(names)}" for text, names in by_text.items()))
+    return ("evaluators: " + ", ".join(parts) + " (arguments not shown are the evaluator's defaults; "
+            "every argument is in each run's eval.json `settings`)")
 
 
 #: metrics.jsonl keys drawn by ``compare`` when a run logs them (vlmask.diagnostics names).

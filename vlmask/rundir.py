@@ -226,12 +226,13 @@ class Difference:
 
     def __str__(self) -> str:
         missing = "(absent)"
-        text = (f"{self.key}: {missing if self.before is _ABSENT else json.dumps(self.before, default=str)} in the run, "
-                f"{missing if self.after is _ABSENT else json.dumps(self.after, default=str)} now")
+        text = (f"{self.key}: {missing if self.before is ABSENT else json.dumps(self.before, default=str)} in the run, "
+                f"{missing if self.after is ABSENT else json.dumps(self.after, default=str)} now")
         return text + (f" ({self.set_by})" if self.set_by else "")
 
 
-_ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
+#: The value of a key one side lacks (``Difference.before`` / ``after``).
+ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
 
 
 @dataclass
@@ -279,11 +280,12 @@ class RunDirMismatch(ValueError):
     """A re-run whose recipe differs from the run directory's."""
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of nested mappings (an empty mapping is one value, as is a list)."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_keys(value, f"{prefix}.{key}" if prefix else str(key)))
         return out if out or not prefix else {prefix: {}}
     return {prefix: node}
 
@@ -313,7 +315,7 @@ def check_same_recipe(run_dir: str | Path, resolved_config: dict[str, Any], over
     if not isinstance(stored, dict):
         raise RunDirMismatch(f"{config_file}: not a mapping; this run directory cannot be checked or resumed")
     record = stored.get("record") if isinstance(stored.get("record"), dict) else {}
-    before, after = _flatten(stored), _flatten(resolved_config)
+    before, after = flatten_keys(stored), flatten_keys(resolved_config)
     exempt = tuple(may_differ)
     setters: dict[str, str] = {}
     for text in overrides:
@@ -329,9 +331,9 @@ def check_same_recipe(run_dir: str | Path, resolved_config: dict[str, Any], over
         return next((s for k, s in setters.items() if k.startswith(key + ".")), None)
 
     differences = [
-        Difference(key, before.get(key, _ABSENT), after.get(key, _ABSENT), set_by(key))
+        Difference(key, before.get(key, ABSENT), after.get(key, ABSENT), set_by(key))
         for key in sorted(set(before) | set(after))
-        if not _exempt(key, exempt) and before.get(key, _ABSENT) != after.get(key, _ABSENT)
+        if not _exempt(key, exempt) and before.get(key, ABSENT) != after.get(key, ABSENT)
     ]
     recipes = (record.get("recipe"), recipe)
     grown = [d for d in differences if d.key == GROWABLE]

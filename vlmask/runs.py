@@ -62,7 +62,7 @@ class OpenRun:
         return _train_set(self.recipe, self.plugins, self.train_manifest)
 
 
-def _train_manifest(recipe: Recipe, plugins: Plugins) -> Path | None:
+def train_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
     """``data.train``, else the manifest the run recorded, else the default data's (a plugin's)."""
     train = recipe.get("data.train") or recipe.get("record.data.train")
     if train:
@@ -87,6 +87,17 @@ def _needs_classes(recipe: Recipe, plugins: Plugins) -> bool:
     return bool(node) and "num_classes" in factory_parameters(plugins.registry.get("predictor", node["name"]).factory)
 
 
+def run_recipe(run_dir: str | Path, overrides: Sequence[str], plugins: Plugins) -> tuple[Recipe, torch.device, str, Path | None]:
+    """What :func:`open_run` reads before it builds anything: the recipe (``config.yaml`` with
+    ``overrides``), the device and precision it resolves to here, and the training manifest.
+    Nothing is built or loaded (``vlmask compare`` uses it to know what an evaluation would be)."""
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / "config.yaml", [*overrides, f"run.dir={run_dir}"])
+    device = resolve_device(str(recipe.get("device", "auto")))
+    precision = resolve_precision(recipe, settings(recipe, "train").precision, device)
+    return recipe, device, precision, train_manifest_of(recipe, plugins)
+
+
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugins | None = None) -> OpenRun:
     """The run in ``run_dir`` with its latest checkpoint loaded strictly, on the recipe's
     device (``overrides``, KEY=VALUE on ``config.yaml``, may change it: ``device=cpu``).
@@ -102,11 +113,8 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugin
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    recipe = load_recipe(config, [*overrides, f"run.dir={run_dir}"])
     plugins = plugins or default_plugins()
-    device = resolve_device(str(recipe.get("device", "auto")))
-    precision = resolve_precision(recipe, settings(recipe, "train").precision, device)
-    train_manifest = _train_manifest(recipe, plugins)
+    recipe, device, precision, train_manifest = run_recipe(run_dir, overrides, plugins)
     num_classes = 0
     if _needs_classes(recipe, plugins):
         num_classes = len(getattr(_train_set(recipe, plugins, train_manifest), "classes", []) or [])

@@ -162,3 +162,62 @@ def test_the_plot_gains_a_row_of_diagnostics_curves_when_metrics_jsonl_has_them(
         (tmp_path / f"mae-{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with_diagnostics = Image.open(comparison_plot(entries, tmp_path / "diag.png")).size
     assert with_diagnostics[0] == plain[0] and with_diagnostics[1] == 2 * plain[1]  # a second row of panels
+
+
+def test_an_eval_json_is_reused_only_when_made_with_the_settings_the_compare_asks(tiny_synth, tiny_scale, tmp_path,
+                                                                                 capfd):
+    """Reuse is keyed on the checkpoint and the evaluation settings (eval.json ``settings``); an
+    eval.json of other settings is evaluated again and kept as eval-<hash>.json; ``evaluation.*``
+    overrides do not make a finished run "another recipe" (they do not change training)."""
+    from vlmask.evaluate import evaluate_run
+
+    out_dir = tmp_path / "cmp"
+    overrides = tiny(tiny_synth, tiny_scale)
+    recipes = [str(RECIPES / "mae.yaml")]
+    compare(recipes, overrides, seeds=[0], out_dir=out_dir, progress=False)
+    run = out_dir / "mae-seed0"
+    trained = [run / "summary.json", run / "config.yaml", *sorted((run / "checkpoints").rglob("*"))]
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+
+    def knn_k() -> int:
+        return json.loads((run / "eval.json").read_text())["settings"]["evaluation"]["evaluators"]["knn"]["k"]
+
+    def kept() -> dict[str, int]:
+        return {p.name: json.loads(p.read_text())["settings"]["evaluation"]["evaluators"]["knn"]["k"]
+                for p in run.glob("eval-*.json")}
+
+    assert knn_k() == 20 and kept() == {}  # the knn default, recorded with every other argument
+    capfd.readouterr()
+    # the same settings, one of them spelled out: reused, not evaluated again
+    made = (run / "eval.json").stat().st_mtime_ns
+    compare(recipes, [*overrides, "evaluation.evaluators.knn.k=20"], seeds=[0], out_dir=out_dir, progress=False)
+    assert (run / "eval.json").stat().st_mtime_ns == made
+    assert f"{run / 'eval.json'} reused" in capfd.readouterr().err
+
+    # the researcher evaluates with other settings, then compares again with the recipe's
+    evaluate_run(run, ["evaluation.evaluators.knn.k=3"], progress=False)
+    assert knn_k() == 3 and list(kept().values()) == [20]  # vlmask eval kept the compare's evaluation
+    capfd.readouterr()
+    compare(recipes, overrides, seeds=[0], out_dir=out_dir, progress=False)
+    err = " ".join(capfd.readouterr().err.split())  # rich may wrap long lines
+    assert (f"{run / 'eval.json'} was made with evaluation.evaluators.knn.k=3, the compare asks 20: "
+            f"evaluating again") in err
+    assert knn_k() == 20 and set(kept().values()) == {3, 20}  # the k=3 evaluation is kept too
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    assert comparison["runs"][0]["eval"]["settings"]["evaluation"]["evaluators"]["knn"]["k"] == 20
+
+    # an evaluation override in the compare itself: the finished run is reused, the eval redone
+    compare(recipes, [*overrides, "evaluation.evaluators.knn.k=1"], seeds=[0], out_dir=out_dir, progress=False)
+    assert knn_k() == 1 and "was made with evaluation.evaluators.knn.k=20, the compare asks 1" in " ".join(
+        capfd.readouterr().err.split())
+    assert "`knn (k=1)`" in (out_dir / "comparison.md").read_text()  # the table says which knn
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps  # never retrained
+    assert set(kept().values()) == {3, 20}  # every evaluation made is still on disk
+
+    old = {k: v for k, v in json.loads((run / "eval.json").read_text()).items() if k != "settings"}
+    (run / "eval.json").write_text(json.dumps(old))  # as an older vlmask wrote it: settings unknown
+    capfd.readouterr()
+    compare(recipes, [*overrides, "evaluation.evaluators.knn.k=1"], seeds=[0], out_dir=out_dir, progress=False)
+    assert "eval.json does not record its evaluation settings (an older vlmask wrote it): evaluating again" in " ".join(
+        capfd.readouterr().err.split())
+    assert knn_k() == 1 and old in [json.loads(p.read_text()) for p in run.glob("eval-*.json")]

@@ -153,8 +153,10 @@ def test_compare_writes_the_table_and_reuses_finished_runs(tiny_data, tmp_path):
     assert [p.stat().st_mtime_ns for p in watched] == stamps  # neither retrained nor re-evaluated
     assert json.loads((out / "comparison.json").read_text())["runs"] == runs
 
-    with pytest.raises(ValueError, match="trained with other overrides"):
+    with pytest.raises(ValueError, match=r"mae-seed0 was trained with other settings: masker\.ratio: 0\.9 in the run, 0\.8 now"):
         compare([str(RECIPES / "mae.yaml")], [*overrides, "masker.ratio=0.8"], seeds=[0], out_dir=out_dir, progress=False)
+    with pytest.raises(ValueError, match="mae-seed0 finished at train.max_steps=2, the compare asks 4; a compare does not continue"):
+        compare([str(RECIPES / "mae.yaml")], [*overrides, "train.max_steps=4"], seeds=[0], out_dir=out_dir, progress=False)
 
 
 @pytest.mark.gpu
@@ -180,3 +182,36 @@ def test_eval_on_cuda_gives_the_same_sections(tiny_data, tmp_path):
     for (manifest, pooling), (first, second) in pairs.items():  # bf16 CUDA features ~ fp32 CPU features
         similarity = torch.nn.functional.cosine_similarity(first, second, dim=1)
         assert bool((similarity > 0.99).all()), (manifest, pooling, similarity.min().item())
+
+
+def test_eval_records_its_settings_keeps_other_evaluations_and_merges_only_the_same_data(mae_run, tiny_data):
+    """eval.json ``settings`` (contract: "eval.json"): an eval.json of other settings is kept as
+    eval-<hash>.json, one of the same settings is replaced; a partial evaluation keeps only
+    sections made on the same data."""
+    _, val, _ = tiny_data
+    fast = ["evaluation.evaluators.attentive_probe=null", "evaluation.evaluators.linear_probe_temporal=null"]
+    before = set(mae_run.glob("eval-*.json"))
+    first = evaluate_run(mae_run, fast, progress=False)
+    settings = first["settings"]
+    assert settings["evaluation"]["evaluators"]["knn"] == {
+        "name": "knn", "k": 20, "temperature": 0.07, "voting": "weighted", "pooling": "mean", "chunk": 1024, "device": "auto"}
+    assert set(settings["evaluation"]["evaluators"]) == {"linear_probe", "knn", "retrieval", "zero_shot"}  # asked, even if absent
+    assert settings["data"]["val"] == str(val.resolve()) and len(settings["data"]["val_sha256"]) == 64
+    assert settings["data"]["dataset"]["num_frames"] == 4 and (settings["device"], settings["precision"]) == ("cpu", "fp32")
+    made = set(mae_run.glob("eval-*.json"))
+    evaluate_run(mae_run, fast, progress=False)
+    assert set(mae_run.glob("eval-*.json")) == made  # the same evaluation again: replaced, nothing kept
+
+    only_knn = evaluate_run(mae_run, [*fast, "evaluation.evaluators.knn.k=1"], evaluators=["knn"], progress=False)
+    assert only_knn["linear_probe"] == first["linear_probe"]  # same checkpoint and data: kept
+    assert only_knn["settings"]["evaluation"]["evaluators"]["linear_probe"] == settings["evaluation"]["evaluators"]["linear_probe"]
+    new = set(mae_run.glob("eval-*.json")) - made
+    assert len(new) == 1 and json.loads(next(iter(new)).read_text()) == first  # the k=20 evaluation, kept
+
+    part = val.with_name("val_first_four.jsonl")
+    part.write_text("\n".join(val.read_text().splitlines()[:4]) + "\n")
+    other_data = evaluate_run(mae_run, [*fast, f"data.val={part}"], evaluators=["knn"], progress=False)
+    assert "linear_probe" not in other_data  # made on the other val manifest: not mixed in
+    assert set(other_data["settings"]["evaluation"]["evaluators"]) == {"knn"}
+    assert other_data["settings"]["data"]["val"] == str(part.resolve()) and other_data["data"]["val_clips"] == 4
+    assert len(set(mae_run.glob("eval-*.json")) - before) >= 2
