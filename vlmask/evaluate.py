@@ -675,7 +675,8 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                            "run_dir": str(run_dir), "error": reason})
             continue
         entries.append({"recipe": str(recipe_path), "name": Path(recipe_path).stem, "seed": seed,
-                        "run_dir": str(run_dir), "summary": summary, "eval": evaluation})
+                        "run_dir": str(run_dir), "summary": summary, "eval": evaluation,
+                        "loss": training_loss(run_dir, summary)})
     stats = comparison_stats(entries)
     result: dict[str, Any] = {"overrides": overrides, "seeds": list(seeds) if seeds is not None else None,
                               "runs": entries, "stats": [row.as_json() for row in stats]}
@@ -798,6 +799,28 @@ def _mergeable_eval(run_dir: Path, checkpoint: str, record: dict[str, Any]) -> d
     return previous if eval_mismatch(previous, checkpoint, shared) is None else None
 
 
+def training_loss(run_dir: Path, summary: dict[str, Any]) -> dict[str, float | int | None]:
+    """The run's training loss at its first logged step and at its last step (``summary.json``'s
+    ``final_loss``): whether the objective fell. Losses of different recipes are on different
+    scales; only a recipe's own two numbers compare."""
+    first_step = first = None
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+                    first_step, first = row.get("step"), float(row["loss"])
+                    break
+    except OSError:
+        pass
+    final = summary.get("final_loss")
+    return {"first_step": first_step, "first": first,
+            "final": float(final) if isinstance(final, (int, float)) else None, "final_step": summary.get("steps")}
+
+
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     """The numbers of an eval.json as ``section.metric`` (plus ``chance_top1``), in file order."""
     metrics: dict[str, float] = {}
@@ -853,8 +876,8 @@ def _interval_cell(row: Any, digits: int) -> str:
 def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (), stats: list[Any] | None = None,
                      paired: list[Any] | None = None, failed: list[dict[str, Any]] | None = None) -> str:
     """Markdown: one row per recipe; each metric as mean ± sample std [95% interval] over seeds
-    (just the mean for one seed; "-" where a run lacks it), then training wall time, clips/s and
-    training FLOPs; then, with ``paired`` (vlmask.statistics.PairedDifference rows), one
+    (just the mean for one seed; "-" where a run lacks it), then training wall time, clips/s,
+    training FLOPs and the training loss at the first logged and the last step; then, with ``paired`` (vlmask.statistics.PairedDifference rows), one
     sentence per recipe and metric saying whether it differs from the baseline beyond seed
     noise; then the failed runs."""
     from vlmask.statistics import describe_difference
@@ -866,7 +889,7 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
         for name in eval_metrics(entry["eval"]):
             if name not in metrics:
                 metrics.append(name)
-    header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP"]
+    header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP", "loss first → final"]
     evaluators = evaluators_line(entries)
     lines = [
         "# vlmask compare",
@@ -891,6 +914,10 @@ def comparison_table(entries: list[dict[str, Any]], overrides: Sequence[str] = (
         row.append(_cell([float(r["summary"].get("wall_s") or math.nan) for r in group.runs], 1))
         row.append(_cell([float(r["summary"].get("clips_per_s") or math.nan) for r in group.runs], 1))
         row.append(_cell([float(r["summary"].get("train_flops") or math.nan) / 1e15 for r in group.runs], 4))
+        losses = [r.get("loss") or {} for r in group.runs]
+        first = _cell([v for v in (loss.get("first") for loss in losses) if v is not None], 3)
+        final = _cell([v for v in (loss.get("final") for loss in losses) if v is not None], 3)
+        row.append("-" if first == "-" and final == "-" else f"{first} → {final}")
         lines.append("| " + " | ".join(row) + " |")
     if paired is not None:
         base = paired[0].baseline if paired else None

@@ -80,8 +80,14 @@ def test_compare_writes_stats_and_paired_rows(tiny_synth, tiny_scale, tmp_path):
     assert set(paired[0]) >= {"mean_difference", "ci95", "significant"}
     for run in comparison["runs"]:  # counted at the run's own scale when the engine does not write it
         assert run["summary"]["train_flops"] > 0
+    for run in comparison["runs"]:  # the training loss at the first logged step (1) and the last (2)
+        logged = [json.loads(line)["loss"] for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert run["loss"] == {"first_step": 1, "first": logged[0], "final_step": 2, "final": run["summary"]["final_loss"]}
+    mae_losses = [r["loss"] for r in comparison["runs"] if r["name"] == "mae"]
     table = (out / "comparison.md").read_text()
     assert "## Paired differences to the baseline (mae)" in table and "train PFLOP" in table
+    mean_first = sum(loss["first"] for loss in mae_losses) / 2
+    assert f"{mean_first:.3f} ± " in table.split("| mae |")[1].split("\n")[0].rsplit("|", 2)[-2]
     with pytest.raises(ValueError, match="--baseline 'fils' is not one of the compared recipes"):
         compare([str(RECIPES / "mae.yaml")], tiny(tiny_synth, tiny_scale), out_dir=tmp_path / "x", baseline="fils")
 
