@@ -56,7 +56,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in notes:  # what the data provides, and what will be done about what it lacks
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     problems += data_errors
-    if not problems:  # build the run and take each stage's first step on meta: what only the plugins know
+    if not problems and not args.keys_only:  # build the run, take each stage's first step on meta: what only plugins know
         problems += rehearse(recipe, plugins)
     if problems:
         console.print(f"[red]{escape(args.recipe)}: {len(problems)} problem(s)[/]", highlight=False)
@@ -178,9 +178,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="KEY=VALUE or ~KEY")
     run.set_defaults(func=cmd_run)
 
-    val = sub.add_parser("validate", help="check a recipe without building anything")
+    val = sub.add_parser("validate", help="check a recipe, then build it in memory and rehearse a step of each stage")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
+    val.add_argument("--keys-only", action="store_true",
+                     help="check keys and data only, build nothing (skips the rehearsal, vlmask.rehearsal)")
     val.set_defaults(func=cmd_validate)
 
     plug = sub.add_parser("plugins", help="list every registered plugin")

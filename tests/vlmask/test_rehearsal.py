@@ -58,6 +58,9 @@ def test_validate_and_compare_refuse_what_fails_at_step_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlmask", "validate", *bad], capture_output=True, text=True, timeout=300)
     said = result.stdout + result.stderr
     assert result.returncode == 1 and "key masker" in said and "Traceback" not in said, said
+    keys_only = subprocess.run([sys.executable, "-m", "vlmask", "validate", *bad, "--keys-only"], capture_output=True,
+                               text=True, timeout=300)
+    assert keys_only.returncode == 0 and "valid" in keys_only.stdout  # every key is valid: only building shows it
     with pytest.raises(RecipeError) as refused:
         plan_compare([str(RECIPES / "mae.yaml"), bad[0]], bad[1:], [0], tmp_path / "out")
     assert len(refused.value.problems) == 1 and "key masker" in refused.value.problems[0]
