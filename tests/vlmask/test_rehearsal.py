@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from vlmask import hookimpl
 from vlmask.config import RecipeError, load_recipe
 from vlmask.evaluate import plan_compare
-from vlmask.plugins import default_plugins
+from vlmask.plugins import default_plugins, load_plugins
 from vlmask.rehearsal import rehearse
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -65,3 +68,36 @@ def test_validate_and_compare_refuse_what_fails_at_step_one(tmp_path):
         plan_compare([str(RECIPES / "mae.yaml"), bad[0]], bad[1:], [0], tmp_path / "out")
     assert len(refused.value.problems) == 1 and "key masker" in refused.value.problems[0]
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+class BuggyHead(nn.Module):
+    """A third-party head with a bug that shows only when built (``at="build"``) or stepped."""
+
+    def __init__(self, at: str = "step") -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        if at == "build":
+            self.width = self.scale.widht  # AttributeError
+
+    def forward(self, out):
+        return out.batch.caption_embeddings.sum() * self.scale  # AttributeError: the field is text_embedding
+
+
+class BuggyHeadPlugin:
+    @hookimpl
+    def vlmask_register_plugins(self, register):
+        register("head", "buggy", BuggyHead)
+
+
+@pytest.mark.parametrize("at, expected", [
+    ("step", "command line: heads.buggy={name: buggy, at: step}: key heads.buggy: the first training step would fail: "
+             "AttributeError: 'Batch' object has no attribute 'caption_embeddings'"),
+    ("build", "building the run fails: AttributeError: 'Parameter' object has no attribute 'widht'"),
+])
+def test_any_exception_of_a_plugin_is_a_problem_not_a_traceback(at, expected):
+    """A part may raise anything, not only ValueError and its kin: an AttributeError is one problem
+    line (naming the head when it is stepped) that validate and compare list, not an exception."""
+    plugins = load_plugins(extra=[("buggy-head", BuggyHeadPlugin())])
+    recipe = load_recipe(RECIPES / "mae.yaml", ["heads.buggy={name: buggy, at: %s}" % at, "loss_weights.buggy=1.0"])
+    problems = rehearse(recipe, plugins)
+    assert len(problems) == 1 and expected in problems[0], problems
