@@ -27,6 +27,7 @@ import copy
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -94,7 +95,14 @@ def rehearse(recipe: Recipe, plugins: Plugins) -> list[str]:
     """Problems a run of ``recipe`` would meet before or at the first step of each stage, each
     naming the file and key (empty: it builds and steps). Builds on the CPU in fp32 in one
     process whatever the recipe says (the device and precision are checked by
-    ``vlmask.schema.validate``); reads no data and writes nothing."""
+    ``vlmask.schema.validate``); reads no data and writes nothing. The random state is left as
+    it was (the Trainer seeds torch's generators with the recipe's seed; the parts draw from them)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _rehearse(recipe, plugins)
+
+
+def _rehearse(recipe: Recipe, plugins: Plugins) -> list[str]:
     recipe = copy.deepcopy(recipe)
     OmegaConf.update(recipe.config, "device", "cpu")
     OmegaConf.update(recipe.config, "train.precision", "fp32")

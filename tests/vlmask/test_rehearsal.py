@@ -4,6 +4,7 @@ refused by ``vlmask validate`` and ``vlmask compare`` with the key of the part t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,18 @@ def test_every_shipped_recipe_rehearses(recipe, plugins):
 def test_a_recipe_that_fails_when_built_or_stepped_names_the_key(recipe, overrides, expected, plugins):
     problems = rehearse(load_recipe(RECIPES / recipe, overrides), plugins)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_rehearsal_leaves_the_random_state_and_the_environment_as_they_were(plugins):
+    """validate and compare rehearse inside a process that goes on (a compare trains next, a
+    notebook draws next): the Trainer's seeding and the parts' draws must not leak out."""
+    environment = dict(os.environ)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    assert rehearse(load_recipe(RECIPES / "mae.yaml", ["seed=7"]), plugins) == []
+    assert torch.equal(torch.rand(4), expected)
+    assert dict(os.environ) == environment and torch.get_default_dtype() == torch.float32
 
 
 def test_every_stage_is_rehearsed_and_named(tmp_path, plugins):
