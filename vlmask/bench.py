@@ -266,7 +266,7 @@ def count_flops(
     MFLOPs), ``flops_per_clip`` is the unrounded count in FLOP (``summary.json``'s ``train_flops``)."""
     recipe = load_recipe(recipe_path, _counting_overrides(overrides))
     with _one_process_view():  # counting needs no other rank, even inside a torchrun job
-        trainer = Trainer(recipe, plugins, with_data=False)
+        trainer = Trainer(recipe, plugins, with_data=False, synthetic_classes=SYNTHETIC_CLASSES)
     with trainer:
         result = count_step_flops(trainer, batch_size)
     breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
@@ -398,7 +398,7 @@ def benchmark(
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     recipe = load_recipe(recipe_path, list(overrides))
-    with Trainer(recipe, plugins, with_data=loader) as trainer:
+    with Trainer(recipe, plugins, with_data=loader, synthetic_classes=SYNTHETIC_CLASSES) as trainer:
         count = (lambda: count_flops(recipe_path, overrides, plugins=plugins)) if trainer.parallel == "fsdp" else None
         return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps, count)
 

@@ -196,11 +196,15 @@ class Trainer:
     another run. Leaving the ``with`` block (or :meth:`close`) unregisters them.
     """
 
-    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True) -> None:
+    def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None, with_data: bool = True,
+                 synthetic_classes: int = 0) -> None:
         """``with_data=False`` builds the model, optimizer and run settings without reading any
-        data (benchmarks, FLOP counts): ``train()`` is then unavailable."""
+        data (benchmarks, FLOP counts, the rehearsal): ``train()`` is then unavailable, and the
+        parts that take ``num_classes`` get ``synthetic_classes`` (the classes of the synthetic
+        labels the caller feeds, :data:`vlmask.bench.SYNTHETIC_CLASSES`) instead of the data's."""
         self.recipe = recipe
         self.with_data = with_data
+        self.synthetic_classes = synthetic_classes
         self.plugins = plugins or default_plugins()
         self.console = console
         problems = validate(recipe, self.plugins.registry)
@@ -340,7 +344,8 @@ class Trainer:
 
     def _setup_model(self) -> None:
         recipe = self.recipe
-        num_classes = len(getattr(self.train_set, "classes", []) or [])
+        num_classes = (len(getattr(self.train_set, "classes", []) or []) if self.train_set is not None
+                       else self.synthetic_classes)
         self.parts: Components = build_components(recipe, self.plugins, total_steps=self.total_steps,
                                                   num_classes=num_classes, check_grid=self._check_clip_shape)
         self.text_encoder = self.parts.text_encoder

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from vlmask.bench import _one_process_view, count_step_flops
+from vlmask.bench import SYNTHETIC_CLASSES, _one_process_view, count_step_flops
 from vlmask.config import Recipe, RecipeError
 from vlmask.engine import Trainer
 from vlmask.plugins import Plugins
@@ -108,7 +108,7 @@ def _rehearse(recipe: Recipe, plugins: Plugins) -> list[str]:
     OmegaConf.update(recipe.config, "train.precision", "fp32")
     try:
         with _one_process_view():
-            trainer = Trainer(recipe, plugins, with_data=False)
+            trainer = Trainer(recipe, plugins, with_data=False, synthetic_classes=SYNTHETIC_CLASSES)
     except RecipeError as error:
         return list(error.problems)
     except Exception as error:  # a plugin may raise anything (AttributeError, ...): one line, never a traceback

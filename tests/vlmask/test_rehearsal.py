@@ -59,6 +59,19 @@ def test_rehearsal_leaves_the_random_state_and_the_environment_as_they_were(plug
     assert dict(os.environ) == environment and torch.get_default_dtype() == torch.float32
 
 
+def test_a_part_that_takes_the_data_s_class_count_is_built_with_the_synthetic_labels_classes(plugins):
+    """Without data the Trainer knew no classes (num_classes=0), so validate refused every recipe
+    with a classification head (Turbo training) although it trains, and its FLOPs went uncounted."""
+    from vlmask.bench import SYNTHETIC_CLASSES, count_flops
+
+    overrides = ["heads.cls={name: classification}", "loss_weights.cls=1.0"]
+    assert rehearse(load_recipe(RECIPES / "mae.yaml", overrides), plugins) == []
+    plain = count_flops(RECIPES / "mae.yaml", ["model.encoder.depth=1"], plugins=plugins)["flops_per_clip"]
+    counted = count_flops(RECIPES / "mae.yaml", [*overrides, "model.encoder.depth=1"], plugins=plugins)["flops_per_clip"]
+    width = load_recipe(RECIPES / "mae.yaml").get("model.encoder.embed_dim")
+    assert counted - plain == pytest.approx(3 * 2 * width * SYNTHETIC_CLASSES)  # the classifier's matmul, forward and backward
+
+
 def test_every_stage_is_rehearsed_and_named(tmp_path, plugins):
     """Stage 'frozen' freezes every trained parameter: its first step has nothing to backpropagate."""
     staged = tmp_path / "staged.yaml"
