@@ -261,13 +261,27 @@ def val_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
     return Path(manifests[1]) if manifests is not None else None
 
 
+#: Dataset arguments that add views only training reads (the data-side requirements ``flow`` and
+#: ``second_clip`` of :data:`vlmask.kinds.REQUIREMENTS`, CoCLR's): evaluation, ``embed`` and
+#: finetuning read ``video`` alone, so their datasets are built with these off; on, every clip
+#: would be decoded twice and given optical flow twice, and the unused views moved to the device.
+TRAINING_VIEWS = ("flow", "second_clip")
+
+
+def without_training_views(factory: Any) -> dict[str, bool]:
+    """``{argument: False}`` for each of :data:`TRAINING_VIEWS` that the dataset factory takes."""
+    parameters = factory_parameters(factory)
+    return {name: False for name in TRAINING_VIEWS if name in parameters}
+
+
 def eval_dataset(run: OpenRun, manifest: Path) -> Any:
-    """The recipe's dataset plugin on ``manifest`` with evaluation transforms (train=False) and
-    the training set's class list (so labels index the same classes)."""
+    """The recipe's dataset plugin on ``manifest`` with evaluation transforms (train=False),
+    the training set's class list (so labels index the same classes) and no training-only
+    views (:data:`TRAINING_VIEWS`)."""
     registry: Registry = run.plugins.registry
     recipe: Recipe = run.recipe
     entry = registry.get("dataset", recipe.get("data.dataset.name"))
-    extra: dict[str, Any] = {"manifest": str(manifest), "train": False}
+    extra: dict[str, Any] = {"manifest": str(manifest), "train": False, **without_training_views(entry.factory)}
     classes = getattr(run.train_set, "classes", None)
     if classes is not None and "classes" in factory_parameters(entry.factory):
         extra["classes"] = list(classes)

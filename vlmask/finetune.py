@@ -55,7 +55,8 @@ from vlmask.checkpoint import load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.schedules import lr_at
-from vlmask.evaluate import class_parts, eval_dataset, relative_path, split_features, val_manifest, write_json
+from vlmask.evaluate import (class_parts, eval_dataset, relative_path, split_features, val_manifest,
+                             without_training_views, write_json)
 from vlmask.schema import build, factory_parameters
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
@@ -389,9 +390,28 @@ def finetune_run(run_dir: Path | str, overrides: Sequence[str] = (), progress: b
     return _finetune(_load_pretrained(run_dir, others, settings.drop_path), run_dir, settings, progress)
 
 
+def finetune_dataset(run: OpenRun, settings: FinetuneSettings, classes: list[str]) -> Any:
+    """The recipe's dataset on the training manifest with finetuning augmentation (train=True,
+    ``finetune.crop_scale`` and ``finetune.hflip``), ``classes`` and no training-only views
+    (vlmask.evaluate.TRAINING_VIEWS: the classifier reads ``video`` alone)."""
+    recipe: Recipe = run.recipe
+    entry = run.plugins.registry.get("dataset", recipe.get("data.dataset.name"))
+    params = factory_parameters(entry.factory)
+    extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True, **without_training_views(entry.factory)}
+    wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
+    if settings.hflip is not None:
+        wanted["hflip"] = settings.hflip
+    for key, value in wanted.items():
+        if key in params:
+            extra[key] = value
+        elif key != "classes":
+            raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
+                               f"{entry.name!r} has no argument {key!r}"])
+    return build(run.plugins.registry, recipe, "data.dataset", "dataset", **extra)
+
+
 def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:
     recipe: Recipe = run.recipe
-    registry = run.plugins.registry
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("vlmask finetune runs in one process; start it without torchrun")
     classes = list(getattr(run.train_set, "classes", []) or [])
@@ -403,19 +423,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     settings.seed = int(recipe.get("seed", 0)) if settings.seed is None else settings.seed
 
     # data: the train manifest with finetuning augmentation, labelled clips only
-    entry = registry.get("dataset", recipe.get("data.dataset.name"))
-    params = factory_parameters(entry.factory)
-    extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True}
-    wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
-    if settings.hflip is not None:
-        wanted["hflip"] = settings.hflip
-    for key, value in wanted.items():
-        if key in params:
-            extra[key] = value
-        elif key != "classes":
-            raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
-                               f"{entry.name!r} has no argument {key!r}"])
-    train_set = build(registry, recipe, "data.dataset", "dataset", **extra)
+    train_set = finetune_dataset(run, settings, classes)
     rows = [i for i, label in enumerate(getattr(train_set, "label_ids", [])) if label >= 0]
     if len(rows) < settings.batch_size:
         raise RecipeError([f"{recipe.where('finetune.batch_size')}: key finetune.batch_size: {settings.batch_size} "

@@ -20,6 +20,7 @@ from vlmask.finetune import (
     MixupCutmix,
     VideoClassifier,
     evaluate_classifier,
+    finetune_dataset,
     finetune_run,
     finetune_settings,
     layer_decay_groups,
@@ -119,6 +120,20 @@ def test_finetuned_weights_load_strictly_and_reproduce_the_reported_top1(finetun
     again = evaluate_classifier(model, val_set, classes, verbs, nouns, batch_size=4)
     assert again["top1"] == pytest.approx(result["top1"])
     assert again["verb_top1"] == pytest.approx(result["verb_top1"])
+
+
+def test_finetuning_and_its_evaluation_decode_no_training_only_views(mae_run, tiny_synth):
+    """A CoCLR run's dataset node asks for optical flow and a second clip of every video; the
+    classifier reads the clip alone, so finetuning (and its val set, eval_dataset) builds the
+    dataset without them: decoding each clip once, no flow computed, nothing unused on the device."""
+    run = open_run(mae_run, ["data.dataset.flow=true", "data.dataset.second_clip=true"])
+    classes = list(run.train_set.classes)
+    train_set = finetune_dataset(run, finetune_settings(run.recipe), classes)
+    val_set = eval_dataset(run, tiny_synth[1])
+    for dataset in (train_set, val_set):
+        item = dataset[0]
+        assert {"flow", "second_video", "second_flow"}.isdisjoint(item) and item["video"].shape == (3, 4, 32, 32)
+    assert "flow" in run.train_set[0] and "second_video" in run.train_set[0]  # training's own set keeps them
 
 
 def test_layer_decay_groups_give_videomae_lrs():
