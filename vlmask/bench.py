@@ -80,9 +80,11 @@ def clip_shape(grid: TokenGrid) -> tuple[int, int, int, int]:
 def synthetic_batch(
     trainer: Trainer, batch_size: int, device: torch.device | str, seed: int = 0, video: Tensor | None = None
 ) -> Batch:
-    """A batch shaped like the recipe's clips: normal-noise pixels (and flow images), a random unit text embedding
+    """A batch shaped like the recipe's clips: normal-noise pixels, a random unit text embedding
     (when the recipe has a text encoder), centred action boxes covering 30-60% of each side,
-    labels over :data:`SYNTHETIC_CLASSES` classes and indices ``0..B-1``.
+    labels over :data:`SYNTHETIC_CLASSES` classes and indices ``0..B-1``; noise flow images and a
+    second clip (and its flow) only when the recipe's dataset gives them (``data.dataset.flow``,
+    ``second_clip``), as the loader would: views nothing reads would count in the peak memory.
 
     ``video`` replaces the pixels (e.g. an empty ``meta`` tensor for FLOP counting).
     """
@@ -101,10 +103,13 @@ def synthetic_batch(
         text_embedding=text,
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
-        flow=torch.randn(video.shape, generator=generator),  # CoCLR's flow view, shaped like the clip
-        second_video=torch.randn(video.shape, generator=generator),  # a second clip (CoCLR's key view)
-        second_flow=torch.randn(video.shape, generator=generator),
     )
+    flow, second = bool(trainer.recipe.get("data.dataset.flow")), bool(trainer.recipe.get("data.dataset.second_clip"))
+    if flow:  # CoCLR's flow view, shaped like the clip
+        batch.flow = torch.randn(video.shape, generator=generator)
+    if second:  # a second clip of the video (CoCLR's key view), with its flow when there is flow
+        batch.second_video = torch.randn(video.shape, generator=generator)
+        batch.second_flow = torch.randn(video.shape, generator=generator) if flow else None
     return batch.to(device)
 
 
@@ -187,7 +192,8 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
     batch = cpu_batch.to("meta")
     batch.video = torch.empty(cpu_batch.video.shape, device="meta")
     for view in ("flow", "second_video", "second_flow"):
-        setattr(batch, view, torch.empty(cpu_batch.video.shape, device="meta"))
+        if getattr(cpu_batch, view) is not None:
+            setattr(batch, view, torch.empty(cpu_batch.video.shape, device="meta"))
     mask = mask.to("meta")
 
     named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}

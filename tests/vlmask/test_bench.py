@@ -21,6 +21,7 @@ from vlmask.bench import (
     bf16_peak_tflops,
     cmd_bench,
     count_flops,
+    count_step_flops,
     synthetic_batch,
     timed_step,
 )
@@ -155,6 +156,24 @@ def test_benchmark_through_the_data_loader(module_cache: Path, tmp_path: Path) -
     assert result["data"] == "loader" and result["data_ms"] >= 0 and result["clips_per_s"] > 0
     assert result["split_ms"]["teacher"] > 0  # FILS has an EMA teacher
     assert not (tmp_path / "run").exists()  # benchmarking writes no run directory
+
+
+def test_the_synthetic_batch_has_the_views_the_recipe_s_data_gives(module_cache: Path) -> None:
+    """Flow and a second clip only where the dataset gives them (CoCLR): a MAE benchmark must not
+    hold three unused clip-sized tensors on the device, in its peak memory."""
+    coclr = [o for o in TINY if not o.startswith("model.predictor.")]  # CoCLR has no predictor
+    for recipe, overrides, views in (("mae.yaml", TINY, set()),
+                                     ("coclr/infonce.yaml", coclr, {"flow", "second_video", "second_flow"})):
+        with Trainer(load_recipe(RECIPES / recipe, overrides), with_data=False) as trainer:
+            batch = synthetic_batch(trainer, 2, "cpu")
+        present = {view for view in ("flow", "second_video", "second_flow") if getattr(batch, view) is not None}
+        assert present == views, recipe
+        assert all(getattr(batch, view).shape == batch.video.shape for view in present)
+    key_crop = [*coclr, "data.dataset.second_clip=false", "heads.coclr.key_view=crop"]
+    with Trainer(load_recipe(RECIPES / "coclr" / "infonce.yaml", key_crop), with_data=False) as trainer:
+        batch = synthetic_batch(trainer, 2, "cpu")
+        assert batch.flow is not None and batch.second_video is None and batch.second_flow is None
+        assert count_step_flops(trainer, 2)["gflops_per_clip"] > 0  # the crop key view steps without a second clip
 
 
 def test_the_split_times_the_engine_step_itself_and_its_phases_cover_it(module_cache: Path) -> None:
