@@ -44,8 +44,9 @@ default ``broadcast_buffers``: each forward overwrites the queues with rank 0's,
 same (redundant, harmless). Under FSDP the key encoders are sharded with the student's root unit
 and the student's encoder per block, so the momentum update combines shards elementwise (no
 gather); the FSDP run matches the DDP run (``tests/vlmask_plugins/heads/test_coclr_distributed.py``).
-The stages of ``coclr/coclr.yaml`` freeze one stream at a time, which DDP accepts only with
-``train.find_unused_parameters: true`` (the recipe sets it).
+The stages of ``coclr/coclr.yaml`` freeze one stream at a time, so DDP must not wait for the
+frozen stream's gradients: the engine wraps a recipe whose stages freeze anything with
+``find_unused_parameters=True`` (``vlmask.stages``), whatever ``train.find_unused_parameters`` says.
 """
 
 from __future__ import annotations
