@@ -13,8 +13,10 @@ tensors have shapes, no values), so a demo recipe rehearses in about a second be
 it.
 
 A failure becomes one line naming the key of the part that raised it (``masker``,
-``model.encoder``, ``targets.NAME``, ``heads.NAME`` ...), its file, the stage and the error's
-first line. ``vlmask validate`` and ``vlmask compare`` (before anything trains) call it.
+``model.encoder``, ``targets.NAME``, ``heads.NAME`` ...; ``stages.N`` for a failure outside
+every part in a stage that overrides or freezes something, such as a stage with nothing left to
+train or a value a plugin refuses), its file, the stage and the error's first line.
+``vlmask validate`` and ``vlmask compare`` (before anything trains) call it.
 
 Not rehearsed: what depends on the data (``vlmask.data_requirements`` checks that against the
 manifest), on values (a loss that becomes NaN), on several processes, and hooks after the
@@ -134,11 +136,14 @@ def _rehearse_steps(recipe: Recipe, trainer: Trainer) -> list[str]:
     firsts = [0] + trainer.stages.ends[:-1] if stages else [0]
     try:
         for index, step in enumerate(firsts):
-            trainer.stages.enter(step)
             try:
+                trainer.stages.enter(step)  # a plugin may refuse a stage's value as it is set
                 count_step_flops(trainer, batch_size)
             except Exception as error:  # whatever a part raises (AttributeError on a field it lacks ...)
-                key = blame.current
+                # outside every part, the failure is the stage's when the stage changes something
+                # (its overrides or freeze): what differs from the stages before it
+                changes = bool(stages) and bool(stages[index].overrides or stages[index].freeze)
+                key = blame.current or (f"stages.{index}" if changes else None)
                 where = recipe.where(key) if key else str(recipe.path)
                 stage = f" (stage {stages[index].name!r})" if stages else ""
                 part = f"key {key}: " if key else ""

@@ -79,7 +79,55 @@ def test_every_stage_is_rehearsed_and_named(tmp_path, plugins):
                       "  - {name: warm, steps: 2}\n  - {name: frozen, steps: 2, freeze: [encoder, predictor]}\n")
     problems = rehearse(load_recipe(staged), plugins)
     assert len(problems) == 1 and "(stage 'frozen') would fail: RuntimeError: element 0 of tensors does not require grad" in problems[0]
-    assert str(staged) in problems[0]
+    assert problems[0].startswith(f"{staged}:5: key stages.1: "), problems  # the stage's own line
+
+
+class PickyHead(nn.Module):
+    """A head whose stage switch refuses a value when it is set (a property), as a plugin may."""
+
+    stage_settable = ("mode",)
+
+    def __init__(self, mode: str = "mean") -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in ("mean", "max"):
+            raise ValueError(f"mode must be mean or max, got {value!r}")
+        self._mode = value
+
+    def forward(self, out):
+        return out.visible_features.mean() * self.scale
+
+
+class PickyHeadPlugin:
+    @hookimpl
+    def vlmask_register_plugins(self, register):
+        register("head", "picky", PickyHead)
+
+
+@pytest.mark.parametrize("base, head, override, error", [
+    # the constructor's rule (stream in both/rgb/flow) is not checked on a stage's value: the head trains nothing
+    (RECIPES / "coclr" / "infonce.yaml", "", "heads.coclr.stream: sideways", "RuntimeError: element 0 of tensors"),
+    # the plugin refuses the value as the stage sets it
+    (RECIPES / "mae.yaml", "heads: {picky: {name: picky}}\nloss_weights: {picky: 1.0}\n", "heads.picky.mode: min",
+     "ValueError: mode must be mean or max, got 'min'"),
+], ids=["constructor-rule-unchecked", "setter-refuses"])
+def test_a_stage_value_that_fails_names_the_stage(tmp_path, base, head, override, error):
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(f"base: [{base}]\n{head}train: {{max_steps: null}}\nstages:\n"
+                      f"  - {{name: first, steps: 2}}\n  - {{name: second, steps: 2, overrides: {{{override}}}}}\n")
+    plugins = load_plugins(extra=[("picky-head", PickyHeadPlugin())])
+    problems = rehearse(load_recipe(staged), plugins)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{staged}:") and "key stages.1: the first training step (stage 'second') would fail: " \
+        f"{error}" in problems[0], problems
 
 
 def test_validate_and_compare_refuse_what_fails_at_step_one(tmp_path):
