@@ -133,8 +133,10 @@ class VideoManifestDataset(Dataset):
     clips), ``label`` (class index or -1), ``action_box`` (4,) or NaNs, ``caption`` ("" when
     absent) and ``load_failures`` (list of (line, video, reason), usually empty). With
     ``flow=True`` (CoCLR's second view) items also hold ``flow``: (3, T, H, W) uint8 DIS
-    optical-flow images of the frames as cropped (``action_area.flow.flow_images``; x, y, zero).
-    With ``second_clip=True`` items also hold ``second_video`` (and ``second_flow`` with
+    optical-flow images of the frames as cropped (``action_area.flow.flow_images``; x, y, zero),
+    displacements clipped to ``flow_bound`` pixels (CoCLR's 20 px is for frames of about 256 px;
+    at the demo's 32-64 px most motions are a pixel or less, i.e. a few grey levels: scale the
+    bound with the frame size, e.g. 20 x size / 256). With ``second_clip=True`` items also hold ``second_video`` (and ``second_flow`` with
     ``flow``): a second clip of the same segment, sampled and augmented independently of the
     first (another temporal draw of the sampler: another phase with ``dynamic``, another start
     with ``fixed``; its own crop and flip), as the positive pair of instance discrimination
@@ -161,6 +163,7 @@ class VideoManifestDataset(Dataset):
         decode_device: str = "cpu",
         flow: bool = False,
         second_clip: bool = False,
+        flow_bound: float = 20.0,
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -184,6 +187,9 @@ class VideoManifestDataset(Dataset):
         self.decode_device = decode_device
         self.flow = bool(flow)
         self.second_clip = bool(second_clip)
+        if not flow_bound > 0:
+            raise ValueError(f"flow_bound must be > 0 (pixels), got {flow_bound}")
+        self.flow_bound = float(flow_bound)
         if decode_short_side is not None and decode_short_side < size:
             raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
@@ -309,7 +315,7 @@ class VideoManifestDataset(Dataset):
         if self.flow:  # CoCLR's flow view, of the frames as cropped: (C, T, H, W) uint8 x/y/zero images
             from vlmask_plugins.action_area.flow import flow_images
 
-            images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy())
+            images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy(), bound=self.flow_bound)
             flow = torch.from_numpy(images).permute(3, 0, 1, 2).contiguous()
         return video.permute(1, 0, 2, 3).contiguous(), box, flow
 

@@ -197,3 +197,22 @@ def test_flop_count_is_four_full_encoder_passes_and_one_or_two_backwards():
     assert both["breakdown"]["student_backward"] == pytest.approx(2 * (2 * 1.107 + 0.038), abs=0.005)
     assert rgb["breakdown"]["student_backward"] == pytest.approx(2 * 1.107 + 0.038, abs=0.005)
     assert (both["gflops_per_clip"], rgb["gflops_per_clip"]) == (pytest.approx(9.226, abs=0.002), pytest.approx(6.973, abs=0.002))
+
+
+def test_flow_bound_sets_the_displacement_that_saturates_the_flow_images(tiny_synth):
+    """CoCLR clips flow at 20 px for ~256 px frames; at small frames a smaller bound keeps the
+    motion visible: the images are flow_images(frames, bound) of the same crop."""
+    from vlmask_plugins.action_area.flow import flow_images
+    from vlmask_plugins.data.dataset import VideoManifestDataset
+
+    spread = {}
+    for bound in (20.0, 2.5):
+        dataset = VideoManifestDataset(str(tiny_synth[0]), num_frames=4, size=32, flow=True, hflip=False, flow_bound=bound)
+        torch.manual_seed(0)
+        item = dataset[0]
+        expected = flow_images(item["video"].permute(1, 2, 3, 0).contiguous().numpy(), bound=bound)
+        assert torch.equal(item["flow"], torch.from_numpy(expected).permute(3, 0, 1, 2))
+        spread[bound] = float((item["flow"][:2].float() - 128).abs().mean())
+    assert spread[2.5] > 3 * spread[20.0] > 0
+    with pytest.raises(ValueError, match="flow_bound must be > 0"):
+        VideoManifestDataset(str(tiny_synth[0]), num_frames=4, size=32, flow=True, flow_bound=0)
