@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vlmask import parallel
 from vlmask.config import load_recipe
 from vlmask.engine import PhaseTimer, Trainer, peak_memory_mb, weighted_sum
+from vlmask.kinds import DATASET_VIEWS
 from vlmask.plugins import Plugins
 from vlmask.types import Batch, Mask, TokenGrid
 
@@ -104,7 +105,8 @@ def synthetic_batch(
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
     )
-    flow, second = bool(trainer.recipe.get("data.dataset.flow")), bool(trainer.recipe.get("data.dataset.second_clip"))
+    views = {need: bool(trainer.recipe.get(f"data.dataset.{argument}")) for need, argument in DATASET_VIEWS.items()}
+    flow, second = views["flow"], views["second_clip"]
     if flow:  # CoCLR's flow view, shaped like the clip
         batch.flow = torch.randn(video.shape, generator=generator)
     if second:  # a second clip of the video (CoCLR's key view), with its flow when there is flow

@@ -53,6 +53,7 @@ from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features,
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
+from vlmask.kinds import DATASET_VIEWS
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.registry import Registry
@@ -261,11 +262,11 @@ def val_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
     return Path(manifests[1]) if manifests is not None else None
 
 
-#: Dataset arguments that add views only training reads (the data-side requirements ``flow`` and
-#: ``second_clip`` of :data:`vlmask.kinds.REQUIREMENTS`, CoCLR's): evaluation, ``embed`` and
-#: finetuning read ``video`` alone, so their datasets are built with these off; on, every clip
-#: would be decoded twice and given optical flow twice, and the unused views moved to the device.
-TRAINING_VIEWS = ("flow", "second_clip")
+#: Dataset arguments that add views only training reads (:data:`vlmask.kinds.DATASET_VIEWS`,
+#: CoCLR's flow and second clip): evaluation, ``embed`` and finetuning read ``video`` alone, so
+#: their datasets are built with these off; on, every clip would be decoded twice and given
+#: optical flow twice, and the unused views moved to the device.
+TRAINING_VIEWS = tuple(DATASET_VIEWS.values())
 
 
 def without_training_views(factory: Any) -> dict[str, bool]:

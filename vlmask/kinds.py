@@ -56,6 +56,12 @@ REQUIREMENTS: dict[str, str] = {
     "second_clip": "a second clip of each video, sampled and augmented apart (data.dataset.second_clip: true)",
 }
 
+#: Requirements the dataset provides as extra views of each clip, and the ``data.dataset``
+#: argument that turns each on: ``validate`` names it when missing, the bench's synthetic batch
+#: carries the views the recipe turns on, evaluation and finetuning turn them off (they read
+#: ``video`` alone).
+DATASET_VIEWS: dict[str, str] = {"flow": "flow", "second_clip": "second_clip"}
+
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.
 DATA_REQUIREMENTS: frozenset[str] = frozenset({"action_box", "label"})
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
-from vlmask.kinds import DATA_REQUIREMENTS, REQUIREMENTS, RequirementError, missing_members, requirements_of
+from vlmask.kinds import DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, requirements_of
 from vlmask.registry import Registry, RegistryError
 from vlmask.stages import stage_problems
 from vlmask.sections import (
@@ -474,12 +474,11 @@ def check_requirements(config: dict[str, Any], recipe: Recipe, registry: Registr
         "teacher": bool(config.get("teacher")),
         "projection": bool((config.get("model") or {}).get("projection")),
         "text_embedding": bool(config.get("text_encoder")),
-        "flow": bool(dataset.get("flow")),
-        "second_clip": bool(dataset.get("second_clip")),
+        **{need: bool(dataset.get(argument)) for need, argument in DATASET_VIEWS.items()},
     }
     provider_key = {"predictor": "model.predictor", "teacher": "teacher", "projection": "model.projection",
-                    "text_embedding": "text_encoder", "flow": "data.dataset.flow",
-                    "second_clip": "data.dataset.second_clip"}
+                    "text_embedding": "text_encoder",
+                    **{need: f"data.dataset.{argument}" for need, argument in DATASET_VIEWS.items()}}
     errors, notes = [], []
     for key, kind, name, needs in _requirers(config, registry):
         if isinstance(needs, str):

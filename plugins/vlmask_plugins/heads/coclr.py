@@ -253,11 +253,8 @@ class CoCLRHead(nn.Module):
         if labels is None:
             labels = torch.full((k_rgb.shape[0],), -1, dtype=torch.long, device=k_rgb.device)
         k_rgb, k_flow, labels = concat_all_gather(k_rgb), concat_all_gather(k_flow), concat_all_gather(labels)
-        pointer = int(self.queue_pointer)
-        new_rgb, _ = enqueue(self.rgb_queue, k_rgb, pointer)
-        new_flow, next_pointer = enqueue(self.flow_queue, k_flow, pointer)
-        self.rgb_queue.copy_(new_rgb)
-        self.flow_queue.copy_(new_flow)
-        rows = (pointer + torch.arange(count, device=self.queue_labels.device)) % queue_size
-        self.queue_labels[rows] = labels.to(self.queue_labels.device)
-        self.queue_pointer.fill_(next_pointer)
+        pointer = self.queue_pointer  # a device tensor: no host-device sync in the step
+        for queue, rows in ((self.rgb_queue, k_rgb), (self.flow_queue, k_flow), (self.queue_labels, labels)):
+            updated, next_pointer = enqueue(queue, rows, pointer)
+            queue.copy_(updated)
+        self.queue_pointer.copy_(next_pointer)

@@ -96,13 +96,18 @@ def label_positive_mask(labels: Tensor, queue_labels: Tensor) -> Tensor:
     return torch.cat([torch.ones_like(same[:, :1]), same], dim=1)
 
 
-def enqueue(queue: Tensor, keys: Tensor, pointer: int) -> tuple[Tensor, int]:
-    """MoCo's FIFO queue update: ``keys`` (B, D) overwrite rows ``pointer ... pointer + B - 1``
-    (wrapping around); returns the new queue and pointer.
+def enqueue(queue: Tensor, keys: Tensor, pointer: int | Tensor) -> tuple[Tensor, int | Tensor]:
+    """MoCo's FIFO queue update: ``keys`` (B, ...) overwrite rows ``pointer ... pointer + B - 1``
+    (wrapping around); returns the new queue and pointer. ``pointer`` may be a 0-d tensor on the
+    queue's device (the head's buffer): the rows and the next pointer are then computed there,
+    with no host-device synchronisation in the training step.
 
     >>> queue, pointer = enqueue(torch.zeros(4, 1), torch.tensor([[1.0], [2.0]]), 3)
     >>> queue.flatten().tolist(), pointer
     ([2.0, 0.0, 0.0, 1.0], 1)
+    >>> queue, pointer = enqueue(torch.full((3,), -1), torch.tensor([7, 8]), torch.tensor(2))
+    >>> queue.tolist(), int(pointer)
+    ([8, -1, 7], 1)
     """
     length = queue.shape[0]
     rows = (pointer + torch.arange(keys.shape[0], device=queue.device)) % length
