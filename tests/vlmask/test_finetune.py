@@ -261,7 +261,11 @@ def test_timm_layer_decay_groups_equal_the_hand_written_ones(layer_decay):
     model = VideoClassifier(encoder, num_classes=5)
     groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=layer_decay)
     by_timm = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["names"]}
-    assert by_timm == pytest.approx(_videomae_groups_by_hand(model, 0.05, layer_decay))
+    by_hand = _videomae_groups_by_hand(model, 0.05, layer_decay)
+    assert by_timm.keys() == by_hand.keys()
+    # pytest.approx compares a dict of floats, not of tuples (pytest 9.2 refuses nested values)
+    for field in (0, 1):
+        assert {n: v[field] for n, v in by_timm.items()} == pytest.approx({n: v[field] for n, v in by_hand.items()})
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
