@@ -31,6 +31,19 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
+@pytest.fixture(scope="session")
+def misspelt_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``plugin_site``, holding one distribution whose hook implementation is misspelt."""
+    site = tmp_path_factory.mktemp("misspelt-plugin-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(site), str(PLUGIN_PACKAGES / "vlmask-misspelt-hook")],
+        check=True,
+        capture_output=True,
+    )
+    return site
+
+
 @pytest.fixture
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("VLMASK_CACHE", str(tmp_path / "cache"))

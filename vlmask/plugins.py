@@ -11,6 +11,7 @@ Environment switches (pytest's model):
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata as md
 import os
@@ -113,9 +114,37 @@ def load_plugins(extra: list[tuple[str, ModuleType | Any]] | None = None) -> Plu
         except Exception as exc:
             plugins.failures.append(PluginFailure(name, provider, _describe(exc)))
             continue
+        if misspelt := unknown_hooks(manager, obj):  # it would register silently and never run
+            manager.unregister(obj)
+            plugins.failures.append(PluginFailure(name, provider, "; ".join(misspelt)))
+            continue
         plugins.distributions[name] = provider
         _call_register(plugins, name, provider)
     return plugins
+
+
+def unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> list[str]:
+    """What ``plugin`` implements (``@hookimpl``) that no vlmask hook declares, each with the nearest
+    hook's name: pluggy accepts such an implementation without a word and never calls it (pytest
+    calls ``check_pending()`` for this; vlmask checks each plugin as it registers, so the report names
+    the plugin). An implementation marked ``optionalhook=True`` is allowed, as in pluggy.
+
+    >>> from vlmask import hookimpl
+    >>> class Misspelt:
+    ...     @hookimpl
+    ...     def vlmask_after_optimiser_step(self, step): ...
+    >>> manager = new_manager(); plugin = Misspelt(); _ = manager.register(plugin)
+    >>> unknown_hooks(manager, plugin)
+    ['implements vlmask_after_optimiser_step, which is not a vlmask hook; did you mean vlmask_after_optimizer_step?']
+    """
+    found = []
+    for caller in manager.get_hookcallers(plugin) or []:
+        if caller.has_spec() or all(impl.optionalhook for impl in caller.get_hookimpls() if impl.plugin is plugin):
+            continue
+        nearest = difflib.get_close_matches(caller.name, hookspecs.HOOKS, n=1, cutoff=0.6)
+        hint = f"did you mean {nearest[0]}?" if nearest else f"vlmask's hooks are {', '.join(hookspecs.HOOKS)}"
+        found.append(f"implements {caller.name}, which is not a vlmask hook; {hint}")
+    return found
 
 
 def _call_register(plugins: Plugins, name: str, provider: str) -> None:

@@ -1,6 +1,8 @@
 """Plugin loading: built-ins through the entry point, real third-party distributions, failures."""
 
 
+from pathlib import Path
+
 import pytest
 
 from vlmask import hookimpl, hookspecs
@@ -60,6 +62,44 @@ def test_a_plugin_whose_registration_raises_is_reported_and_skipped():
     plugins = load_plugins(extra=[("failing", FailingRegistration())])
     [failure] = plugins.failures
     assert failure.plugin == "failing" and "RuntimeError: boom" in failure.error
+
+
+def test_a_misspelt_hook_is_reported_naming_the_nearest_hook_and_the_plugin_skipped(misspelt_plugin_site, monkeypatch):
+    monkeypatch.syspath_prepend(str(misspelt_plugin_site))
+    plugins = load_plugins()
+    [failure] = [f for f in plugins.failures if f.plugin == "misspelt"]
+    assert failure.distribution.startswith("vlmask-misspelt-hook")
+    assert "vlmask_after_optimiser_step" in failure.error and "did you mean vlmask_after_optimizer_step?" in failure.error
+    assert ("masker", "never_clamped") not in plugins.registry  # skipped whole, like a plugin that fails to import
+    assert "misspelt" not in {plugins.manager.get_name(p) for p in plugins.manager.get_plugins()}
+
+
+def test_vlmask_plugins_and_run_report_a_misspelt_hook(misspelt_plugin_site, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(misspelt_plugin_site), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "vlmask", "plugins"], env=env, capture_output=True, text=True)
+    assert listing.returncode == 0
+    assert "vlmask-misspelt-hook" in listing.stderr and "did you mean vlmask_after_optimizer_step?" in listing.stderr
+    # run reports it before anything else (this run then stops on its bad batch size, before training)
+    run = subprocess.run([sys.executable, "-m", "vlmask", "run", "recipes/mae.yaml", "train.batch_size=0",
+                          f"run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2])
+    assert "did you mean vlmask_after_optimizer_step?" in run.stderr, run.stderr
+    assert "train.batch_size" in run.stderr and run.returncode != 0
+
+
+def test_a_hook_marked_optional_is_not_reported():
+    class Optional:
+        @staticmethod
+        @hookimpl(optionalhook=True)
+        def vlmask_some_future_hook():
+            pass
+
+    plugins = load_plugins(extra=[("optional", Optional())])
+    assert not [f for f in plugins.failures if f.plugin == "optional"]
 
 
 def test_every_hook_is_documented():
