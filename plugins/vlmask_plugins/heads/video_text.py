@@ -46,6 +46,16 @@ class VideoTextInfoNCEHead(nn.Module):
     "patch-average"``) or one random such token (``"patch"``, Table 3a); clips without a visible
     token inside fall back to all visible tokens, reported as stat ``fallback_rate``.
 
+    ``patch_iterations`` (Table 3a, "number of iteration"; sec. 4.2, "ActCLIP strategies"): the
+    paper contrasts "the average feature extracted from patches within the action area" with
+    "randomly selecting one patch within the action area", "repeated ... several times", and more
+    iterations approach the patch-average strategy. vlmask reads it as: N in-area tokens drawn at
+    random (with replacement) per clip and step, averaged into ONE pooled feature, scored by ONE
+    contrastive loss; as N grows the mean of the draws tends to the patch-average feature, which
+    is what the text says the results approach. (Until 2026-12 vlmask scored each draw by its own
+    loss and averaged the losses; that reading does not approach the patch-average feature and
+    was dropped.)
+
     Across processes (``gather`` and an initialised process group with more than one rank), z_V
     and z_T are gathered from every rank so that every clip of the global batch is a negative
     (open_clip, ``local_loss=False``; the FILS code does not). Each rank computes the loss of
@@ -114,7 +124,7 @@ class VideoTextInfoNCEHead(nn.Module):
             raise ValueError("head 'video_text_infonce' needs the student's video-to-text projection (text_dim)")
         stats: dict[str, Tensor] = {}
         if self.pooling == "mean":
-            draws = [out.visible_features.mean(dim=1)]
+            pooled = out.visible_features.mean(dim=1)
         else:
             if out.batch.action_box is None:
                 raise ValueError(
@@ -122,28 +132,26 @@ class VideoTextInfoNCEHead(nn.Module):
                     "to the manifest or an action-area detector, or use pooling='mean'"
                 )
             draws = []
-            for _ in range(self.patch_iterations):
-                pooled, fell_back = pool_visible_in_box(
+            for _ in range(self.patch_iterations):  # Table 3a: N random in-area patches, one averaged feature
+                drawn, fell_back = pool_visible_in_box(
                     out.visible_features, out.mask.visible, out.grid, out.batch.action_box, self.action_strategy
                 )
-                draws.append(pooled)
+                draws.append(drawn)
+            pooled = draws[0] if len(draws) == 1 else torch.stack(draws).mean(dim=0)
             stats["fallback_rate"] = fell_back.float().mean().detach()
         text = F.normalize(out.batch.text_embedding.float(), dim=-1)
         if self.gather:
             text = gather_with_local_gradient(text)
-        losses = []
-        for pooled in draws:
-            video = F.normalize(out.projection(pooled).float(), dim=-1)  # the loss in fp32 (see below)
-            if out.batch.text_embedding.shape != video.shape:
-                raise ValueError(
-                    f"head 'video_text_infonce': projected video features {tuple(video.shape)} do not match the text "
-                    f"embeddings {tuple(out.batch.text_embedding.shape)}; the projection must map to text_dim"
-                )
-            if self.gather:
-                video = gather_with_local_gradient(video)
-            with without_autocast(video.device):  # bf16 logits near 100 would step by 0.5
-                losses.append(symmetric_infonce(video, text, self.logit_scale.float().exp()))
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        video = F.normalize(out.projection(pooled).float(), dim=-1)  # the loss in fp32 (see below)
+        if out.batch.text_embedding.shape != video.shape:
+            raise ValueError(
+                f"head 'video_text_infonce': projected video features {tuple(video.shape)} do not match the text "
+                f"embeddings {tuple(out.batch.text_embedding.shape)}; the projection must map to text_dim"
+            )
+        if self.gather:
+            video = gather_with_local_gradient(video)
+        with without_autocast(video.device):  # bf16 logits near 100 would step by 0.5
+            loss = symmetric_infonce(video, text, self.logit_scale.float().exp())
         if self.turbo_weight:
             loss = loss / math.log(video.shape[0])
         stats["logit_scale"] = self.logit_scale.detach().exp()

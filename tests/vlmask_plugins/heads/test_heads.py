@@ -198,28 +198,30 @@ def test_actclip_patch_strategy_draws_one_in_box_token() -> None:
     assert drawn == {0, 2}  # random, not always the first
 
 
-def test_actclip_patch_iterations_average_the_loss_of_independent_draws() -> None:
-    """Table 3a's ``patch`` with N iterations: N random in-box tokens per clip, one InfoNCE per
-    draw, the loss their mean (the same global random stream, replayed by hand)."""
+def test_actclip_patch_iterations_average_the_draws_into_one_feature_and_one_loss() -> None:
+    """Table 3a's ``patch`` with N iterations (sec. 4.2): N random in-box tokens per clip,
+    averaged into one feature, one InfoNCE (the same global random stream, replayed by hand)."""
     features, visible, boxes = actclip_case()
     text, theta = torch.randn(3, 6), nn.Linear(5, 6)
     head = VideoTextInfoNCEHead(pooling="action_area", action_strategy="patch", patch_iterations=10)
     torch.manual_seed(11)
     loss, stats = head(step_outputs(features, visible, text, boxes, theta))
     torch.manual_seed(11)
-    by_hand = []
-    for _ in range(10):
-        pooled, _ = pool_visible_in_box(features, visible, GRID, boxes, "patch")
-        z_v, z_t = F.normalize(theta(pooled), dim=-1), F.normalize(text, dim=-1)
-        by_hand.append(symmetric_infonce(z_v, z_t, torch.tensor(1 / 0.07)))
-    torch.testing.assert_close(loss, torch.stack(by_hand).mean())
-    assert len({round(v.item(), 6) for v in by_hand}) > 1  # the draws differ
+    draws = [pool_visible_in_box(features, visible, GRID, boxes, "patch")[0] for _ in range(10)]
+    z_v, z_t = F.normalize(theta(torch.stack(draws).mean(dim=0)), dim=-1), F.normalize(text, dim=-1)
+    torch.testing.assert_close(loss, symmetric_infonce(z_v, z_t, torch.tensor(1 / 0.07)))
+    assert len({tuple(d.flatten().tolist()) for d in draws}) > 1  # the draws differ
     assert stats["fallback_rate"].item() == pytest.approx(1 / 3)
+    # many draws approach the patch-average feature (the paper: "approaching the patch-average strategy")
+    average, _ = pool_visible_in_box(features, visible, GRID, boxes, "patch-average")
+    many = torch.stack([pool_visible_in_box(features, visible, GRID, boxes, "patch")[0] for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(many, average, atol=0.1, rtol=0)
     torch.manual_seed(11)
     one_draw, _ = VideoTextInfoNCEHead(pooling="action_area", action_strategy="patch")(
         step_outputs(features, visible, text, boxes, theta)
     )
-    torch.testing.assert_close(one_draw, by_hand[0])
+    z_one = F.normalize(theta(draws[0]), dim=-1)
+    torch.testing.assert_close(one_draw, symmetric_infonce(z_one, z_t, torch.tensor(1 / 0.07)))
     with pytest.raises(ValueError, match="patch_iterations > 1 needs"):
         VideoTextInfoNCEHead(pooling="action_area", patch_iterations=10)  # patch-average has nothing to draw
     with pytest.raises(ValueError, match="positive integer"):
