@@ -5,8 +5,8 @@
   ``teacher <- tau * teacher + (1 - tau) * student`` applied to the student's weights of that step.
 * The contrastive head's learnable logit scale is clamped to at most ``log(100)`` (open_clip,
   CLIP sec. 2.5) in a real run: the clamp is a lifecycle hook the engine must register.
-* The language-space target (FILS eq. 7-8) projects the teacher's features with the teacher's
-  copy of the projection theta, not the student's.
+* The language-space target (FILS eq. 7-8) projects the teacher's features with the projection
+  theta its ``projection`` names: the student's (default, eq. 7's text) or the teacher's EMA copy.
 """
 
 from __future__ import annotations
@@ -98,8 +98,12 @@ def test_the_logit_scale_is_clamped_to_log_100_in_a_real_run(fils_overrides: lis
     assert all(m["actclip/logit_scale"] <= 100.0 + 1e-3 for m in logged[1:]), [m["actclip/logit_scale"] for m in logged]
 
 
-def test_the_language_space_target_projects_the_teacher_side_with_the_teachers_projection(fils_overrides: list[str]) -> None:
-    recipe = load_recipe(RECIPES / "fils.yaml", fils_overrides)
+@pytest.mark.parametrize("projection", [None, "student", "teacher"])
+def test_the_language_space_target_projects_the_teacher_side_with_the_projection_it_names(
+    fils_overrides: list[str], projection: str | None
+) -> None:
+    chosen = [] if projection is None else [f"targets.fp.projection={projection}"]
+    recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, *chosen])
     trainer = Trainer(recipe, load_plugins())
     try:
         teacher_projection = trainer.teacher.module("projection")
@@ -120,10 +124,11 @@ def test_the_language_space_target_projects_the_teacher_side_with_the_teachers_p
                 target = F.normalize(projection(teacher_tokens), dim=-1)
                 return (prediction - target).abs().sum(-1).mean().item()
 
-            by_hand, with_students = loss_with(teacher_projection), loss_with(student_projection)
+            with_teachers, with_students = loss_with(teacher_projection), loss_with(student_projection)
 
         logged = trainer.train_step(batch, 0)
     finally:
         trainer.close()
-    assert abs(by_hand - with_students) > 0.05, "the two projections must give different losses for the test to tell"
+    assert abs(with_teachers - with_students) > 0.05, "the two projections must give different losses for the test to tell"
+    by_hand = with_teachers if projection == "teacher" else with_students  # the default is the student's
     assert logged["fp"].item() == pytest.approx(by_hand, rel=1e-5, abs=1e-6)

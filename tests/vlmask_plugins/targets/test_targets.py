@@ -206,27 +206,32 @@ def language_case() -> tuple[TokenGrid, Mask, torch.Tensor, torch.Tensor, nn.Lin
 
 def test_language_space_loss_is_eq8_and_d_times_element_mean_l1() -> None:
     grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
-    loss = LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta))
+    out = outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta)
     p = F.normalize(student_theta(predictions), dim=-1)
-    g = F.normalize(teacher_theta(gather_tokens(teacher, mask.predict)), dim=-1)
-    torch.testing.assert_close(loss, (p - g).abs().sum(-1).mean())
-    torch.testing.assert_close(loss, 10 * F.l1_loss(p, g))  # D = 10: eq. 8 is D times the element mean
-    # the target uses the teacher's theta, not the student's
+    g_teacher = F.normalize(teacher_theta(gather_tokens(teacher, mask.predict)), dim=-1)
     g_student = F.normalize(student_theta(gather_tokens(teacher, mask.predict)), dim=-1)
-    assert not torch.allclose(loss, (p - g_student).abs().sum(-1).mean())
+    by_teacher = LanguageSpaceTarget(projection="teacher")(out)
+    torch.testing.assert_close(by_teacher, (p - g_teacher).abs().sum(-1).mean())
+    torch.testing.assert_close(by_teacher, 10 * F.l1_loss(p, g_teacher))  # D = 10: eq. 8 is D times the element mean
+    # the default maps the target with the student's theta (eq. 7: "the same vision mapping in Eq. 4"),
+    # even when the teacher holds a copy
+    torch.testing.assert_close(LanguageSpaceTarget()(out), (p - g_student).abs().sum(-1).mean())
+    assert not torch.allclose(by_teacher, LanguageSpaceTarget()(out))
 
 
-def test_language_space_target_side_has_no_gradient() -> None:
+@pytest.mark.parametrize("projection", ["student", "teacher"])
+def test_language_space_target_side_has_no_gradient(projection: str) -> None:
     grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
-    LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta)).backward()
+    target = LanguageSpaceTarget(projection=projection)
+    target(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta)).backward()
     assert teacher.grad is None
     assert all(p.grad is None for p in teacher_theta.parameters())
     assert predictions.grad is not None and student_theta.weight.grad is not None
 
 
-def test_language_space_without_teacher_copy_uses_student_theta_under_no_grad() -> None:
-    grid, mask, teacher, predictions, student_theta, _ = language_case()
-    LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta)).backward()
+def test_language_space_student_projection_maps_the_target_under_no_grad() -> None:
+    grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
+    LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta)).backward()
     assert teacher.grad is None
     actual = student_theta.weight.grad.clone()
     # Expected gradient: only through p, with g a constant computed by the same theta.
@@ -245,7 +250,7 @@ def test_language_space_without_teacher_copy_uses_student_theta_under_no_grad() 
 
 def test_language_space_smooth_l1_mean_is_the_released_code_option() -> None:
     grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
-    loss = LanguageSpaceTarget(loss="smooth_l1_mean")(
+    loss = LanguageSpaceTarget(loss="smooth_l1_mean", projection="teacher")(
         outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta)
     )
     p = F.normalize(student_theta(predictions), dim=-1)
@@ -255,6 +260,10 @@ def test_language_space_smooth_l1_mean_is_the_released_code_option() -> None:
 
 def test_language_space_needs_projection_teacher_and_predictor() -> None:
     grid, mask, teacher, predictions, student_theta, _ = language_case()
+    with pytest.raises(ValueError, match="projection='teacher' needs a teacher that holds a copy"):
+        LanguageSpaceTarget(projection="teacher")(outputs(grid, mask, None, predictions, teacher, student_theta))
+    with pytest.raises(ValueError, match="projection must be one of student, teacher"):
+        LanguageSpaceTarget(projection="ema")
     with pytest.raises(ValueError, match="projection"):
         LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher))
     with pytest.raises(ValueError, match="teacher"):
@@ -322,7 +331,8 @@ def test_dense_infonce_requires_a_teacher_and_positive_temperature() -> None:
 def test_language_space_loss_is_computed_in_fp32_under_bf16_autocast() -> None:
     grid, mask, teacher, predictions, student_theta, teacher_theta = language_case()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = LanguageSpaceTarget()(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta))
+        target = LanguageSpaceTarget(projection="teacher")
+        loss = target(outputs(grid, mask, None, predictions, teacher, student_theta, teacher_theta))
         p = student_theta(predictions).float()  # theta in bf16, as autocast runs it
         g = teacher_theta(gather_tokens(teacher, mask.predict)).float()
     assert loss.dtype == torch.float32
