@@ -30,9 +30,14 @@ Formats (the official files, read as they are distributed):
     ``caption`` = folder name with ``_`` read as a space.
 
 A line that cannot be written (a missing video, a bad timestamp, an empty segment, a missing
-value) is dropped, counted and named in the :class:`ImportReport`; never fatal. A file that is
-not in its format at all (unparseable JSON, a CSV without the required columns) raises
-:class:`AnnotationError`, one line naming the file and line.
+value, a value that is not what its column holds, such as a class ``'²'`` or a time ``inf``) is
+dropped, counted and named in the :class:`ImportReport`; never fatal, and never written half
+(a labelled file's line without its label or caption is dropped, not written bare). A repeated
+entry (EPIC ``narration_id``, SSv2 ``id``, Kinetics clip, one video reached from two class
+folders) is written once, at its first place; every later one is dropped as ``duplicate``,
+naming that first place. A file that is not in its format at all (unparseable JSON, nested too
+deeply, a CSV without the required columns) raises :class:`AnnotationError`, one line naming
+the file and line.
 """
 
 from __future__ import annotations
