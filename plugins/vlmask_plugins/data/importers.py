@@ -129,11 +129,11 @@ def parse_timestamp(text: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def _value(row: dict[str, Any], key: str, where: str = "column") -> str:
+def _value(row: dict[str, Any], key: str) -> str:
     """The stripped text of ``row[key]``; a missing or blank one drops the entry, naming the key."""
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise _Drop("missing value", f"no value in {where} {key!r}")
+        raise _Drop("missing value", f"no value in column {key!r}")
     return str(value).strip()
 
 
@@ -334,7 +334,7 @@ def _ssv2(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], d
             if "template" in entry or "label" in entry:
                 out["label"] = ssv2_class(_ssv2_text(entry, "template"))
                 if not out["label"]:
-                    raise _Drop("bad value", f"template {entry['template']!r} is only brackets")
+                    raise _Drop("bad value", f"template {_short(entry['template'])} is only brackets")
                 out["caption"] = _ssv2_text(entry, "label")
             if "placeholders" in entry:
                 placeholders = entry["placeholders"]

@@ -401,7 +401,7 @@ def test_ssv2_entries_it_cannot_use_are_dropped_not_written_bare(tmp_path, clip,
         f"{name} entry 5: placeholders \"pen\" is not a list of text",
         f"{name} entry 6: id [\"6\"] is not a video id",
         f"{name} entry 7: id \"../ssv2/7\" is not a video id",
-        f"{name} entry 8: template '[]' is only brackets"]
+        f"{name} entry 8: template \"[]\" is only brackets"]
     assert "dropped 7 (bad value: 6, missing value: 1)" in printed
 
 
