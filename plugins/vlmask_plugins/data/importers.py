@@ -358,7 +358,8 @@ def _kinetics(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[
             youtube_id = _value(row, "youtube_id")
             start, end = _whole_seconds(row, "time_start"), _whole_seconds(row, "time_end")
             if end <= start:
-                raise _Drop("empty segment", f"time_end {row['time_end'].strip()} is not after time_start {row['time_start'].strip()}")
+                raise _Drop("empty segment",
+                            f"time_end {row['time_end'].strip()} is not after time_start {row['time_start'].strip()}")
             name = f"{youtube_id}_{start:06d}_{end:06d}"
             seen.check(name)
             split = (row.get("split") or "").strip()

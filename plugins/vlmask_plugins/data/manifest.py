@@ -178,7 +178,7 @@ def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | No
                 continue
             try:
                 row = decode_json(text)
-            except JSONValueError as error:  # one bad line (even 100k deep, or a 5,000-digit number), not the end of the run
+            except JSONValueError as error:  # one bad line (even 100k deep, a 5,000-digit number), not the end
                 yield number, None, None, str(error) + (f" at column {error.column}" if error.column else "")
                 continue
             try:
