@@ -30,9 +30,14 @@ Formats (the official files, read as they are distributed):
     ``caption`` = folder name with ``_`` read as a space.
 
 A line that cannot be written (a missing video, a bad timestamp, an empty segment, a missing
-value) is dropped, counted and named in the :class:`ImportReport`; never fatal. A file that is
-not in its format at all (unparseable JSON, a CSV without the required columns) raises
-:class:`AnnotationError`, one line naming the file and line.
+value, a value that is not what its column holds, such as a class ``'²'`` or a time ``inf``) is
+dropped, counted and named in the :class:`ImportReport`; never fatal, and never written half
+(a labelled file's line without its label or caption is dropped, not written bare). A repeated
+entry (EPIC ``narration_id``, SSv2 ``id``, Kinetics clip, one video reached from two class
+folders) is written once, at its first place; every later one is dropped as ``duplicate``,
+naming that first place. A file that is not in its format at all (unparseable JSON, nested too
+deeply, a CSV without the required columns) raises :class:`AnnotationError`, one line naming
+the file and line.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -48,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vlmask_plugins.data.manifest import write_manifest
+from vlmask_plugins.data.manifest import JSONValueError, decode_json, write_manifest, write_text_atomic
 
 FORMATS: tuple[str, ...] = ("epic-kitchens-100", "ssv2", "kinetics", "folders")
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
@@ -105,7 +111,7 @@ class _Drop(Exception):
 
 # --------------------------------------------------------------------------- helpers
 
-_TIMESTAMP = re.compile(r"^\s*(\d+):([0-5]\d):(\d\d(?:\.\d+)?)\s*$")
+_TIMESTAMP = re.compile(r"^\s*(\d+):([0-5]\d):(\d\d(?:\.\d+)?)\s*$", re.ASCII)
 
 
 def parse_timestamp(text: str) -> float:
@@ -124,10 +130,58 @@ def parse_timestamp(text: str) -> float:
 
 
 def _value(row: dict[str, Any], key: str) -> str:
+    """The stripped text of ``row[key]``; a missing or blank one drops the entry, naming the key."""
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise _Drop("missing value", f"no value in column {key!r}")
     return str(value).strip()
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _class_index(row: dict[str, str], key: str) -> int:
+    """A class number (EPIC ``verb_class``): ASCII digits only. ``str.isdigit`` is true for
+    ``'²'``, which ``int`` refuses, and ``int`` takes ``'٣'``; neither is a class number."""
+    text = _value(row, key)
+    if not _ASCII_DIGITS.fullmatch(text):
+        raise _Drop("bad value", f"{key} {text!r} is not an integer >= 0")
+    return int(text)
+
+
+def _whole_seconds(row: dict[str, str], key: str) -> int:
+    """A Kinetics ``time_start``/``time_end``: a whole number of seconds >= 0 (``417`` or
+    ``417.0``). ``int(float(...))`` would raise OverflowError on ``inf``, ValueError on ``nan``,
+    and silently truncate ``417.5`` or accept ``-3`` into a file name that is never found."""
+    text = _value(row, key)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0 and seconds.is_integer()):
+        raise _Drop("bad time", f"{key} {text!r} is not a whole number of seconds >= 0")
+    return int(seconds)
+
+
+class _FirstSeen:
+    """The entries written so far, by the key that makes an entry unique in its format (EPIC's
+    ``narration_id``, SSv2's ``id``, ...): a later entry with a key already written is a
+    duplicate. Written twice, a clip would be trained on twice and counted twice by evaluation,
+    or sit under two classes; so the first is kept and every other one dropped, naming it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._first: dict[str, str] = {}
+
+    def check(self, key: str) -> None:
+        """Drop the entry when ``key`` was written before (call before the costlier checks)."""
+        if key in self._first:
+            raise _Drop("duplicate", f"duplicate {self.what} {key!r} (first at {self._first[key]})")
+
+    def add(self, key: str, place: str) -> None:
+        """Record ``key`` as written at ``place`` (``line 7``, ``entry 3``): call last, when
+        nothing can drop the entry any more."""
+        self._first.setdefault(key, place)
 
 
 def _first_existing(candidates: list[Path]) -> Path:
@@ -181,10 +235,16 @@ def _one_line(error: BaseException) -> str:
 
 
 def _epic(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """EPIC_100_*.csv. A column the file has must hold a value on every line: ``verb``/``noun``
+    (the label), ``narration`` (the caption) and ``verb_class``/``noun_class`` (integers); the
+    test split's file has none of them and imports without labels."""
     required = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp")
+    seen = _FirstSeen("narration_id")
     for line, row in _read_csv(annotations, required):
 
-        def make(row: dict[str, str] = row) -> dict[str, Any]:
+        def make(row: dict[str, str] = row, line: int = line) -> dict[str, Any]:
+            narration_id = _value(row, "narration_id")
+            seen.check(narration_id)
             participant, video_id = _value(row, "participant_id"), _value(row, "video_id")
             times = {}
             for key in ("start_timestamp", "stop_timestamp"):
@@ -195,21 +255,19 @@ def _epic(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], d
             start, end = times["start_timestamp"], times["stop_timestamp"]
             if end <= start:
                 raise _Drop("empty segment", f"stop_timestamp {row['stop_timestamp']} is not after start_timestamp {row['start_timestamp']}")
+            labels: dict[str, Any] = {}
+            if "verb" in row or "noun" in row:  # a labelled split: both, on every line
+                verb, noun = _value(row, "verb"), _value(row, "noun")
+                labels.update(verb=verb, noun=noun, label=f"{verb} {noun}")
+            if "narration" in row:
+                labels["caption"] = _value(row, "narration")
+            classes = {key: _class_index(row, key) for key in ("verb_class", "noun_class") if key in row}
             folder = videos / participant
             path = _first_existing([folder / "videos" / f"{video_id}.MP4", folder / "videos" / f"{video_id}.mp4",
                                     folder / f"{video_id}.MP4", folder / f"{video_id}.mp4"])
-            out: dict[str, Any] = {"video": path, "start": start, "end": end}
-            verb, noun = (row.get("verb") or "").strip(), (row.get("noun") or "").strip()
-            if verb and noun:
-                out.update(verb=verb, noun=noun, label=f"{verb} {noun}")
-            if (row.get("narration") or "").strip():
-                out["caption"] = row["narration"].strip()
-            for key in ("narration_id", "participant_id", "video_id"):
-                out[key] = row[key].strip()
-            for key in ("verb_class", "noun_class"):
-                if (row.get(key) or "").strip().lstrip("-").isdigit():
-                    out[key] = int(row[key])
-            return out
+            seen.add(narration_id, f"line {line}")
+            return {"video": path, "start": start, "end": end, **labels, "narration_id": narration_id,
+                    "participant_id": participant, "video_id": video_id, **classes}
 
         yield f"{annotations.name} line {line}", make
 
@@ -223,7 +281,28 @@ def ssv2_class(template: str) -> str:
     return re.sub(r"\s+", " ", template.replace("[", "").replace("]", "")).strip()
 
 
+def _ssv2_text(entry: dict[str, Any], key: str) -> str:
+    """``entry[key]`` as non-blank text; anything else drops the entry, naming the key and value."""
+    value = entry.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _Drop("missing value", f"no value for key {key!r}")
+    if not isinstance(value, str):
+        raise _Drop("bad value", f"{key} {_short(value)} is not text")
+    return value.strip()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut to ``limit`` characters (a reason stays one short line)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _ssv2(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """something-something-v2-*.json. An entry with a ``template`` or a ``label`` is labelled
+    and needs both as text (class and caption); the test split's entries hold an ``id`` alone."""
     try:
         text = annotations.read_text(encoding="utf-8-sig")
     except OSError as error:
@@ -231,48 +310,69 @@ def _ssv2(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], d
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{annotations}: not UTF-8 text ({_one_line(error)})") from None
     try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AnnotationError(f"{annotations} line {error.lineno}: invalid JSON ({error.msg})") from None
+        entries = decode_json(text)
+    except JSONValueError as error:  # the manifest reader's guard: also [[[...]]] 100k deep
+        where = f" line {error.line}" if error.line else ""
+        raise AnnotationError(f"{annotations}{where}: invalid JSON ({error.reason})") from None
     if not isinstance(entries, list):
         raise AnnotationError(f"{annotations} line 1: expected a JSON list of {{id, label, template, placeholders}}, got {type(entries).__name__}")
+    seen = _FirstSeen("id")
     for number, entry in enumerate(entries, start=1):
 
-        def make(entry: Any = entry) -> dict[str, Any]:
+        def make(entry: Any = entry, number: int = number) -> dict[str, Any]:
             if not isinstance(entry, dict):
                 raise _Drop("not an object", f"expected an object with id/label/template, got {type(entry).__name__}")
-            video_id = _value(entry, "id")
+            raw_id = entry.get("id")
+            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+                raise _Drop("missing value", "no value for key 'id'")
+            video_id = str(raw_id).strip()
+            if (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))
+                    or video_id in (".", "..") or "/" in video_id or "\\" in video_id):
+                raise _Drop("bad value", f"id {_short(raw_id)} is not a video id")
+            seen.check(video_id)
+            out: dict[str, Any] = {"id": video_id}
+            if "template" in entry or "label" in entry:
+                out["label"] = ssv2_class(_ssv2_text(entry, "template"))
+                if not out["label"]:
+                    raise _Drop("bad value", f"template {_short(entry['template'])} is only brackets")
+                out["caption"] = _ssv2_text(entry, "label")
+            if "placeholders" in entry:
+                placeholders = entry["placeholders"]
+                if not (isinstance(placeholders, list) and all(isinstance(p, str) for p in placeholders)):
+                    raise _Drop("bad value", f"placeholders {_short(placeholders)} is not a list of text")
+                out["placeholders"] = placeholders
             path = _first_existing([videos / f"{video_id}.webm", videos / f"{video_id}.mp4"])
-            out: dict[str, Any] = {"video": path, "id": video_id}
-            if isinstance(entry.get("template"), str) and entry["template"].strip():
-                out["label"] = ssv2_class(entry["template"])
-            if isinstance(entry.get("label"), str) and entry["label"].strip():
-                out["caption"] = entry["label"].strip()
-            if isinstance(entry.get("placeholders"), list):
-                out["placeholders"] = [str(p) for p in entry["placeholders"]]
-            return out
+            seen.add(video_id, f"entry {number}")
+            return {"video": path, **out}
 
         yield f"{annotations.name} entry {number}", make
 
 
 def _kinetics(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """Kinetics train/validate/test.csv. With a ``label`` column, every line but those of split
+    ``test`` needs a label; a clip (``youtube_id`` and time window) is written once."""
+    seen = _FirstSeen("clip (youtube_id_start_end)")
     for line, row in _read_csv(annotations, ("youtube_id", "time_start", "time_end")):
 
-        def make(row: dict[str, str] = row) -> dict[str, Any]:
+        def make(row: dict[str, str] = row, line: int = line) -> dict[str, Any]:
             youtube_id = _value(row, "youtube_id")
-            try:
-                start, end = int(float(_value(row, "time_start"))), int(float(_value(row, "time_end")))
-            except ValueError:
-                raise _Drop("bad time", f"time_start/time_end {row.get('time_start')!r}/{row.get('time_end')!r} are not seconds") from None
-            label = (row.get("label") or "").strip()
-            split = (row.get("split") or "").strip()
+            start, end = _whole_seconds(row, "time_start"), _whole_seconds(row, "time_end")
+            if end <= start:
+                raise _Drop("empty segment",
+                            f"time_end {row['time_end'].strip()} is not after time_start {row['time_start'].strip()}")
             name = f"{youtube_id}_{start:06d}_{end:06d}"
+            seen.check(name)
+            split = (row.get("split") or "").strip()
+            label = (row.get("label") or "").strip()
+            if not label and "label" in row and split != "test":
+                raise _Drop("missing value", "no value in column 'label'")
             folders = [videos]
             if label:
                 folders += [videos / label, videos / label.replace(" ", "_")]
             if split:
                 folders += [videos / split] + ([videos / split / label, videos / split / label.replace(" ", "_")] if label else [])
             path = _first_existing([folder / f"{name}{suffix}" for folder in folders for suffix in (".mp4", ".mkv", ".webm")])
+            seen.add(name, f"line {line}")
             out: dict[str, Any] = {"video": path, "youtube_id": youtube_id}
             if label:
                 out.update(label=label, caption=label)
@@ -282,8 +382,11 @@ def _kinetics(annotations: Path, videos: Path) -> Iterator[tuple[str, Callable[[
 
 
 def _folders(videos: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """``<videos>/<class>/<clip>``. One video reached twice (a symbolic link in a second class
+    folder) is written once, under the first class in sorted order."""
     if not videos.is_dir():
         raise AnnotationError(f"{videos}: not a folder")
+    seen = _FirstSeen("video")
     for path in sorted(p for p in videos.rglob("*") if p.is_file() and not p.name.startswith(".")):
         relative = path.relative_to(videos)
 
@@ -292,6 +395,9 @@ def _folders(videos: Path) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]
                 raise _Drop("not a video", f"suffix {path.suffix or '(none)'} is not one of {', '.join(sorted(VIDEO_SUFFIXES))}")
             if len(relative.parts) < 2:
                 raise _Drop("no class folder", "not inside a class sub-folder")
+            target = str(path.resolve())
+            seen.check(target)
+            seen.add(target, str(relative))
             label = relative.parts[0]
             return {"video": path, "label": label, "caption": label.replace("_", " ")}
 
@@ -307,13 +413,15 @@ def import_manifest(format: str, annotations: str | Path | None, videos: str | P
 
     Video paths are written relative to ``out``'s folder. Returns the report; raises
     AnnotationError (one line) for an annotation file that is not in the format, ValueError for
-    an unknown format or a missing argument.
+    an unknown format or a missing argument, OSError naming ``out`` when it cannot be written.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     videos, out = Path(videos).expanduser(), Path(out).expanduser()
     if not videos.is_dir():
         raise ValueError(f"--videos {videos}: not a folder")
+    if out.is_dir():  # said before reading, not after a long import
+        raise ValueError(f"--out {out}: is a folder; name the manifest file to write")
     if format == "folders":
         entries = _folders(videos)
     else:
@@ -333,7 +441,10 @@ def import_manifest(format: str, annotations: str | Path | None, videos: str | P
             continue
         row["video"] = _relative(row["video"], out.parent)
         rows.append(row)
-    write_manifest(out, rows)
+    try:
+        write_manifest(out, rows)
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot write ({error.strerror or _one_line(error)})") from None
     report.written = len(rows)
     return report
 
@@ -360,10 +471,15 @@ def run_import_command(args: argparse.Namespace) -> int:
         return 2
     try:
         report = import_manifest(args.format, args.annotations, args.videos, args.out)
-    except (AnnotationError, ValueError) as error:
+    except (AnnotationError, ValueError, OSError) as error:
         print(f"vlmask data import: {error}", file=sys.stderr)
         return 2
     print(report.summary())
     if getattr(args, "report", None):
-        Path(args.report).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:
+            write_text_atomic(args.report, json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as error:
+            print(f"vlmask data import: --report {args.report}: cannot write ({error.strerror or _one_line(error)}); "
+                  f"the manifest {report.out} was written", file=sys.stderr)
+            return 2
     return 0 if report.written else 1

@@ -73,6 +73,35 @@ class _BadLine(ValueError):
     pass
 
 
+class JSONValueError(ValueError):
+    """JSON text that :func:`decode_json` refuses: ``reason`` (one line, e.g. ``nested too
+    deeply``) and, when the decoder knows it, the 1-based ``line`` and ``column`` in the text.
+    The caller names the file."""
+
+    def __init__(self, reason: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(f"invalid JSON: {reason}")
+        self.reason, self.line, self.column = reason, line, column
+
+
+def decode_json(text: str) -> Any:
+    """``json.loads``, with every way it can fail turned into :class:`JSONValueError`.
+
+    ``json.loads`` recurses once per ``[``/``{``, so ``[[[[...]]]]`` 100k deep raises
+    RecursionError, which no ``except ValueError`` catches; and an integer of more than 4,300
+    digits raises a plain ValueError without a position. Either would end a whole run or import
+    for one hostile value; here both are a one-line JSONValueError, for every reader of JSON that
+    users write (manifest lines, annotation files).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JSONValueError(error.msg, error.lineno, error.colno) from None
+    except RecursionError:
+        raise JSONValueError("nested too deeply") from None
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise JSONValueError(str(error).split(":")[0].strip() or "not JSON") from None
+
+
 def _optional_string(row: dict[str, Any], key: str) -> str | None:
     value = row.get(key)
     if value is None:
@@ -148,12 +177,9 @@ def read_manifest_rows(path: Path) -> Iterator[tuple[int, Any, ManifestClip | No
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield number, None, None, f"invalid JSON: {error.msg} at column {error.colno}"
-                continue
-            except RecursionError:  # e.g. [[[[...]]]] 100k deep: one bad line, not the end of the run
-                yield number, None, None, "invalid JSON: nested too deeply"
+                row = decode_json(text)
+            except JSONValueError as error:  # one bad line (even 100k deep, a 5,000-digit number), not the end
+                yield number, None, None, str(error) + (f" at column {error.column}" if error.column else "")
                 continue
             try:
                 yield number, row, parse_line(row, number, root), None

@@ -90,6 +90,18 @@ def test_a_line_nested_100k_deep_is_one_bad_line(tmp_path, video):
                                                             (3, "invalid JSON: nested too deeply")]
 
 
+
+def test_a_number_of_5000_digits_is_one_bad_line(tmp_path, video):
+    """json.loads raises a plain ValueError (not JSONDecodeError) for an integer over 4,300 digits:
+    it escaped the reader and ended the run."""
+    manifest = write(tmp_path / "m.jsonl", [json.dumps({"video": "clips/a.mp4"}),
+                                            '{"video": "clips/a.mp4", "frames": ' + "1" * 5000 + "}",
+                                            json.dumps({"video": "clips/a.mp4"})])
+    report = read_manifest(manifest)
+    assert [c.line for c in report.clips] == [1, 3]
+    assert [(s.line, s.reason) for s in report.skipped] == [
+        (2, "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion")]
+
 def test_a_utf8_byte_order_mark_keeps_the_first_line(tmp_path, video):
     manifest = tmp_path / "bom.jsonl"
     manifest.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"video": "clips/a.mp4", "caption": "first"}) + "\n"
