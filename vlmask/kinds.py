@@ -126,7 +126,9 @@ class Teacher(Protocol):
 
     ``forward(video)`` gives features of every token (B, N, D); ``update(student, step)`` is
     called once per optimizer step (an EMA moves, a frozen teacher does nothing);
-    ``module(name)`` returns the teacher's copy of a student part (``"projection"``) or None.
+    ``module(name)`` returns the teacher's copy of a student part (``"projection"``) or None;
+    ``init_share(step)`` is the share of its initial weights it still holds after ``step`` updates
+    (1.0 for a teacher that never moves; logged as ``teacher_init_share``).
     """
 
     def forward(self, video: Tensor) -> Tensor: ...
@@ -134,6 +136,8 @@ class Teacher(Protocol):
     def update(self, student: torch.nn.Module, step: int) -> None: ...
 
     def module(self, name: str) -> torch.nn.Module | None: ...
+
+    def init_share(self, step: int) -> float: ...
 
 
 @runtime_checkable

@@ -65,7 +65,7 @@ class EMAFormula:
 def test_the_ema_teacher_follows_the_student_after_every_optimizer_step(fils_overrides: list[str]) -> None:
     probe = EMAFormula()
     # tau 0.5: each update moves the teacher halfway, so a skipped update is far from the formula
-    recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, "teacher.tau_start=0.5", "teacher.tau_end=0.5",
+    recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, "~teacher.half_life_fraction", "teacher.tau_start=0.5", "teacher.tau_end=0.5",
                                                        "optim.warmup_lr=1e-3"])
     trainer = Trainer(recipe, load_plugins(extra=[("ema-probe", probe)]))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +33,17 @@ class EMATeacher(nn.Module):
     (step ``tau_steps + 1``) and then stays, V-JEPA's schedule ``tau_start + i * (tau_end -
     tau_start) / tau_steps`` for update ``i = step - 1``; ``tau_steps=None`` uses
     ``total_steps`` (the whole run). FILS: 0.996 -> 1.0; V-JEPA: 0.998 -> 1.0. Buffers are copied.
+
+    ``half_life_fraction`` (a vlmask option, not the paper's): a constant ``tau = 2 ** (-1 /
+    (half_life_fraction * total_steps))``, so the teacher's share of its initial (random) weights
+    halves every ``half_life_fraction`` of the run, whatever the run's length, and ends at
+    ``2 ** (-1 / half_life_fraction)`` (0.2: 3.1%). Why: FILS's 0.996 -> 1.0 is made for runs of
+    many thousand updates; over a demo's 200 updates it leaves the teacher about 67% its random
+    initialisation (:meth:`init_share`), so feature prediction mostly predicts random features.
+    Set with it, ``tau_start``/``tau_end``/``tau_steps`` must keep their defaults (they are unused).
+
+    :meth:`init_share` is the share of the initial weights the teacher still holds after ``step``
+    updates, the product of every update's tau (logged as ``teacher_init_share``).
     """
 
     def __init__(
@@ -42,8 +54,17 @@ class EMATeacher(nn.Module):
         tau_start: float = 0.996,
         tau_end: float = 1.0,
         tau_steps: int | None = None,
+        half_life_fraction: float | None = None,
     ) -> None:
         super().__init__()
+        if half_life_fraction is not None:
+            if isinstance(half_life_fraction, bool) or not 0.0 < float(half_life_fraction) <= 1.0:
+                raise ValueError(f"half_life_fraction must be in (0, 1] or None, got {half_life_fraction!r}")
+            if (tau_start, tau_end, tau_steps) != (0.996, 1.0, None):
+                raise ValueError(
+                    "half_life_fraction sets tau itself: leave tau_start, tau_end and tau_steps unset "
+                    "(or drop half_life_fraction, e.g. ~teacher.half_life_fraction on the command line)"
+                )
         if not 0.0 <= tau_start <= 1.0:
             raise ValueError(f"tau_start must be in [0, 1], got {tau_start}")
         if not 0.0 <= tau_end <= 1.0:
@@ -57,6 +78,10 @@ class EMATeacher(nn.Module):
         self.tau_start = float(tau_start)
         self.tau_end = float(tau_end)
         self.tau_steps = int(tau_steps) if tau_steps is not None else int(total_steps)
+        self.half_life_fraction = float(half_life_fraction) if half_life_fraction is not None else None
+        self.constant_tau = (
+            2.0 ** (-1.0 / (self.half_life_fraction * total_steps)) if self.half_life_fraction is not None else None
+        )
         if getattr(student, "encoder", None) is None:
             raise ValueError("teacher 'ema' needs a student with an encoder")
         self.copies = nn.ModuleDict(
@@ -84,9 +109,29 @@ class EMATeacher(nn.Module):
 
     def tau(self, step: int) -> float:
         """The momentum of the update after optimizer step ``step`` (1-based; the first update is step 1)."""
+        if self.constant_tau is not None:
+            return self.constant_tau
         updates_before = min(max(step - 1, 0), self.tau_steps)
         progress = updates_before / self.tau_steps
         return self.tau_start + (self.tau_end - self.tau_start) * progress
+
+    def init_share(self, step: int) -> float:
+        """The share of its initial weights the teacher holds after ``step`` updates: the product of
+        the taus of updates 1..step (each update keeps tau of what the teacher held).
+
+        >>> class Student(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.encoder = nn.Linear(2, 2)
+        >>> round(EMATeacher(Student(), total_steps=200).init_share(200), 2)  # FILS's schedule over 200 steps
+        0.67
+        >>> round(EMATeacher(Student(), total_steps=200, half_life_fraction=0.2).init_share(200), 4)
+        0.0312
+        """
+        if step <= 0:
+            return 1.0
+        if self.constant_tau is not None:
+            return self.constant_tau**step
+        return float(np.prod([self.tau(s) for s in range(1, step + 1)]))
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:

@@ -53,6 +53,10 @@ class FrozenTeacher(nn.Module):
     def module(self, name: str) -> nn.Module | None:
         return self.encoder if name == "encoder" else None
 
+    def init_share(self, step: int) -> float:
+        """A frozen teacher never moves: it holds all of its initial weights."""
+        return 1.0
+
     def train(self, mode: bool = True) -> "FrozenTeacher":
         super().train(mode)
         self.encoder.eval()

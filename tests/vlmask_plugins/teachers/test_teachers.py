@@ -3,6 +3,8 @@ an update after every optimizer step) and a frozen network."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,38 @@ def test_ema_state_dict_round_trips_for_resume() -> None:
     assert original.keys() == loaded.keys()  # parameters and buffers
     for key in original:
         assert torch.equal(original[key], loaded[key]), key
+
+
+def test_init_share_is_the_product_of_the_taus_and_matches_a_real_teacher() -> None:
+    """The diagnostic is the real share: a teacher whose student is all zeros holds exactly its
+    initial weights times init_share after any number of updates."""
+    for kwargs in ({}, {"tau_start": 0.9, "tau_end": 0.99, "tau_steps": 5}, {"half_life_fraction": 0.25}):
+        torch.manual_seed(0)
+        student = TinyStudent()
+        teacher = EMATeacher(student, total_steps=12, **kwargs)
+        initial = teacher.module("projection").weight.detach().clone()
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.zero_()
+        for step in range(1, 13):
+            teacher.update(student, step)
+            share = teacher.init_share(step)
+            assert share == pytest.approx(math.prod(teacher.tau(s) for s in range(1, step + 1)))
+            torch.testing.assert_close(teacher.module("projection").weight, initial * share)
+        assert teacher.init_share(0) == 1.0
+
+
+def test_half_life_fraction_halves_the_initial_share_every_fraction_of_the_run() -> None:
+    for total in (20, 200, 100_000):
+        teacher = EMATeacher(TinyStudent(), total_steps=total, half_life_fraction=0.2)
+        assert teacher.init_share(total // 5) == pytest.approx(0.5)
+        assert teacher.init_share(total) == pytest.approx(2.0**-5)  # 3.1% left at the end, whatever the length
+    # FILS's schedule compressed into 200 updates leaves the teacher about two thirds random
+    assert EMATeacher(TinyStudent(), total_steps=200).init_share(200) == pytest.approx(0.67, abs=0.01)
+    with pytest.raises(ValueError, match="half_life_fraction must be in"):
+        EMATeacher(TinyStudent(), total_steps=10, half_life_fraction=0.0)
+    with pytest.raises(ValueError, match="leave tau_start, tau_end and tau_steps unset"):
+        EMATeacher(TinyStudent(), total_steps=10, half_life_fraction=0.2, tau_start=0.99)
 
 
 def test_ema_argument_errors() -> None:
