@@ -1,5 +1,5 @@
 """CoCLR's two streams as one head (Han, Xie & Zisserman, "Self-supervised Co-training for Video
-Representation Learning", NeurIPS 2020; thesis ch. 4, eq. 4.2-4.5).
+Representation Learning", NeurIPS 2020; thesis ch. 4, eq. 4.1-4.5).
 
 The RGB stream is the student's encoder; the optical-flow stream is a second encoder of the
 same architecture, owned by this head. Each stream has a projection MLP, a momentum (MoCo)
@@ -16,10 +16,10 @@ Two switches (``stage_settable``: a recipe's ``stages`` change them between step
     ``both`` (stage 1: each stream learns alone), ``rgb`` or ``flow`` (stage 2's alternation:
     the other stream runs without gradient and only mines positives).
 ``positives``
-    ``self``: InfoNCE with the momentum queue, the clip's own key the only positive (eq. 4.2);
-    ``topk``: multi-instance InfoNCE (eq. 4.4) whose positives are the clip plus the ``topk``
-    queue entries nearest to it in the OTHER stream (eq. 4.3); ``labels``: UberNCE, the clips of
-    the same class (eq. 4.5, the supervised upper bound; needs labels).
+    ``self``: InfoNCE with the momentum queue, the clip's own key the only positive (eq. 4.1);
+    ``topk``: multi-instance InfoNCE (eq. 4.2 RGB, 4.4 flow) whose positives are the clip plus the ``topk``
+    queue entries nearest to it in the OTHER stream (eq. 4.3, 4.5); ``labels``: UberNCE, the clips of
+    the same class (sec. 4.3.1, an unnumbered equation; the supervised upper bound; needs labels).
 
 Views (CoCLR's data, Han et al. sec. 4.1): the query is the clip as loaded; the key is, with
 ``key_view="clip"`` (the default, as CoCLR), the dataset's second clip of the same video
@@ -96,8 +96,8 @@ def crop_resize(video: Tensor, top: int, left: int, height: int, width: int) -> 
 
 class CoCLRHead(nn.Module):
     """CoCLR (Han et al., NeurIPS 2020): RGB and optical-flow streams, each a MoCo with a queue;
-    InfoNCE per stream (eq. 4.2), co-training with top-K positives mined in the other stream
-    (eq. 4.3-4.4), or UberNCE's label positives (eq. 4.5).
+    InfoNCE per stream (eq. 4.1), co-training with top-K positives mined in the other stream
+    (eq. 4.2-4.5), or UberNCE's label positives (sec. 4.3.1).
 
     ``encoder`` (injected) is the student's encoder: the RGB stream, and the architecture the
     flow stream copies (re-initialised). ``dim`` is the projection width, ``queue_size`` the

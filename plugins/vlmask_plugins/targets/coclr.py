@@ -1,13 +1,13 @@
 """CoCLR's losses as pure functions (Han, Xie & Zisserman, "Self-supervised Co-training for
-Video Representation Learning", NeurIPS 2020; thesis ch. 4, eq. 4.2-4.5).
+Video Representation Learning", NeurIPS 2020; thesis ch. 4, eq. 4.1-4.5).
 
 CoCLR trains an RGB and an optical-flow stream, each with a momentum (MoCo) encoder and a
 queue of the momentum encoder's past keys. Stage 1 trains each stream alone with InfoNCE
-(:func:`queue_infonce`, eq. 4.2). Stage 2 alternates streams: the positives of a clip in one
+(:func:`queue_infonce`, eq. 4.1). Stage 2 alternates streams: the positives of a clip in one
 stream are the clip itself plus the clips whose *other-stream* features are its top-K
-neighbours in the other stream's queue (:func:`topk_positive_mask`, eq. 4.3), scored with the
-multi-instance InfoNCE (:func:`multi_instance_infonce`, eq. 4.4). UberNCE, the oracle upper
-bound, takes the positives from the labels instead (:func:`label_positive_mask`, eq. 4.5).
+neighbours in the other stream's queue (:func:`topk_positive_mask`, eq. 4.3 and 4.5), scored with the
+multi-instance InfoNCE (:func:`multi_instance_infonce`, eq. 4.2 and 4.4). UberNCE, the oracle upper
+bound, takes the positives from the labels instead (:func:`label_positive_mask`, sec. 4.3.1, unnumbered).
 
 Every function works on L2-normalised (B, D) queries and keys and a (Q, D) queue; the logits
 are ``[q . k, q . queue] / temperature`` with the clip's own key in column 0. The two-stream
@@ -39,7 +39,7 @@ def queue_logits(query: Tensor, key: Tensor, queue: Tensor, temperature: float =
 
 
 def queue_infonce(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.07) -> Tensor:
-    """InfoNCE with a momentum queue (MoCo; CoCLR eq. 4.2): ``CE(logits, 0)`` averaged over the
+    """InfoNCE with a momentum queue (MoCo; thesis eq. 4.1): ``CE(logits, 0)`` averaged over the
     batch; the only positive is the clip's own key, every queue entry a negative."""
     logits = queue_logits(query, key, queue, temperature)
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
@@ -48,7 +48,7 @@ def queue_infonce(query: Tensor, key: Tensor, queue: Tensor, temperature: float 
 def multi_instance_infonce(
     query: Tensor, key: Tensor, queue: Tensor, positives: Tensor, temperature: float = 0.07
 ) -> Tensor:
-    """Multi-instance InfoNCE (CoCLR eq. 4.4): ``-log sum_{p in P_i} softmax(logits_i)_p``,
+    """Multi-instance InfoNCE (thesis eq. 4.2 for RGB, 4.4 for flow): ``-log sum_{p in P_i} softmax(logits_i)_p``,
     averaged over the batch.
 
     ``positives`` (B, 1 + Q) bool marks P_i over the columns of :func:`queue_logits` (column 0,
@@ -67,7 +67,7 @@ def multi_instance_infonce(
 
 
 def topk_positive_mask(other_query: Tensor, other_queue: Tensor, k: int) -> Tensor:
-    """CoCLR's mined positives (eq. 4.3): (B, 1 + Q) bool, column 0 (the clip itself) plus the
+    """CoCLR's mined positives (eq. 4.3 for RGB, 4.5 for flow): (B, 1 + Q) bool, column 0 (the clip itself) plus the
     ``k`` queue entries most similar to the clip in the OTHER stream (``other_query .
     other_queue``, top-K). The two streams' queues hold the same clips in the same order, so
     the indices mark positives in this stream's queue.
@@ -86,8 +86,8 @@ def topk_positive_mask(other_query: Tensor, other_queue: Tensor, k: int) -> Tens
 
 
 def label_positive_mask(labels: Tensor, queue_labels: Tensor) -> Tensor:
-    """UberNCE's positives (CoCLR eq. 4.5, the supervised upper bound): (B, 1 + Q) bool, column 0
-    plus every queue entry with the clip's label.
+    """UberNCE's positives (thesis sec. 4.3.1, an unnumbered equation; the supervised upper
+    bound): (B, 1 + Q) bool, column 0 plus every queue entry with the clip's label.
 
     >>> label_positive_mask(torch.tensor([2, 5]), torch.tensor([5, 2, 2])).tolist()
     [[True, False, True, True], [True, True, False, False]]

@@ -1,4 +1,4 @@
-"""CoCLR's head (eq. 4.2-4.5): hand-checked wiring of queries, keys, queues and positives, the
+"""CoCLR's head (thesis eq. 4.1-4.5): hand-checked wiring of queries, keys, queues and positives, the
 momentum update, stage switches; then the recipes end to end at tiny scale on real H.264 clips
 with DIS flow from the loader: the loss is finite and a run SIGKILLed in stage 2 resumes exactly."""
 

@@ -1,4 +1,4 @@
-"""CoCLR's losses (thesis eq. 4.2-4.5) on inputs small enough to compute by hand."""
+"""CoCLR's losses (thesis eq. 4.1-4.5, UberNCE sec. 4.3.1) on inputs small enough to compute by hand."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def test_doctests() -> None:
 
 
 def test_queue_infonce_by_hand() -> None:
-    """eq. 4.2: -log(e / (e + 1 + e^-1)) = log(1 + e^-1 + e^-2) = 0.407606."""
+    """eq. 4.1: -log(e / (e + 1 + e^-1)) = log(1 + e^-1 + e^-2) = 0.407606."""
     assert queue_infonce(QUERY, KEY, QUEUE, temperature=1.0).item() == pytest.approx(0.407606, abs=1e-6)
 
 
 def test_multi_instance_infonce_sums_the_positive_probabilities() -> None:
-    """eq. 4.4 with P = {own key, queue 0}: -log((e + 1) / (e + 1 + e^-1)) = 0.094344; with the
+    """eq. 4.2/4.4 with P = {own key, queue 0}: -log((e + 1) / (e + 1 + e^-1)) = 0.094344; with the
     own key only it is eq. 4.2."""
     positives = torch.tensor([[True, True, False]])
     assert multi_instance_infonce(QUERY, KEY, QUEUE, positives, 1.0).item() == pytest.approx(0.094344, abs=1e-6)
