@@ -626,7 +626,19 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
             planned.append(_Planned(str(recipe_path), seed, run_dir, run_overrides))
     if problems:
         raise RecipeError(problems)
+    refuse_busy_runs([run.run_dir for run in planned])
     return planned
+
+
+def refuse_busy_runs(run_dirs: Sequence[Path]) -> None:
+    """Raise ``RunDirBusy`` naming every run directory of the comparison that a live process
+    trains in now (``vlmask run``, another compare), before anything trains: the compare would
+    otherwise record it as a failed run and go on (vlmask.rundir.busy_holder takes no lock)."""
+    from vlmask.rundir import RunDirBusy, busy_holder
+
+    busy = [f"{run_dir} is in use by {holder}" for run_dir in run_dirs if (holder := busy_holder(run_dir))]
+    if busy:
+        raise RunDirBusy("; ".join(busy) + "; wait for it to finish, stop it, or compare into another --out")
 
 
 def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
@@ -645,7 +657,9 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     overrides do not change training, so a finished run is reused with other ones (the long
     probe in one command: ``evaluation.evaluators.attentive_probe.epochs=100``).
     A run that fails (training or evaluation) is reported in ``comparison.json``'s ``failed``
-    list and on stderr; the others still run and are tabulated.
+    list and on stderr; the others still run and are tabulated (``vlmask compare`` then exits 1).
+    A run directory another process trains in raises ``RunDirBusy`` (exit 2): before anything
+    trains when it is busy at the start (:func:`refuse_busy_runs`), at once when it becomes so.
     ``seeds=None`` runs each recipe once with the seed it sets (after ``overrides``).
     ``out_dir=None``: a new folder ``runs/compare-<time>``. ``baseline`` (a recipe path or stem
     given in ``recipes``) adds the paired differences to it (``paired``; see vlmask.statistics).
@@ -653,6 +667,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     from vlmask.checkpoint import latest_checkpoint
     from vlmask.engine import Trainer, is_finished
     from vlmask.flops import record_train_flops
+    from vlmask.rundir import RunDirBusy
 
     if not recipes:
         raise ValueError("compare needs at least one recipe")
@@ -681,7 +696,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             summary = json.loads((run_dir / "summary.json").read_text())
             if "train_flops" not in summary:
                 summary["train_flops"] = _train_flops_of(recipe_path, run.overrides, summary)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, RunDirBusy):  # a writer that started meanwhile: stop, as vlmask run does
             raise
         except Exception as exc:  # one failed recipe must not lose the others
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
