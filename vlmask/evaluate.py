@@ -470,6 +470,38 @@ def _text_encoder(run: OpenRun) -> Callable[[list[str]], Tensor] | None:
 
 # --------------------------------------------------------------------------- vlmask embed
 
+#: The key and value that mark ``OUT.json`` beside ``OUT.npy`` as written by ``vlmask embed``
+#: (docs/contract.md, "vlmask embed"); only such a file is ever replaced.
+EMBED_MARK = ("written_by", "vlmask embed")
+#: The keys of a sidecar written before the mark existed (an older vlmask): replaced as well.
+_UNMARKED_SIDECAR_KEYS = frozenset({"run_dir", "checkpoint", "manifest", "pooling", "rows", "dim", "nan_rows"})
+
+
+def embed_sidecar(out: Path) -> Path:
+    """``FILE.json`` beside ``FILE.npy``: the run, checkpoint, pooling and NaN rows of the array."""
+    return out.with_name(out.name[: -len(".npy")] + ".json")
+
+
+def check_sidecar_free(sidecar: Path, array: Path) -> None:
+    """Raise ``FileExistsError`` (one line naming the file) when ``sidecar`` exists and was not
+    written by ``vlmask embed``: a user's ``features.json`` beside ``--out features.npy`` is
+    never overwritten. Recognised as vlmask's by its content: the :data:`EMBED_MARK` key, or
+    exactly the keys an older vlmask wrote."""
+    if not sidecar.exists() and not sidecar.is_symlink():
+        return
+    record: Any = None
+    if sidecar.is_file() and not sidecar.is_symlink():
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+    key, value = EMBED_MARK
+    if isinstance(record, dict) and (record.get(key) == value or set(record) == _UNMARKED_SIDECAR_KEYS):
+        return
+    raise FileExistsError(f"{sidecar} exists and was not written by vlmask embed (no \"{key}\": \"{value}\"); "
+                          f"vlmask embed writes the record of {array.name} there and will not overwrite it: move it "
+                          f"or choose another --out (nothing was written)")
+
 
 def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, overrides: Sequence[str] = (),
                    pooling: str = "mean", progress: bool = True) -> Path:
@@ -478,7 +510,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     Row ``i`` is line ``i + 1`` of the manifest (trailing blank lines excluded). Lines that were
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
-    run, checkpoint and pooling. Features come from (and go to) the run's feature cache.
+    run, checkpoint and pooling (marked ``"written_by": "vlmask embed"``; an ``OUT.json`` that
+    vlmask did not write is never overwritten: :func:`check_sidecar_free` refuses first). Features come from (and go to) the run's feature cache.
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
     ``out`` gets ``out/embeddings.npy`` and ``out/embeddings.json``).
     """
@@ -490,6 +523,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         out = out.with_name(out.name + ".npy")
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
+    sidecar = embed_sidecar(out)
+    check_sidecar_free(sidecar, out)  # before any work: nothing is written when it would be refused
     run = open_run(run_dir, list(overrides))
     settings = evaluation_settings(run.recipe, run.plugins.registry)
     dataset = eval_dataset(run, manifest)
@@ -517,10 +552,11 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         {"line": i + 1, "reason": reasons.get(i + 1) or ("blank line" if not lines[i].strip() else "did not load")}
         for i in range(len(lines)) if not np.isfinite(rows[i]).all()
     ]
+    check_sidecar_free(sidecar, out)  # again: a file may have appeared while the features were computed
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, rows)
-    write_json(out.with_name(out.name[: -len(".npy")] + ".json"), {
-        "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest), "pooling": pooling,
+    write_json(sidecar, {
+        EMBED_MARK[0]: EMBED_MARK[1], "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest), "pooling": pooling,
         "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
     })
     message = f"wrote {out}: {len(lines)} rows x {features.shape[1]} ({pooling} pooling)"
