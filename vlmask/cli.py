@@ -170,7 +170,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if failed:  # the exit code says that the table lacks runs (comparison.json's "failed" says why)
         shown = "; ".join(f"{f['name']} seed {f['seed']} ({f['run_dir']}): {f['error']}" for f in failed[:5])
         more = f"; ... {len(failed) - 5} more" if len(failed) > 5 else ""
-        console.print(f"[red]compare: {len(failed)} run(s) failed:[/] {escape(shown + more)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]compare: {len(failed)} run(s) failed:[/] {escape(shown + more)}", highlight=False,
+                      soft_wrap=True)
         return 1
     return 0
 

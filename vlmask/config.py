@@ -371,7 +371,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     loop = interpolation_loop(config)
     if loop:
         first = loop[0]
-        sources = ", ".join(f"{key} at {provenance.get(key, path)}" for key in dict.fromkeys(loop))
+        sources = ", ".join(f"{key} at {provenance.get(key, _display(path))}" for key in dict.fromkeys(loop))
         raise RecipeError([f"{provenance.get(first, _display(path))}: key {first}: its ${{...}} interpolations form a "
                            f"loop, {' -> '.join(loop)} ({sources}): no value can be resolved; set one of them "
                            f"to a value"])

@@ -511,7 +511,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
     run, checkpoint and pooling (marked ``"written_by": "vlmask embed"``; an ``OUT.json`` that
-    vlmask did not write is never overwritten: :func:`check_sidecar_free` refuses first). Features come from (and go to) the run's feature cache.
+    vlmask did not write is never overwritten: :func:`check_sidecar_free` refuses first).
+    Features come from (and go to) the run's feature cache.
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
     ``out`` gets ``out/embeddings.npy`` and ``out/embeddings.json``).
     """
@@ -556,8 +557,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, rows)
     write_json(sidecar, {
-        EMBED_MARK[0]: EMBED_MARK[1], "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest), "pooling": pooling,
-        "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
+        EMBED_MARK[0]: EMBED_MARK[1], "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest),
+        "pooling": pooling, "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
     })
     message = f"wrote {out}: {len(lines)} rows x {features.shape[1]} ({pooling} pooling)"
     if nan_lines:
