@@ -166,6 +166,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      baseline=args.baseline)
     out.print((folder / "comparison.md").read_text())
     out.print(f"comparison: {folder}")
+    failed = json.loads((folder / "comparison.json").read_text()).get("failed") or []
+    if failed:  # the exit code says that the table lacks runs (comparison.json's "failed" says why)
+        shown = "; ".join(f"{f['name']} seed {f['seed']} ({f['run_dir']}): {f['error']}" for f in failed[:5])
+        more = f"; ... {len(failed) - 5} more" if len(failed) > 5 else ""
+        console.print(f"[red]compare: {len(failed)} run(s) failed:[/] {escape(shown + more)}", highlight=False,
+                      soft_wrap=True)
+        return 1
     return 0
 
 
@@ -213,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", help="output folder (default: a new folder under runs/)")
     cmp_.add_argument("--baseline", help="recipe (path or stem) to which every other recipe's metrics are "
                       "compared, paired by seed (95%% interval of the difference)")
-    cmp_.set_defaults(func=cmd_compare)
+    cmp_.set_defaults(func=cmd_compare, leftovers="items")  # recipes and overrides after an option join items
 
     from vlmask.bench import add_bench_arguments, cmd_bench
 
@@ -232,14 +239,48 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_override(token: str) -> bool:
+    """``KEY=VALUE`` or ``~KEY`` (never an option: ``--out=x`` is one)."""
+    return not token.startswith("-") and ("=" in token or token.startswith("~"))
+
+
+def _chosen_parser(top: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)parser of the command that ``args`` selected (``vlmask data captions`` -> its
+    own parser), so that an error shows that command's usage line."""
+    current = top
+    while True:
+        chooser = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, chooser.dest, None) if chooser is not None and chooser.dest else None
+        if chooser is None or name not in chooser.choices:
+            return current
+        current = chooser.choices[name]
+
+
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with ``KEY=VALUE`` / ``~KEY`` overrides anywhere after the command
+    (``vlmask compare a.yaml b.yaml --out OUT seed=1``, ``vlmask eval RUN --only knn k=v``).
+
+    Why not ``parse_intermixed_args``: it refuses parsers with sub-commands. argparse fills a
+    ``nargs="*"`` positional from the first run of positionals only and leaves later ones over;
+    those that are overrides join the command's list (``overrides``, or ``items`` where the
+    command's positionals mix recipes and overrides, as ``compare``'s do; there a leftover
+    recipe joins too). Anything else left over, an unknown option above all, is refused with
+    argparse's own message and exit code 2, on the command's usage line."""
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    if not unknown:
+        return args
+    takes_any = getattr(args, "leftovers", None)  # a list whose positionals are recipes as well as overrides
+    dest = takes_any or ("overrides" if isinstance(getattr(args, "overrides", None), list) else None)
+    strays = [t for t in unknown if dest is None or t.startswith("-") or not (takes_any or _is_override(t))]
+    if strays:
+        _chosen_parser(top, args).error(f"unrecognized arguments: {' '.join(strays)}")
+    setattr(args, dest, [*getattr(args, dest), *unknown])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, unknown = parser().parse_known_args(argv)
-    # KEY=VALUE / ~KEY may follow options (``vlmask eval RUN --only knn evaluation.batch_size=4``)
-    strays = [a for a in unknown if not ("=" in a or a.startswith("~")) or a.startswith("-")]
-    if strays or (unknown and not hasattr(args, "overrides")):
-        parser().parse_args(argv)  # argparse's own error message and exit code
-    if unknown:
-        args.overrides = [*args.overrides, *unknown]
+    args = parse_command_line(argv)
     try:
         return int(args.func(args) or 0)
     except (RunDirBusy, RunDirMismatch) as exc:  # another writer, another recipe: the user's to settle

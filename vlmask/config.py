@@ -41,15 +41,20 @@ class Recipe:
     def name(self) -> str:
         return self.path.stem
 
-    def where(self, key: str) -> str:
-        """The source of ``key`` (or of its nearest parent that has one)."""
+    def where(self, key: str, _through: frozenset[str] = frozenset()) -> str:
+        """The source of ``key`` (or of its nearest parent that has one); a key that copies
+        another (``${other}``) names where that one was set. ``_through``: the keys already
+        followed, so that interpolations pointing at each other end instead of recursing."""
         probe = key
         while probe:
             if probe in self.provenance:
                 source = self.provenance[probe]
                 copied = self.interpolations.get(probe)
-                if copied is not None and copied != probe and copied in self.provenance and self.where(copied) != source:
-                    return f"{self.where(copied)} (through ${{{copied}}} at {source})"
+                followed = _through | {probe}
+                if copied is not None and copied not in followed and copied in self.provenance:
+                    origin = self.where(copied, followed)
+                    if origin != source:
+                        return f"{origin} (through ${{{copied}}} at {source})"
                 return source
             probe = probe.rpartition(".")[0]
         return str(self.path)
@@ -249,6 +254,81 @@ def _interpolations(config: DictConfig) -> dict[str, str]:
     return found
 
 
+#: A node interpolation inside a string: ``${a.b}``, ``${.sibling}``, ``${a[0]}``; a resolver
+#: call (``${oc.env:HOME}``) has a colon and reads no key, a nested one (``${oc.select:${a}}``)
+#: is matched at its inner ``${a}``.
+_REFERENCE = re.compile(r"\$\{([^${}:]+)\}")
+
+
+def _absolute(reference: str, key: str) -> str:
+    """The dotted key a ``${reference}`` written at ``key`` points at (relative ones, ``${.x}``
+    or ``${..x}``, count from the container of ``key``; ``[i]`` is ``.i``)."""
+    reference = re.sub(r"\[(\w+)\]", r".\1", reference.strip())
+    if not reference.startswith("."):
+        return reference
+    dots = len(reference) - len(reference.lstrip("."))
+    parts = key.split(".")[:-dots] if dots <= key.count(".") + 1 else []
+    return ".".join([*parts, reference[dots:]]).strip(".")
+
+
+def _references(config: DictConfig) -> dict[str, list[str]]:
+    """Every key whose value is a string with ``${...}`` node interpolations -> the keys they name."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    found: dict[str, list[str]] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}.{i}")
+        elif isinstance(node, str) and "${" in node:
+            names = [_absolute(m, prefix) for m in _REFERENCE.findall(node)]
+            if names:
+                found[prefix] = names
+
+    walk(raw, "")
+    return found
+
+
+def interpolation_loop(config: DictConfig) -> list[str] | None:
+    """The first loop of ``${...}`` interpolations, as the keys around it (``[a.b, a.c, a.b]``),
+    or None. Found on the unresolved recipe by walking the references, before OmegaConf resolves
+    anything: resolving a loop ends in its multi-line "Recursive interpolation detected" or,
+    when something follows the copies key by key, in a ``RecursionError``. A key depends on
+    every interpolation at, under or above the key it names (``${a}`` needs ``a.b`` resolved)."""
+    references = _references(config)
+
+    def needs(key: str) -> list[str]:
+        return [other for name in references[key] for other in references
+                if other == name or other.startswith(name + ".") or name.startswith(other + ".")]
+
+    state: dict[str, int] = {}  # 1: on the current path, 2: no loop through it
+    path: list[str] = []
+
+    def visit(key: str) -> list[str] | None:
+        state[key] = 1
+        path.append(key)
+        for other in needs(key):
+            if state.get(other) == 1:
+                return [*path[path.index(other):], other]
+            if other not in state:
+                loop = visit(other)
+                if loop:
+                    return loop
+        path.pop()
+        state[key] = 2
+        return None
+
+    for key in references:
+        if key not in state:
+            loop = visit(key)
+            if loop:
+                return loop
+    return None
+
+
 def _forget(provenance: dict[str, str], key: str) -> None:
     for stale in [k for k in provenance if k == key or k.startswith(key + ".")]:
         del provenance[stale]
@@ -288,11 +368,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(problems)
     recipe = Recipe(path=path, config=config, provenance=provenance, overrides=list(overrides),
                     interpolations=_interpolations(config))
+    loop = interpolation_loop(config)
+    if loop:
+        first = loop[0]
+        sources = ", ".join(f"{key} at {provenance.get(key, _display(path))}" for key in dict.fromkeys(loop))
+        raise RecipeError([f"{provenance.get(first, _display(path))}: key {first}: its ${{...}} interpolations form a "
+                           f"loop, {' -> '.join(loop)} ({sources}): no value can be resolved; set one of them "
+                           f"to a value"])
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or "?"
-        raise RecipeError([f"{recipe.where(key)}: key {key}: cannot resolve interpolation: {exc.msg if hasattr(exc, 'msg') else exc}"]) from None
+        message = str(getattr(exc, "msg", None) or exc).splitlines()[0]  # OmegaConf adds full_key/object_type lines
+        raise RecipeError([f"{recipe.where(key)}: key {key}: cannot resolve interpolation: {message}"]) from None
+    except RecursionError:  # a loop the walk above did not see: still one line, not a traceback
+        raise RecipeError([f"{_display(path)}: cannot resolve its ${{...}} interpolations: they refer to each "
+                           f"other without end"]) from None
     return recipe
 
 

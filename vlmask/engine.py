@@ -452,6 +452,7 @@ class Trainer:
         self.start_step = 0
         self.resumed_from: Path | None = None
         self.resumed_last_loss: float | None = None
+        self.clock = rundir.TrainingClock()  # wall_s and clips_per_s, kept across resumes
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         if latest is not None:
             self._resume(latest)
@@ -560,10 +561,10 @@ class Trainer:
         epoch, start_batch = divmod(step * self.accumulate, self.batches.batches_per_epoch)
         batches: Iterator[Batch] = infinite(self.loader, self.batches, epoch, start_batch)
         sums: dict[str, Tensor] = {}
-        count, t_log, t0 = 0, time.perf_counter(), time.perf_counter()
+        count, t_log = 0, time.perf_counter()
         clips_per_step = self.train_cfg.batch_size * self.world_size * self.accumulate
         last: dict[str, float] = {}
-        rates: list[float] = []
+        rates = self.clock.start()  # the log windows' clips/s; the clock also holds what earlier processes trained
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
         load_failures: dict[int, tuple[int, str, str]] = {}  # clips that failed to decode while training
         guard = rundir.NonFiniteGuard(self.device, start_step=step)  # on the device: no sync per step
@@ -605,15 +606,14 @@ class Trainer:
         finally:
             if metrics_file is not None:
                 metrics_file.close()
-        wall = time.perf_counter() - t0
         skipped = [_as_record(s) for s in getattr(self.train_set, "skipped", [])]
         skipped += [{"line": line, "video": video, "reason": f"failed while training: {reason}"}
                     for line, video, reason in load_failures.values()]
         summary = {
             "steps": step,
-            "wall_s": round(wall, 3),
+            "wall_s": self.clock.wall_s(trained=step > self.start_step),  # resumed at the end: the checkpoint's
             "final_loss": self._final_loss(),
-            "clips_per_s": (sorted(rates)[len(rates) // 2] if rates else 0.0),
+            "clips_per_s": self.clock.clips_per_s(),
             "peak_mem_mb": round(peak_memory_mb(self.device), 1),
             "skipped_clips": len(skipped),
             "skipped": skipped[:10],
@@ -692,6 +692,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "total_steps": self.total_steps,
             "last_loss": float(self.last_loss) if self.last_loss is not None else self.resumed_last_loss,
+            **self.clock.state(),  # wall_s, clips_per_s: summary.json's figures survive a resume at the end
         }
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", step, modules, state, keep=self.train_cfg.keep_checkpoints)
         self.hooks.vlmask_checkpoint_saved(step=step, path=path, run=self.run)
@@ -715,6 +716,7 @@ class Trainer:
         self.resumed_from = path
         last_loss = state.get("last_loss")  # absent in checkpoints of older runs
         self.resumed_last_loss = float(last_loss) if isinstance(last_loss, (int, float)) else None
+        self.clock = rundir.TrainingClock.resumed(state)
 
     def describe(self) -> str:
         """The first line of a run: what runs on what."""

@@ -470,6 +470,38 @@ def _text_encoder(run: OpenRun) -> Callable[[list[str]], Tensor] | None:
 
 # --------------------------------------------------------------------------- vlmask embed
 
+#: The key and value that mark ``OUT.json`` beside ``OUT.npy`` as written by ``vlmask embed``
+#: (docs/contract.md, "vlmask embed"); only such a file is ever replaced.
+EMBED_MARK = ("written_by", "vlmask embed")
+#: The keys of a sidecar written before the mark existed (an older vlmask): replaced as well.
+_UNMARKED_SIDECAR_KEYS = frozenset({"run_dir", "checkpoint", "manifest", "pooling", "rows", "dim", "nan_rows"})
+
+
+def embed_sidecar(out: Path) -> Path:
+    """``FILE.json`` beside ``FILE.npy``: the run, checkpoint, pooling and NaN rows of the array."""
+    return out.with_name(out.name[: -len(".npy")] + ".json")
+
+
+def check_sidecar_free(sidecar: Path, array: Path) -> None:
+    """Raise ``FileExistsError`` (one line naming the file) when ``sidecar`` exists and was not
+    written by ``vlmask embed``: a user's ``features.json`` beside ``--out features.npy`` is
+    never overwritten. Recognised as vlmask's by its content: the :data:`EMBED_MARK` key, or
+    exactly the keys an older vlmask wrote."""
+    if not sidecar.exists() and not sidecar.is_symlink():
+        return
+    record: Any = None
+    if sidecar.is_file() and not sidecar.is_symlink():
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+    key, value = EMBED_MARK
+    if isinstance(record, dict) and (record.get(key) == value or set(record) == _UNMARKED_SIDECAR_KEYS):
+        return
+    raise FileExistsError(f"{sidecar} exists and was not written by vlmask embed (no \"{key}\": \"{value}\"); "
+                          f"vlmask embed writes the record of {array.name} there and will not overwrite it: move it "
+                          f"or choose another --out (nothing was written)")
+
 
 def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, overrides: Sequence[str] = (),
                    pooling: str = "mean", progress: bool = True) -> Path:
@@ -478,7 +510,9 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     Row ``i`` is line ``i + 1`` of the manifest (trailing blank lines excluded). Lines that were
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
-    run, checkpoint and pooling. Features come from (and go to) the run's feature cache.
+    run, checkpoint and pooling (marked ``"written_by": "vlmask embed"``; an ``OUT.json`` that
+    vlmask did not write is never overwritten: :func:`check_sidecar_free` refuses first).
+    Features come from (and go to) the run's feature cache.
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
     ``out`` gets ``out/embeddings.npy`` and ``out/embeddings.json``).
     """
@@ -490,6 +524,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         out = out.with_name(out.name + ".npy")
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
+    sidecar = embed_sidecar(out)
+    check_sidecar_free(sidecar, out)  # before any work: nothing is written when it would be refused
     run = open_run(run_dir, list(overrides))
     settings = evaluation_settings(run.recipe, run.plugins.registry)
     dataset = eval_dataset(run, manifest)
@@ -517,11 +553,12 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         {"line": i + 1, "reason": reasons.get(i + 1) or ("blank line" if not lines[i].strip() else "did not load")}
         for i in range(len(lines)) if not np.isfinite(rows[i]).all()
     ]
+    check_sidecar_free(sidecar, out)  # again: a file may have appeared while the features were computed
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, rows)
-    write_json(out.with_name(out.name[: -len(".npy")] + ".json"), {
-        "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest), "pooling": pooling,
-        "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
+    write_json(sidecar, {
+        EMBED_MARK[0]: EMBED_MARK[1], "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest),
+        "pooling": pooling, "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
     })
     message = f"wrote {out}: {len(lines)} rows x {features.shape[1]} ({pooling} pooling)"
     if nan_lines:
@@ -626,7 +663,19 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
             planned.append(_Planned(str(recipe_path), seed, run_dir, run_overrides))
     if problems:
         raise RecipeError(problems)
+    refuse_busy_runs([run.run_dir for run in planned])
     return planned
+
+
+def refuse_busy_runs(run_dirs: Sequence[Path]) -> None:
+    """Raise ``RunDirBusy`` naming every run directory of the comparison that a live process
+    trains in now (``vlmask run``, another compare), before anything trains: the compare would
+    otherwise record it as a failed run and go on (vlmask.rundir.busy_holder takes no lock)."""
+    from vlmask.rundir import RunDirBusy, busy_holder
+
+    busy = [f"{run_dir} is in use by {holder}" for run_dir in run_dirs if (holder := busy_holder(run_dir))]
+    if busy:
+        raise RunDirBusy("; ".join(busy) + "; wait for it to finish, stop it, or compare into another --out")
 
 
 def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
@@ -645,7 +694,9 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     overrides do not change training, so a finished run is reused with other ones (the long
     probe in one command: ``evaluation.evaluators.attentive_probe.epochs=100``).
     A run that fails (training or evaluation) is reported in ``comparison.json``'s ``failed``
-    list and on stderr; the others still run and are tabulated.
+    list and on stderr; the others still run and are tabulated (``vlmask compare`` then exits 1).
+    A run directory another process trains in raises ``RunDirBusy`` (exit 2): before anything
+    trains when it is busy at the start (:func:`refuse_busy_runs`), at once when it becomes so.
     ``seeds=None`` runs each recipe once with the seed it sets (after ``overrides``).
     ``out_dir=None``: a new folder ``runs/compare-<time>``. ``baseline`` (a recipe path or stem
     given in ``recipes``) adds the paired differences to it (``paired``; see vlmask.statistics).
@@ -653,6 +704,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     from vlmask.checkpoint import latest_checkpoint
     from vlmask.engine import Trainer, is_finished
     from vlmask.flops import record_train_flops
+    from vlmask.rundir import RunDirBusy
 
     if not recipes:
         raise ValueError("compare needs at least one recipe")
@@ -681,7 +733,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
             summary = json.loads((run_dir / "summary.json").read_text())
             if "train_flops" not in summary:
                 summary["train_flops"] = _train_flops_of(recipe_path, run.overrides, summary)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, RunDirBusy):  # a writer that started meanwhile: stop, as vlmask run does
             raise
         except Exception as exc:  # one failed recipe must not lose the others
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]

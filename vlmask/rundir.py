@@ -11,6 +11,10 @@ Four small pieces the engine calls (this module imports nothing above ``config``
 * :class:`NonFiniteGuard` - the first non-finite loss is recorded on the device (no host-device
   sync per step) and read only before a checkpoint and at log steps, so a non-finite checkpoint
   is never written and the last good one is kept.
+* :class:`TrainingClock` - ``summary.json``'s ``wall_s`` and ``clips_per_s`` kept in each
+  checkpoint, so a run resumed at its final checkpoint still reports what its training took.
+* :func:`busy_holder` - who trains in a run directory now, asked without taking its lock
+  (``vlmask compare`` refuses a busy run directory before it trains anything).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -123,6 +128,29 @@ def _command_line() -> str:
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
     name = program.parent.name if program.name == "__main__.py" else program.name
     return " ".join([name, *sys.argv[1:]])
+
+
+def busy_holder(run_dir: str | Path) -> str | None:
+    """``"pid 123 on host h (vlmask run ..., since ...)"`` when a live process holds ``run_dir``'s
+    lock, else None. Asked with a shared, non-blocking flock on a descriptor opened read-only and
+    released at once: nothing is written, no folder is made, and a writer that starts meanwhile
+    is not refused for longer than this call."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            return describe_holder(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def describe_holder(lock_file: Path) -> str:
@@ -435,3 +463,55 @@ def non_finite_parameters(module: torch.nn.Module) -> list[str]:
         return []
     flags = torch.stack([torch.isfinite(p).all() for _, p in params]).cpu()
     return [name for (name, _), ok in zip(params, flags.tolist()) if not ok]
+
+
+# --------------------------------------------------------------------------- (e) what the training took, across resumes
+
+
+@dataclass
+class TrainingClock:
+    """``summary.json``'s ``wall_s`` and ``clips_per_s`` for a run that may be resumed.
+
+    Why a clock kept in the checkpoint: a process measures only what it trained itself, so a run
+    killed after its final checkpoint and resumed (which then trains no step and only writes
+    ``summary.json``) reported ``wall_s`` 0.0 and ``clips_per_s`` 0.0. Each checkpoint records
+    :meth:`state` (the seconds trained up to it, summed over the processes that trained the
+    run, and the median clips/s of the log windows so far); a resume starts from it
+    (:meth:`resumed`). Time after the last checkpoint of a killed process is not counted: its
+    steps are trained again, and counted then. A checkpoint of an older vlmask records neither,
+    so a run resumed from one counts only what it trains itself (None when that is nothing).
+    """
+
+    wall_before: float | None = None  # seconds trained before this process (from the checkpoint)
+    rate_before: float | None = None  # clips/s recorded in that checkpoint
+    rates: list[float] = field(default_factory=list)  # clips/s of this process's log windows
+    started: float | None = None  # time.perf_counter() when this process began training
+
+    @classmethod
+    def resumed(cls, state: Mapping[str, Any]) -> "TrainingClock":
+        """The clock of a run resumed from a checkpoint's training state (``state.pt``)."""
+        wall, rate = state.get("wall_s"), state.get("clips_per_s")
+        return cls(wall_before=float(wall) if isinstance(wall, (int, float)) else None,
+                   rate_before=float(rate) if isinstance(rate, (int, float)) else None)
+
+    def start(self) -> list[float]:
+        """Start timing this process's training; returns the list to append log-window rates to."""
+        self.started = time.perf_counter()
+        return self.rates
+
+    def wall_s(self, trained: bool = True) -> float | None:
+        """Seconds of training so far; ``trained=False`` (this process trained no step): the
+        checkpoint's figure alone, not the time this process spent getting ready."""
+        if not trained or self.started is None:
+            return self.wall_before
+        return round((self.wall_before or 0.0) + time.perf_counter() - self.started, 3)
+
+    def clips_per_s(self) -> float | None:
+        """The median clips/s of this process's log windows, else the checkpoint's figure."""
+        if self.rates:
+            return sorted(self.rates)[len(self.rates) // 2]
+        return self.rate_before
+
+    def state(self) -> dict[str, float | None]:
+        """What a checkpoint keeps (``state.pt``: ``wall_s``, ``clips_per_s``)."""
+        return {"wall_s": self.wall_s(), "clips_per_s": self.clips_per_s()}

@@ -152,3 +152,96 @@ def test_validate_notes_what_only_the_data_can_provide(capsys, monkeypatch):
     assert "recipes/fils.yaml: valid" in captured.out
     assert ("note: recipes/fils.yaml:16: head 'video_text_infonce' (heads.actclip) needs an action box per clip "
             "(action_box in the manifest, or an action-area detector)") in captured.err
+
+
+# ------------------------------------------------------------------ issue 22: overrides anywhere, one-line errors
+
+BOGUS = "train.max_stepz=3"  # an override every command refuses, naming it: proof that it reached the command
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tiny_synth, tiny_scale, tmp_path_factory) -> Path:
+    """A real 2-step MAE run at tiny scale (config.yaml and a checkpoint), for eval/finetune/embed."""
+    from vlmask.config import load_recipe
+    from vlmask.engine import Trainer
+
+    run_dir = tmp_path_factory.mktemp("cli-run") / "run"
+    overrides = [*tiny_scale, f"data.train={tiny_synth[0]}", f"data.val={tiny_synth[1]}", f"run.dir={run_dir}",
+                 "train.max_steps=2", "train.ckpt_every=2"]
+    with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
+        trainer.train()
+    return run_dir
+
+
+def one_line_refusal(err: str, *names: str) -> None:
+    """The refusal names each of ``names`` and holds no traceback."""
+    assert "Traceback" not in err and "RecursionError" not in err, err
+    for name in names:
+        assert name in err, err
+
+
+def override_after_an_option(command: str, recipe: str, run_dir: Path, manifest: Path, out: Path) -> list[str]:
+    """``vlmask COMMAND ... --OPTION VALUE KEY=VALUE``: the override after the command's last option."""
+    return {
+        "run": ["run", recipe, BOGUS],  # run and finetune have no option of their own: after the positionals
+        "validate": ["validate", recipe, "--keys-only", BOGUS],
+        "eval": ["eval", str(run_dir), "--only", "knn", BOGUS],
+        "finetune": ["finetune", str(run_dir), BOGUS],
+        "embed": ["embed", str(run_dir), str(manifest), "--out", str(out / "f.npy"), "--pooling", "mean", BOGUS],
+        "compare": ["compare", recipe, recipe, "--out", str(out / "cmp"), BOGUS],
+        "bench": ["bench", recipe, "--flops", BOGUS],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "eval", "finetune", "embed", "compare", "bench"])
+def test_an_override_after_the_options_reaches_every_command(command, tiny_run_dir, tiny_synth, tmp_path, capsys,
+                                                             isolated_cache):
+    """``vlmask compare a.yaml b.yaml --out OUT key=value`` was refused (``unrecognized arguments``):
+    the override must reach the command wherever it stands. Each command refuses this one naming it."""
+    from vlmask.cli import main
+
+    argv = override_after_an_option(command, str(RECIPES / "mae.yaml"), tiny_run_dir, tiny_synth[1], tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "unrecognized arguments" not in err, err
+    one_line_refusal(err, "max_stepz")
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "f.npy").exists()
+
+
+def test_compare_takes_recipes_and_overrides_on_either_side_of_its_options(tmp_path):
+    from vlmask.cli import parse_command_line
+
+    args = parse_command_line(["compare", "a.yaml", "--out", str(tmp_path), "b.yaml", "seed=1", "--seeds", "0,1",
+                               "~train.epochs"])
+    assert args.items == ["a.yaml", "b.yaml", "seed=1", "~train.epochs"] and args.seeds == "0,1"
+
+
+def test_data_captions_takes_the_captioners_arguments_after_its_options(tiny_synth, tmp_path):
+    rows = [json.loads(line) for line in tiny_synth[0].read_text().splitlines()][:3]
+    for row in rows:
+        row.pop("caption", None)
+        row["video"] = str((tiny_synth[0].parent / row["video"]).resolve())
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from vlmask.cli import main
+
+    assert main(["data", "captions", str(manifest), "--out", str(tmp_path / "out.jsonl"), "--captioner", "template",
+                 "template=clip of {label}"]) == 0
+    captions = [json.loads(line)["caption"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert captions == [f"clip of {r['label'].replace('_', ' ')}" for r in rows]
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["run", "r.yaml", "--bogus", "seed=1"], "vlmask run: error: unrecognized arguments: --bogus"),
+    (["compare", "a.yaml", "--out", "o", "seed=1", "--bogus=3"], "vlmask compare: error: unrecognized arguments: --bogus=3"),
+    (["eval", "run", "seed=1", "--zz", "x"], "vlmask eval: error: unrecognized arguments: --zz"),
+    (["plugins", "seed=1"], "vlmask plugins: error: unrecognized arguments: seed=1"),
+    (["export", "run", "--to", "hf-videomae", "--out", "o", "seed=1"], "vlmask export: error: unrecognized arguments: seed=1"),
+])
+def test_unknown_options_and_overrides_to_a_command_without_any_are_still_refused(argv, usage, capsys):
+    from vlmask.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert usage in capsys.readouterr().err

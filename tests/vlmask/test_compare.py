@@ -227,3 +227,56 @@ def test_an_eval_json_is_reused_only_when_made_with_the_settings_the_compare_ask
     assert "eval.json does not record its evaluation settings (an older vlmask wrote it): evaluating again" in " ".join(
         capfd.readouterr().err.split())
     assert knn_k() == 1 and old in [json.loads(p.read_text()) for p in run.glob("eval-*.json")]
+
+
+# ------------------------------------------------------------------ issue 22.2: the exit code says when runs are missing
+
+#: Holds RUN_DIR's lock as a ``vlmask run`` training in it would, until its stdin closes.
+HOLD_LOCK = """
+import sys
+from vlmask.rundir import RunDirLock
+with RunDirLock(sys.argv[1], command="vlmask run recipes/mae.yaml seed=0"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_compare_into_a_busy_run_directory_stops_with_exit_code_2_before_training(tiny_synth, tiny_scale, tmp_path,
+                                                                                  capsys):
+    """It exited 0 with an empty table: the Trainer's RunDirBusy was recorded as a failed run."""
+    import socket
+
+    from vlmask.cli import main
+
+    out_dir = tmp_path / "cmp"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugins'}"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out_dir / "mae-seed0")], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = main(["compare", str(RECIPES / "mae.yaml"), "--seeds", "0", "--out", str(out_dir),
+                     *tiny(tiny_synth, tiny_scale)])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    [line] = [line for line in err.splitlines() if "RunDirBusy" in line]
+    assert line.startswith(f"RunDirBusy: {out_dir / 'mae-seed0'} is in use by pid {holder.pid} on "
+                           f"{socket.gethostname()} (vlmask run recipes/mae.yaml seed=0, since "), err
+    assert "Traceback" not in err
+    assert [p.name for p in (out_dir / "mae-seed0").iterdir()] == [".lock"]  # nothing trained, nothing written
+    assert not (out_dir / "comparison.json").exists()
+
+
+def test_compare_exits_non_zero_naming_each_run_that_failed(tiny_synth, tiny_scale, tmp_path, capsys):
+    from vlmask.cli import main
+
+    broken = tmp_path / "broken.yaml"  # valid, so validation passes; the loss diverges while training
+    broken.write_text(f"base: [{RECIPES / 'mae.yaml'}]\noptim: {{lr: 1.0e+30, warmup_lr: 1.0e+30, min_lr: 1.0e+30}}\n")
+    out_dir = tmp_path / "cmp"
+    code = main(["compare", str(broken), "--seeds", "0", "--out", str(out_dir), *tiny(tiny_synth, tiny_scale)])
+    err = " ".join(capsys.readouterr().err.split())  # rich may wrap
+    assert code == 1, err
+    assert f"compare: 1 run(s) failed: broken seed 0 ({out_dir / 'broken-seed0'}): " in err and "Traceback" not in err
+    assert json.loads((out_dir / "comparison.json").read_text())["failed"][0]["name"] == "broken"

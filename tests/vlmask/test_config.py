@@ -69,3 +69,46 @@ def test_naming_another_plugin_replaces_the_inherited_node(tmp_path):
     assert recipe.get("masker") == {"name": "grid", "stride": 2}
     assert recipe.get("head") == {"name": "x", "t": 2}, "same plugin: arguments merge"
     assert recipe.where("masker.ratio").endswith("r.yaml:2")
+
+
+# ------------------------------------------------------------------ issue 22.5: interpolations that point at each other
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+LOOPS = [
+    # (the recipe's own lines after ``base:``, overrides, the loop as printed, the keys with their lines)
+    ("a:\n  b: ${a.c}\n  c: ${a.b}\n", [], "a.b -> a.c -> a.b", ["a.b at {f}:3", "a.c at {f}:4"]),
+    ("a:\n  b: ${a.c}\n  c: ${a.d}\n  d: clip-${a.e}\n  e: ${a.b}\n", [], "a.b -> a.c -> a.d -> a.e -> a.b",
+     ["a.b at {f}:3", "a.c at {f}:4", "a.d at {f}:5", "a.e at {f}:6"]),
+    ("a:\n  b: ${a.c}\n  c: 1\n", ["a.c=${.b}"], "a.b -> a.c -> a.b", ["a.b at {f}:3", "a.c at command line: a.c=${.b}"]),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("body, overrides, loop, sources", LOOPS, ids=["two", "four-through-text", "relative-override"])
+def test_an_interpolation_loop_is_one_line_naming_file_and_keys(body, overrides, loop, sources, command, tmp_path,
+                                                                capsys, monkeypatch):
+    """A recursed through ``Recipe.where`` into a RecursionError (a traceback-less but meaningless
+    line), or printed OmegaConf's three-line message: one line, the file and every key of the loop."""
+    from vlmask.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "loop.yaml", f"base: [{RECIPES / 'mae.yaml'}]\n{body}")
+    assert main([command, "loop.yaml", *overrides, f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if line.startswith("- ")]
+    assert len(problems) == 1 and "Recursion" not in err and "Traceback" not in err and "full_key" not in err, err
+    assert problems[0].startswith(f"- loop.yaml:3: key a.b: its ${{...}} interpolations form a loop, {loop} ("), err
+    for source in sources:
+        assert source.replace("{f}", "loop.yaml") in problems[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_where_follows_copies_that_point_at_each_other_without_recursing(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vlmask.config import Recipe
+
+    recipe = Recipe(tmp_path / "r.yaml", OmegaConf.create({}), provenance={"a.b": "r.yaml:2", "a.c": "r.yaml:3"},
+                    interpolations={"a.b": "a.c", "a.c": "a.b"})
+    assert recipe.where("a.b") == "r.yaml:3 (through ${a.c} at r.yaml:2)"

@@ -164,3 +164,37 @@ def test_the_teacher_is_compared_at_the_students_visible_tokens():
     # the student's features are twice the teacher's at the same tokens: cosine 1 there, not over all tokens
     assert tap.diagnostics()["student_teacher_cos"] == pytest.approx(1.0, abs=1e-5)
     assert tap.diagnostics()["teacher_std"] == pytest.approx(tap.diagnostics()["student_std"], abs=1e-6)
+
+
+def test_a_resume_at_the_final_checkpoint_reports_the_trainings_wall_time_and_throughput(
+        tiny_synth, tiny_scale, tmp_path, stop_after_checkpoint, isolated_cache):
+    """Issue 22.3: killed after its final checkpoint and resumed, a run trained no step in the
+    resuming process and summary.json said wall_s 0.0 and clips_per_s 0.0. The figures of the
+    training are kept in each checkpoint (state.pt) and summed over the processes that trained."""
+    from vlmask import checkpoint as ckpt
+    from vlmask.plugins import load_plugins
+
+    run_dir = tmp_path / "run"
+    overrides = tiny(tiny_synth, tiny_scale, run_dir, "train.log_every=1", "train.ckpt_every=2")
+    for stop_at in (2, 4):  # killed after step 2's checkpoint, resumed, killed again after the final one
+        with pytest.raises(KeyboardInterrupt):
+            with Trainer(load_recipe(RECIPES / "mae.yaml", overrides),
+                         load_plugins([("stop", stop_after_checkpoint(stop_at))])) as trainer:
+                trainer.train()
+    assert not (run_dir / "summary.json").exists()
+    at_2 = ckpt.load_state(run_dir / "checkpoints" / "step_00000002" / "state.pt")
+    at_4 = ckpt.load_state(run_dir / "checkpoints" / "step_00000004" / "state.pt")
+    assert at_2["wall_s"] > 0 and at_4["wall_s"] > at_2["wall_s"]  # the second process added its own time
+    assert at_2["clips_per_s"] > 0 and at_4["clips_per_s"] > 0
+    assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0  # trains nothing, writes summary.json
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["steps"] == 4 and saved["resumed_from_step"] == 4
+    assert saved["wall_s"] == at_4["wall_s"] and saved["clips_per_s"] == at_4["clips_per_s"]
+
+
+def test_a_checkpoint_of_an_older_vlmask_gives_null_figures_not_zeros_when_nothing_is_trained():
+    clock = rundir.TrainingClock.resumed({"step": 4, "last_loss": 1.0})  # no wall_s, no clips_per_s recorded
+    assert clock.wall_s(trained=False) is None and clock.clips_per_s() is None
+    rates = clock.start()
+    rates.append(12.5)
+    assert clock.wall_s(trained=True) >= 0.0 and clock.clips_per_s() == 12.5

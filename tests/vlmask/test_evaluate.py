@@ -215,3 +215,35 @@ def test_eval_records_its_settings_keeps_other_evaluations_and_merges_only_the_s
     assert set(other_data["settings"]["evaluation"]["evaluators"]) == {"knn"}
     assert other_data["settings"]["data"]["val"] == str(part.resolve()) and other_data["data"]["val_clips"] == 4
     assert len(set(mae_run.glob("eval-*.json")) - before) >= 2
+
+
+@pytest.mark.parametrize("theirs", ['{"labels": ["a", "b"]}\n', "not JSON at all\n", '{"written_by": "someone else"}\n'],
+                         ids=["json", "text", "other-writer"])
+def test_embed_never_overwrites_a_json_beside_the_array_that_vlmask_did_not_write(theirs, mae_run, tiny_data, tmp_path,
+                                                                                 capsys):
+    """Issue 22.4: ``--out features.npy`` replaced a user's features.json without a word."""
+    from vlmask.cli import main
+
+    theirs_path = tmp_path / "features.json"
+    theirs_path.write_text(theirs)
+    assert main(["embed", str(mae_run), str(tiny_data[1]), "--out", str(tmp_path / "features.npy")]) == 1
+    err = capsys.readouterr().err
+    assert f"FileExistsError: {theirs_path} exists and was not written by vlmask embed" in " ".join(err.split()), err
+    assert "Traceback" not in err
+    assert theirs_path.read_text() == theirs and not (tmp_path / "features.npy").exists()  # nothing written
+
+
+def test_embed_replaces_the_json_it_wrote_itself_marked_or_from_an_older_vlmask(mae_run, tiny_data, tmp_path, capsys):
+    from vlmask.cli import main
+
+    out, sidecar = tmp_path / "features.npy", tmp_path / "features.json"
+    argv = ["embed", str(mae_run), str(tiny_data[1]), "--out", str(out)]
+    assert main(argv) == 0
+    first = json.loads(sidecar.read_text())
+    assert first["written_by"] == "vlmask embed" and first["rows"] == 6
+    assert main([*argv, "--pooling", "temporal"]) == 0  # its own file: replaced
+    assert json.loads(sidecar.read_text())["pooling"] == "temporal"
+    older = {k: v for k, v in first.items() if k != "written_by"}  # as a vlmask before the mark wrote it
+    sidecar.write_text(json.dumps(older))
+    assert main(argv) == 0 and json.loads(sidecar.read_text()) == first
+    capsys.readouterr()

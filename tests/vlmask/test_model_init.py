@@ -111,3 +111,20 @@ def test_a_folder_no_plugin_reads_is_an_error_naming_the_key(tmp_path, overrides
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"key model.init: .*no model.safetensors"):
         Trainer(load_recipe(RECIPES / "mae.yaml", [*overrides(tmp_path / "run"), f"model.init={tmp_path / 'empty'}"]))
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"model_type": "videomae", "hidden_size": }', "not valid JSON (Expecting value: line 1 column 43"),
+    ('["videomae"]', "a model config must be a JSON object of settings, got list"),
+])
+def test_a_malformed_config_json_in_the_init_folder_names_the_file_and_the_key(text, says, tmp_path, overrides, capsys):
+    """Issue 22.6: ``Expecting value: line 1 column 43`` alone did not say which file of the folder."""
+    from vlmask.cli import main
+
+    folder = videomae_folder(tmp_path / "hf")
+    (folder / "config.json").write_text(text)
+    assert main(["run", str(RECIPES / "mae.yaml"), *overrides(tmp_path / "run"), f"model.init={folder}"]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("- ")]
+    assert line.startswith(f"- command line: model.init={folder}: key model.init: {folder / 'config.json'}: {says}"), err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -256,3 +256,16 @@ def test_non_finite_parameters_are_named():
     with torch.no_grad():
         module[1].bias.fill_(float("inf"))
     assert non_finite_parameters(module) == ["1.bias"]
+
+
+def test_busy_holder_names_a_live_holder_and_writes_nothing(tmp_path):
+    """``vlmask compare`` asks it before training (issue 22.2): no folder made, no lock kept."""
+    from vlmask.rundir import RunDirLock, busy_holder
+
+    assert busy_holder(tmp_path / "nowhere") is None and not (tmp_path / "nowhere").exists()
+    with RunDirLock(tmp_path / "run", command="vlmask run r.yaml"):
+        assert busy_holder(tmp_path / "run").startswith(f"pid {os.getpid()} on ")
+        assert "(vlmask run r.yaml, since " in busy_holder(tmp_path / "run")
+    assert busy_holder(tmp_path / "run") is None
+    with RunDirLock(tmp_path / "run"):  # the probe left no lock behind
+        pass

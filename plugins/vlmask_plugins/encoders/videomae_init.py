@@ -23,7 +23,6 @@ layout) is :func:`vlmask_plugins.interop.hf_videomae.load_videomae_state_dict`: 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlmask_plugins.interop.hf_videomae import LoadReport, load_videomae_state_dict, read_state_dict
+from vlmask_plugins.interop.hf_videomae import LoadReport, load_videomae_state_dict, read_config_json, read_state_dict
 
 #: Keys of the decoder side, per format: (regex on the checkpoint key, rewrite into the
 #: encoder-block layout that ``load_videomae_state_dict`` reads, or None for the single tensors).
@@ -89,7 +88,7 @@ def read_videomae_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[di
         if weights is None:
             raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (a Hugging Face folder?)")
         if (folder / "config.json").is_file():
-            config = json.loads((folder / "config.json").read_text())
+            config = read_config_json(folder / "config.json")  # a fault is one line naming the file
         state, description = read_state_dict(weights)
         return state, description, config
     if isinstance(source, (str, Path)) and not Path(source).exists():

@@ -67,6 +67,21 @@ class InteropError(ValueError):
     """A model or folder that cannot be converted; the message lists every reason."""
 
 
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` as a mapping. Why not ``json.loads`` alone: its message
+    (``Expecting value: line 1 column 43``) names no file, and a model folder holds several JSON
+    files; here any fault is one :class:`InteropError` line that names ``path``."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InteropError(f"{path}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise InteropError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not isinstance(config, dict):
+        raise InteropError(f"{path}: a model config must be a JSON object of settings, got {type(config).__name__}")
+    return config
+
+
 class StateDictMismatchError(CheckpointError):
     """A checkpoint that does not fill the encoder exactly; ``report`` lists every key."""
 
@@ -872,7 +887,7 @@ def import_hf_videomae(path_or_dir: str | Path, attention: str = "auto") -> Vide
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_config_json(config_path)
     if config.get("model_type") not in (None, "videomae"):
         raise InteropError(f"{config_path}: model_type is {config.get('model_type')!r}, not 'videomae'")
     problems = []
