@@ -71,7 +71,7 @@ def checkpoint(runs, parallel: str, step: int) -> dict[str, torch.Tensor]:
 def test_every_step_enqueues_the_keys_of_both_ranks_in_rank_order(runs, parallel):
     """MoCo's concat_all_gather: the pointer moves by world x batch per step, the rows of a step
     hold 2 x 4 distinct new keys, and their labels are rank 0's clips then rank 1's (-1 where
-    rank 1's first batch had none)."""
+    rank 1's first batch had none), as are their clip identities (queue_clips)."""
     first, second = checkpoint(runs, parallel, 1), checkpoint(runs, parallel, 2)
     per_step = WORLD * BATCH
     for number, state in ((1, first), (2, second)):
@@ -92,6 +92,9 @@ def test_every_step_enqueues_the_keys_of_both_ranks_in_rank_order(runs, parallel
     assert expected[BATCH:2 * BATCH] == [-1] * BATCH and min(expected[:BATCH]) >= 0
     queue_labels = checkpoint(runs, parallel, STEPS)[HEAD + "queue_labels"].tolist()
     assert queue_labels == expected + [-1] * (QUEUE - len(expected))
+    # the clip identities (manifest rows) travel with the keys, gathered the same way
+    clips = [i for step in range(STEPS) for rank in range(WORLD) for i in batches[rank][step]]
+    assert checkpoint(runs, parallel, STEPS)[HEAD + "queue_clips"].tolist() == clips + [-1] * (QUEUE - len(clips))
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
