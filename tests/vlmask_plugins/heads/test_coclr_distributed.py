@@ -22,7 +22,11 @@ BATCH, WORLD, STEPS, QUEUE, MOMENTUM = 4, 2, 2, 32, 0.5
 TINY = (f"train.batch_size={BATCH}", "data.num_workers=0", "data.dataset.num_frames=4", "data.dataset.size=32",
         "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2", "optim.warmup_steps=1",
         "device=cpu", f"heads.coclr.queue_size={QUEUE}", "heads.coclr.dim=8", f"heads.coclr.momentum={MOMENTUM}",
-        f"train.max_steps={STEPS}", "train.ckpt_every=1", "train.log_every=1")
+        f"train.max_steps={STEPS}", "train.ckpt_every=1", "train.log_every=1",
+        # the clips as drawn before the recipe's colour augmentation existed: its draws move the second
+        # clips' temporal and crop draws, and two of those then give flow keys closer than the 1e-3
+        # that the distinct-keys check below allows (queues, not augmentation, are tested here)
+        "data.dataset.color_jitter=null", "data.dataset.blur=null")
 HEAD = "objective_modules.coclr."
 
 pytestmark = [pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH"), pytest.mark.slow]
