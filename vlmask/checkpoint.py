@@ -263,8 +263,24 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read training state ({type(exc).__name__}: {exc})") from None
 
 
+def with_checkpoint_defaults(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` plus the state a submodule added after older checkpoints were written: a
+    submodule with ``checkpoint_defaults() -> {local name: tensor}`` states the value such a
+    checkpoint stands for (e.g. the CoCLR head's ``queue_clips``, all -1); keys the checkpoint has
+    are kept as they are, and any other missing key stays an error of :func:`load_strict`."""
+    filled = dict(tensors)
+    for prefix, submodule in module.named_modules():
+        defaults = getattr(submodule, "checkpoint_defaults", None)
+        if callable(defaults):
+            for name, value in defaults().items():
+                filled.setdefault(f"{prefix}.{name}" if prefix else name, value)
+    return filled
+
+
 def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a state dict, refusing any missing, unexpected or mis-shaped key (listing them)."""
+    """Load a state dict, refusing any missing, unexpected or mis-shaped key (listing them); a
+    key a submodule added later is filled with its stated default (:func:`with_checkpoint_defaults`)."""
+    tensors = with_checkpoint_defaults(module, tensors)
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -53,7 +53,7 @@ from vlmask.caches import CaptionEmbeddingCache, FeatureCache, extract_features,
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.data_loading import collate_of
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
-from vlmask.kinds import DATASET_VIEWS
+from vlmask.kinds import DATASET_VIEWS, TRAINING_AUGMENTATIONS
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.registry import Registry
@@ -269,10 +269,12 @@ def val_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
 TRAINING_VIEWS = tuple(DATASET_VIEWS.values())
 
 
-def without_training_views(factory: Any) -> dict[str, bool]:
-    """``{argument: False}`` for each of :data:`TRAINING_VIEWS` that the dataset factory takes."""
+def without_training_views(factory: Any) -> dict[str, bool | None]:
+    """``{argument: False}`` for each of :data:`TRAINING_VIEWS` that the dataset factory takes,
+    ``{argument: None}`` for each pretraining augmentation (:data:`vlmask.kinds.TRAINING_AUGMENTATIONS`)."""
     parameters = factory_parameters(factory)
-    return {name: False for name in TRAINING_VIEWS if name in parameters}
+    return ({name: False for name in TRAINING_VIEWS if name in parameters}
+            | {name: None for name in TRAINING_AUGMENTATIONS if name in parameters})
 
 
 def eval_dataset(run: OpenRun, manifest: Path) -> Any:

@@ -62,6 +62,11 @@ REQUIREMENTS: dict[str, str] = {
 #: ``video`` alone).
 DATASET_VIEWS: dict[str, str] = {"flow": "flow", "second_clip": "second_clip"}
 
+#: ``data.dataset`` arguments that only pretraining applies (a paper's pretraining augmentation,
+#: e.g. DPC's frame-wise colour jitter): evaluation, ``embed`` and finetuning build their datasets
+#: with each set to None (off), as they turn off :data:`DATASET_VIEWS`.
+TRAINING_AUGMENTATIONS: tuple[str, ...] = ("color_jitter", "blur")
+
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.
 DATA_REQUIREMENTS: frozenset[str] = frozenset({"action_box", "label"})
 

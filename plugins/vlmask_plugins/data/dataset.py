@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, Batch
+from vlmask_plugins.data.augment import Blur, ClipColorAugment, ColorJitter
 from vlmask_plugins.data.decode import (
     DecodeError,
     FrameSampler,
@@ -141,6 +142,13 @@ class VideoManifestDataset(Dataset):
     first (another temporal draw of the sampler: another phase with ``dynamic``, another start
     with ``fixed``; its own crop and flip), as the positive pair of instance discrimination
     (MoCo / CoCLR: Han et al., NeurIPS 2020, sec. 4.1 "two clips of the same video").
+
+    Colour augmentation (training only, off by default; ``vlmask_plugins.data.augment``):
+    ``color_jitter`` ({brightness, contrast, saturation, hue, p, grayscale, per_frame}: DPC's
+    frame-wise jitter and greyscale with ``per_frame: true``, thesis sec. 2.3.3; CoCLR's clip-wise
+    one, sec. 4.4.2) and ``blur`` ({p, sigma, kernel_size}: CoCLR's Gaussian blur) are applied to
+    the uint8 frames after the crop and flip, drawn from the per-sample seed like the crop; the
+    second clip draws its own; flow images are computed from the frames before them.
     """
 
     def __init__(
@@ -164,6 +172,8 @@ class VideoManifestDataset(Dataset):
         flow: bool = False,
         second_clip: bool = False,
         flow_bound: float = 20.0,
+        color_jitter: ColorJitter | None = None,
+        blur: Blur | None = None,
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -190,6 +200,7 @@ class VideoManifestDataset(Dataset):
         if not flow_bound > 0:
             raise ValueError(f"flow_bound must be > 0 (pixels), got {flow_bound}")
         self.flow_bound = float(flow_bound)
+        self.color_augment = ClipColorAugment(color_jitter, blur)  # ValueError naming color_jitter.KEY / blur.KEY
         if decode_short_side is not None and decode_short_side < size:
             raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
@@ -317,6 +328,8 @@ class VideoManifestDataset(Dataset):
 
             images = flow_images(video.permute(0, 2, 3, 1).contiguous().numpy(), bound=self.flow_bound)
             flow = torch.from_numpy(images).permute(3, 0, 1, 2).contiguous()
+        if self.train and self.color_augment.active:  # after the flow: it shows motion, not the jitter
+            video = self.color_augment(video)
         return video.permute(1, 0, 2, 3).contiguous(), box, flow
 
     def transform(self, video: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -32,11 +32,27 @@ clip, but the two views then show the same frames). Flow comes from the dataset
 every token of the clip; the recipe's masker only decides what the student's own forward
 encodes (``StepOutputs.visible_features``), which this head does not use.
 
+Keys of the query's own clip. A third queue buffer, ``queue_clips``, holds the clip identity of
+each key (the manifest row, ``Batch.index``; -1 for the initial random keys or a batch without
+``index``), filled by the same enqueue. A queue entry of the query's own clip (another augmentation
+of it, enqueued at an earlier step: certain once the data set is smaller than the queue, or after
+an epoch) is never a negative: with ``positives="self"`` it leaves the softmax (eq. 4.1's ``N_i =
+{psi(x_n; a) | n != i}``); with ``topk`` or ``labels`` it is a positive (eq. 4.3's ``P_1i``
+holds every augmentation ``psi(x_1i; a)``; the top-K neighbours are mined among the other clips),
+as the released code's ``queue_vname`` does for CoCLR (``vlmask_plugins.targets.coclr``). The
+statistic ``same_clip`` is the mean number of such entries per query. Identity is the manifest
+row: two rows cut from the same source video (UCF101's "sibling" clips, which the released code
+matches by video source) are different clips here. Checkpoints written before ``queue_clips``
+existed load with it all -1 (:meth:`CoCLRHead.checkpoint_defaults`, read by
+``vlmask.checkpoint.load_strict`` and by :meth:`CoCLRHead._load_from_state_dict`): such a resumed
+run forgets which clips its queue holds, so entries enqueued before the resume count as
+negatives until they leave the queue, as they did when they were written.
+
 Several processes (``torchrun``; ``train.parallel`` ``ddp`` or ``fsdp``), as MoCo does
 (``concat_all_gather`` before ``_dequeue_and_enqueue``, facebookresearch/moco ``builder.py``):
 each step gathers the RGB keys, flow keys and labels of every rank, in rank order and without
 gradient (:func:`vlmask_plugins.heads.distributed.concat_all_gather`; a rank whose batch has no
-labels sends -1), and every rank enqueues all of them, so the queues are identical on every rank
+labels or no clip index sends -1), and every rank enqueues all of them, so the queues are identical on every rank
 and the pointer moves by world size x batch size per step. Those keys must fit in the queue
 (``queue_size`` >= world size x ``train.batch_size``): a step with more is refused, also when
 FLOPs are counted on the meta device (which enqueues nothing). Under DDP the engine keeps DDP's
@@ -67,6 +83,7 @@ from vlmask_plugins.targets.coclr import (
     label_positive_mask,
     multi_instance_infonce,
     queue_infonce,
+    same_clip_mask,
     topk_positive_mask,
 )
 
@@ -153,7 +170,22 @@ class CoCLRHead(nn.Module):
         self.register_buffer("rgb_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("flow_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
+        self.register_buffer("queue_clips", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+
+    def checkpoint_defaults(self) -> dict[str, Tensor]:
+        """State added after checkpoints of earlier runs were written, with the value such a
+        checkpoint stands for: ``queue_clips`` all -1 (no entry known to be of any clip, which is
+        how those runs treated every entry). Read by ``vlmask.checkpoint.load_strict`` for a key
+        the checkpoint lacks, and by :meth:`_load_from_state_dict` for ``load_state_dict``."""
+        return {"queue_clips": torch.full_like(self.queue_clips, -1, device="cpu")}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # PyTorch's upgrade idiom (as BatchNorm fills ``num_batches_tracked``): a state dict of a
+        # CoCLR run made before ``queue_clips`` existed gets it all -1
+        for name, value in self.checkpoint_defaults().items():
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @vlmask.hookimpl
     def vlmask_after_optimizer_step(self, step: int) -> None:
@@ -187,19 +219,29 @@ class CoCLRHead(nn.Module):
         window = self._key_window(*batch.video.shape[-2:])
         return crop_resize(batch.video, *window), crop_resize(batch.flow, *window)
 
-    def _positives(self, other_query: Tensor, other_queue: Tensor, labels: Tensor | None) -> Tensor | None:
+    def _positives(self, other_query: Tensor, other_queue: Tensor, labels: Tensor | None, same: Tensor) -> Tensor | None:
+        """The positive mask (B, 1 + Q) of ``topk`` or ``labels``, the keys of the query's own
+        clip (``same``, (B, Q)) among them; None for ``self`` (InfoNCE)."""
         if self.positives == "topk":
-            return topk_positive_mask(other_query, other_queue, self.topk)
-        if self.positives == "labels":
+            positives = topk_positive_mask(other_query, other_queue, self.topk, skip=same)
+        elif self.positives == "labels":
             if labels is None:
                 raise ValueError("head 'coclr' with positives='labels' (UberNCE) needs batch.label (labels in the manifest)")
-            return label_positive_mask(labels, self.queue_labels)
-        return None
+            positives = label_positive_mask(labels, self.queue_labels)
+        else:
+            return None
+        return positives | torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
 
-    def _loss(self, query: Tensor, key: Tensor, queue: Tensor, positives: Tensor | None) -> Tensor:
-        if positives is None:
-            return queue_infonce(query, key, queue, self.temperature)
+    def _loss(self, query: Tensor, key: Tensor, queue: Tensor, positives: Tensor | None, same: Tensor) -> Tensor:
+        if positives is None:  # InfoNCE: the own clip's queue entries are no negatives (eq. 4.1's N_i)
+            return queue_infonce(query, key, queue, self.temperature, exclude=same)
         return multi_instance_infonce(query, key, queue, positives, self.temperature)
+
+    def _same_clip(self, clips: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
+        """(B, Q) bool: the queue entries of each query's own clip (none without ``Batch.index``)."""
+        if clips is None:
+            return torch.zeros(batch_size, self.queue_clips.shape[0], dtype=torch.bool, device=device)
+        return same_clip_mask(clips, self.queue_clips)
 
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         video, flow, labels = out.batch.video, out.batch.flow, out.batch.label
@@ -218,30 +260,33 @@ class CoCLRHead(nn.Module):
             k_rgb = self._embed(self.rgb_key_encoder, self.rgb_key_projection, key_video)
             k_flow = self._embed(self.flow_key_encoder, self.flow_key_projection, key_flow)
         rgb_queue, flow_queue = self.rgb_queue.clone(), self.flow_queue.clone()  # the enqueue below is in place
+        clips = out.batch.index
+        same = self._same_clip(clips, q_rgb.shape[0], q_rgb.device)  # read before the enqueue below
         total = q_rgb.new_zeros(())
-        stats: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {"same_clip": same.sum(dim=1).float().mean()}
         for name, trained, query, key, queue, other_query, other_queue in (
             ("rgb", train_rgb, q_rgb, k_rgb, rgb_queue, q_flow, flow_queue),
             ("flow", train_flow, q_flow, k_flow, flow_queue, q_rgb, rgb_queue),
         ):
             if not trained:
                 continue
-            positives = self._positives(other_query.detach(), other_queue, labels)
-            loss = self._loss(query, key, queue, positives)
+            positives = self._positives(other_query.detach(), other_queue, labels, same)
+            loss = self._loss(query, key, queue, positives, same)
             total = total + loss
             stats[name] = loss.detach()
             if positives is not None:
                 stats[f"{name}_positives"] = positives.sum(dim=1).float().mean().detach()
         if self.training:
-            self._enqueue(k_rgb, k_flow, labels)
+            self._enqueue(k_rgb, k_flow, labels, clips)
         return total, stats
 
     @torch.no_grad()
-    def _enqueue(self, k_rgb: Tensor, k_flow: Tensor, labels: Tensor | None) -> None:
+    def _enqueue(self, k_rgb: Tensor, k_flow: Tensor, labels: Tensor | None, clips: Tensor | None = None) -> None:
         """MoCo's enqueue with every rank's keys (``concat_all_gather`` before
-        ``_dequeue_and_enqueue``, facebookresearch/moco ``builder.py``): the keys and labels of all
-        ranks, in rank order, go into the queues of every rank, which therefore stay identical.
-        A rank without labels contributes -1 (no class) and still joins every collective."""
+        ``_dequeue_and_enqueue``, facebookresearch/moco ``builder.py``): the keys, labels and clip
+        identities of all ranks, in rank order, go into the queues of every rank, which therefore
+        stay identical. A rank without labels (or clip indices) contributes -1 and still joins
+        every collective."""
         _, world_size = world()
         count, queue_size = world_size * k_rgb.shape[0], self.rgb_queue.shape[0]
         if count > queue_size:  # checked on shapes, so a FLOP count on the meta device catches it too
@@ -250,11 +295,14 @@ class CoCLRHead(nn.Module):
                              "heads.coclr.queue_size or lower train.batch_size")
         if self.rgb_queue.is_meta:  # FLOP counting runs on the meta device: no values, no collectives
             return
-        if labels is None:
-            labels = torch.full((k_rgb.shape[0],), -1, dtype=torch.long, device=k_rgb.device)
-        k_rgb, k_flow, labels = concat_all_gather(k_rgb), concat_all_gather(k_flow), concat_all_gather(labels)
+        unknown = torch.full((k_rgb.shape[0],), -1, dtype=torch.long, device=k_rgb.device)
+        labels = unknown if labels is None else labels.to(k_rgb.device, torch.long)
+        clips = unknown if clips is None else clips.to(k_rgb.device, torch.long)
+        k_rgb, k_flow = concat_all_gather(k_rgb), concat_all_gather(k_flow)
+        labels, clips = concat_all_gather(labels), concat_all_gather(clips)
         pointer = self.queue_pointer  # a device tensor: no host-device sync in the step
-        for queue, rows in ((self.rgb_queue, k_rgb), (self.flow_queue, k_flow), (self.queue_labels, labels)):
+        for queue, rows in ((self.rgb_queue, k_rgb), (self.flow_queue, k_flow), (self.queue_labels, labels),
+                            (self.queue_clips, clips)):
             updated, next_pointer = enqueue(queue, rows, pointer)
             queue.copy_(updated)
         self.queue_pointer.copy_(next_pointer)

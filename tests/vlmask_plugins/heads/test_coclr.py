@@ -21,7 +21,7 @@ from vlmask.engine import Trainer
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
 from vlmask_plugins.encoders.vit import VideoViT
 from vlmask_plugins.heads.coclr import CoCLRHead, crop_resize
-from vlmask_plugins.targets.coclr import multi_instance_infonce, topk_positive_mask
+from vlmask_plugins.targets.coclr import multi_instance_infonce, queue_infonce, topk_positive_mask
 
 RECIPES = Path(__file__).parents[3] / "recipes"
 
@@ -32,12 +32,14 @@ def tiny_head(**kwargs) -> tuple[VideoViT, CoCLRHead]:
     return encoder, CoCLRHead(encoder, 32, dim=8, queue_size=6, momentum=0.9, **kwargs)
 
 
-def outputs(encoder: VideoViT, batch_size: int = 3, seed: int = 1, labelled: bool = True) -> StepOutputs:
+def outputs(encoder: VideoViT, batch_size: int = 3, seed: int = 1, labelled: bool = True,
+            index: list[int] | None = None) -> StepOutputs:
     g = torch.Generator().manual_seed(seed)
     clip = (batch_size, 3, 4, 32, 32)
     batch = Batch(video=torch.randn(clip, generator=g), flow=torch.randn(clip, generator=g),
                   second_video=torch.randn(clip, generator=g), second_flow=torch.randn(clip, generator=g),
-                  label=torch.arange(batch_size) % 2 if labelled else None)  # 0, 1, 0, ...
+                  label=torch.arange(batch_size) % 2 if labelled else None,  # 0, 1, 0, ...
+                  index=torch.tensor(index) if index is not None else None)
     mask = Mask(torch.arange(4).expand(batch_size, 4), torch.arange(4, 8).expand(batch_size, 4))
     return StepOutputs(batch=batch, grid=TokenGrid(2, 4, 4, 2, 8), mask=mask, visible_features=torch.zeros(batch_size, 4, 32),
                        encoder=encoder)
@@ -104,8 +106,72 @@ def test_labels_give_ubernce_positives_and_stream_both_sums_two_terms():
     encoder, head = tiny_head(positives="labels")
     head(outputs(encoder))  # fills labels 0, 1, 0 in rows 0..2
     loss, stats = head(outputs(encoder, seed=2))
-    assert set(stats) == {"rgb", "flow", "rgb_positives", "flow_positives"}
+    assert set(stats) == {"rgb", "flow", "rgb_positives", "flow_positives", "same_clip"}
     assert torch.allclose(loss, stats["rgb"] + stats["flow"]) and stats["rgb_positives"] == pytest.approx(1 + 5 / 3)
+
+
+def embeddings(head: CoCLRHead, encoder: VideoViT, out: StepOutputs) -> tuple[torch.Tensor, ...]:
+    """The head's queries and keys (key view: the second clip), recomputed without gradient."""
+    def embed(encoder, projection, clip):
+        return F.normalize(projection(encoder(clip).mean(1)), dim=1)
+
+    batch = out.batch
+    with torch.no_grad():
+        return (embed(encoder, head.rgb_projection, batch.video), embed(head.flow_encoder, head.flow_projection, batch.flow),
+                embed(head.rgb_key_encoder, head.rgb_key_projection, batch.second_video),
+                embed(head.flow_key_encoder, head.flow_key_projection, batch.second_flow))
+
+
+def same_clip_columns(rows: int, *pairs: tuple[int, int]) -> torch.Tensor:
+    same = torch.zeros(rows, 6, dtype=torch.bool)
+    for row, column in pairs:
+        same[row, column] = True
+    return same
+
+
+def test_infonce_leaves_queue_keys_of_the_querys_own_clip_out_of_the_softmax():
+    """eq. 4.1's negatives are N_i = {psi(x_n; a) | n != i}: a queue entry enqueued from the
+    query's own clip (same Batch.index) is excluded from the denominator, in both streams."""
+    encoder, head = tiny_head()
+    head(outputs(encoder, index=[0, 1, 2]))  # queue rows 0..2 now hold keys of clips 0, 1, 2
+    assert head.queue_clips.tolist() == [0, 1, 2, -1, -1, -1]
+    out = outputs(encoder, seed=2, index=[2, 7, 0])  # clip 2 is in row 2, clip 0 in row 0
+    rgb_queue, flow_queue = head.rgb_queue.clone(), head.flow_queue.clone()
+    q_rgb, q_flow, k_rgb, k_flow = embeddings(head, encoder, out)
+    loss, stats = head(out)
+    same = same_clip_columns(3, (0, 2), (2, 0))
+    masked = queue_infonce(q_rgb, k_rgb, rgb_queue, 0.07, same) + queue_infonce(q_flow, k_flow, flow_queue, 0.07, same)
+    unmasked = queue_infonce(q_rgb, k_rgb, rgb_queue, 0.07) + queue_infonce(q_flow, k_flow, flow_queue, 0.07)
+    assert torch.allclose(loss, masked, atol=1e-6) and not torch.allclose(loss, unmasked, atol=1e-3)
+    assert stats["same_clip"] == pytest.approx(2 / 3)
+    assert head.queue_clips.tolist() == [0, 1, 2, 2, 7, 0]  # enqueued with the keys
+    _, stats = head(outputs(encoder, seed=3))  # a batch without index: nothing matches, -1 enqueued
+    assert stats["same_clip"] == 0 and head.queue_clips.tolist() == [-1, -1, -1, 2, 7, 0]
+
+
+@pytest.mark.parametrize("positives", ["topk", "labels"])
+def test_under_topk_and_labels_the_own_clips_queue_keys_are_positives_never_mined_neighbours(positives):
+    """eq. 4.3: P_1i holds every augmentation psi(x_1i; a), so a queue key of the query's own clip
+    is a positive (never a negative); the K mined neighbours are other clips (released code:
+    mask_sim[mask_source] = -inf before the top-K)."""
+    encoder, head = tiny_head(stream="rgb", topk=2)
+    head(outputs(encoder, index=[0, 1, 2], labelled=False))  # rows 0..2: clips 0, 1, 2, no labels
+    head.positives = positives  # a stage switch
+    out = outputs(encoder, seed=2, index=[2, 7, 0])
+    rgb_queue, flow_queue = head.rgb_queue.clone(), head.flow_queue.clone()
+    q_rgb, q_flow, k_rgb, _ = embeddings(head, encoder, out)
+    loss, stats = head(out)
+    same = same_clip_columns(3, (0, 2), (2, 0))
+    own = torch.cat([torch.zeros(3, 1, dtype=torch.bool), same], dim=1)
+    if positives == "topk":
+        mined = topk_positive_mask(q_flow, flow_queue, 2, skip=same)
+        assert not (mined & own).any() and mined.sum(1).tolist() == [3, 3, 3]
+    else:  # labels 0, 1, 0 against a queue of unlabelled keys: no label positives
+        mined = torch.zeros(3, 7, dtype=torch.bool)
+        mined[:, 0] = True
+    expected = multi_instance_infonce(q_rgb, k_rgb, rgb_queue, mined | own, 0.07)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert stats["rgb_positives"] == pytest.approx(mined.sum(1).float().mean() + 2 / 3)
 
 
 def test_momentum_update_moves_keys_toward_the_online_streams():
@@ -216,3 +282,73 @@ def test_flow_bound_sets_the_displacement_that_saturates_the_flow_images(tiny_sy
     assert spread[2.5] > 3 * spread[20.0] > 0
     with pytest.raises(ValueError, match="flow_bound must be > 0"):
         VideoManifestDataset(str(tiny_synth[0]), num_frames=4, size=32, flow=True, flow_bound=0)
+
+
+def test_a_run_on_two_clips_excludes_their_queued_keys_and_resumes_from_an_old_checkpoint(tiny_synth, tmp_path):
+    """recipes/coclr/infonce.yaml on a manifest of 2 clips with batch size 2: every step sees both
+    clips, so from step 2 on the queue holds keys of each query's own clip (1 per query at step 2,
+    2 at step 3). The loss of every step of the real run is the InfoNCE without those entries.
+    Then a checkpoint written before ``queue_clips`` existed (the key removed) still resumes."""
+    from safetensors.torch import save_file
+
+    lines = tiny_synth[0].read_text().splitlines()[:2]
+    manifest = tmp_path / "two.jsonl"
+    manifest.write_text("".join(json.dumps({**json.loads(line), "video": str(tiny_synth[0].parent / json.loads(line)["video"])})
+                                + "\n" for line in lines))
+    args = ["train.batch_size=2", "data.num_workers=0", "data.dataset.num_frames=4", "data.dataset.size=32",
+            "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2", "optim.warmup_steps=2",
+            "device=cpu", "heads.coclr.queue_size=8", "train.log_every=1", "train.ckpt_every=3", "train.max_steps=3",
+            f"data.train={manifest}", f"run.dir={tmp_path / 'run'}"]
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def before(head, inputs):
+        calls.append({"rgb_queue": head.rgb_queue.clone(), "flow_queue": head.flow_queue.clone(),
+                      "queue_clips": head.queue_clips.clone()})
+
+    def after(head, inputs, output):
+        out, seen = inputs[0], calls[-1]
+        q_rgb, q_flow, k_rgb, k_flow = embeddings(head, out.encoder, out)
+        same = out.batch.index[:, None] == seen["queue_clips"][None, :]
+        seen["loss"], seen["same"] = output[0].detach(), same
+        seen["masked"] = (queue_infonce(q_rgb, k_rgb, seen["rgb_queue"], 0.07, same)
+                          + queue_infonce(q_flow, k_flow, seen["flow_queue"], 0.07, same))
+        seen["unmasked"] = (queue_infonce(q_rgb, k_rgb, seen["rgb_queue"], 0.07)
+                            + queue_infonce(q_flow, k_flow, seen["flow_queue"], 0.07))
+
+    recipe = RECIPES / "coclr" / "infonce.yaml"
+    with Trainer(load_recipe(recipe, args)) as trainer:
+        head = trainer.student.objective_modules["coclr"]
+        handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+        trainer.train()
+        for handle in handles:
+            handle.remove()
+        queue_clips = head.queue_clips.clone()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["coclr/same_clip"] for m in metrics] == [0.0, 1.0, 2.0]
+    assert [int(c["same"].sum()) for c in calls] == [0, 2, 4]
+    for call in calls:
+        assert torch.allclose(call["loss"], call["masked"], atol=1e-5)
+    assert all(not torch.allclose(c["loss"], c["unmasked"], atol=1e-4) for c in calls[1:])
+    assert sorted(queue_clips.tolist()) == [-1, -1, 0, 0, 0, 1, 1, 1]
+
+    # a checkpoint of a CoCLR run made before queue_clips existed: the key is absent
+    weights = latest_checkpoint(tmp_path / "run" / "checkpoints") / "student.safetensors"
+    tensors = load_tensors(weights)
+    assert torch.equal(tensors["objective_modules.coclr.queue_clips"], queue_clips)  # a new run's checkpoint keeps it
+    del tensors["objective_modules.coclr.queue_clips"]
+    save_file(tensors, str(weights))
+    with Trainer(load_recipe(recipe, [*args, "train.max_steps=4"])) as trainer:
+        head = trainer.student.objective_modules["coclr"]
+        assert trainer.start_step == 3 and head.queue_clips.tolist() == [-1] * 8  # filled: nothing known of any clip
+        assert torch.equal(head.rgb_queue, tensors["objective_modules.coclr.rgb_queue"])
+        trainer.train()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 4 and metrics[-1]["coclr/same_clip"] == 0.0
+    # load_state_dict (PyTorch's own path) fills it too; any other missing key is still refused
+    del tensors["objective_modules.coclr.queue_pointer"]
+    state = {k.removeprefix("objective_modules.coclr."): v for k, v in tensors.items() if k.startswith("objective_modules.coclr.")}
+    with pytest.raises(RuntimeError, match="queue_pointer"):
+        head.load_state_dict(state)
+    state["queue_pointer"] = torch.tensor(5)
+    head.load_state_dict(state)
+    assert head.queue_clips.tolist() == [-1] * 8 and int(head.queue_pointer) == 5

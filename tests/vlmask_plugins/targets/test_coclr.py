@@ -13,6 +13,7 @@ from vlmask_plugins.targets.coclr import (
     label_positive_mask,
     multi_instance_infonce,
     queue_infonce,
+    same_clip_mask,
     topk_positive_mask,
 )
 
@@ -28,6 +29,21 @@ def test_doctests() -> None:
 def test_queue_infonce_by_hand() -> None:
     """eq. 4.1: -log(e / (e + 1 + e^-1)) = log(1 + e^-1 + e^-2) = 0.407606."""
     assert queue_infonce(QUERY, KEY, QUEUE, temperature=1.0).item() == pytest.approx(0.407606, abs=1e-6)
+
+
+def test_queue_infonce_leaves_the_own_clips_queue_keys_out_by_hand() -> None:
+    """eq. 4.1's N_i excludes n = i: with queue entry 0 a key of the query's own clip it leaves the
+    denominator: -log(e / (e + e^-1)) = log(1 + e^-2) = 0.126928 (0.407606 with it counted)."""
+    same = same_clip_mask(torch.tensor([5]), torch.tensor([5, 3]))
+    assert same.tolist() == [[True, False]]
+    assert queue_infonce(QUERY, KEY, QUEUE, 1.0, exclude=same).item() == pytest.approx(0.126928, abs=1e-6)
+    assert queue_infonce(QUERY, KEY, QUEUE, 1.0, exclude=~same).item() == pytest.approx(0.313262, abs=1e-6)
+    unknown = same_clip_mask(torch.tensor([-1]), torch.tensor([-1, -1]))  # -1: no identity, never the same clip
+    assert queue_infonce(QUERY, KEY, QUEUE, 1.0, exclude=unknown).item() == pytest.approx(0.407606, abs=1e-6)
+    only_self = torch.tensor([[True, False, False]])
+    assert multi_instance_infonce(QUERY, KEY, QUEUE, only_self, 1.0, exclude=same).item() == pytest.approx(0.126928, abs=1e-6)
+    with pytest.raises(ValueError, match="exclude must be a bool mask of shape"):
+        queue_infonce(QUERY, KEY, QUEUE, 1.0, exclude=torch.ones(1, 3, dtype=torch.bool))
 
 
 def test_multi_instance_infonce_sums_the_positive_probabilities() -> None:
@@ -49,6 +65,11 @@ def test_topk_positives_come_from_the_other_stream() -> None:
     mask = topk_positive_mask(flow_query, flow_queue, k=2)
     assert mask.tolist() == [[True, False, True, True]]
     assert topk_positive_mask(flow_query, flow_queue, k=0).tolist() == [[True, False, False, False]]
+    # entry 2 holds a key of the clip itself: skipped, the next neighbours (2 then 1) are mined
+    skip = torch.tensor([[False, False, True]])
+    assert topk_positive_mask(flow_query, flow_queue, k=2, skip=skip).tolist() == [[True, True, True, False]]
+    # fewer candidates than k: the row gets the candidates it has
+    assert topk_positive_mask(flow_query, flow_queue, k=3, skip=~skip).tolist() == [[True, False, False, True]]
     with pytest.raises(ValueError, match="k must be in"):
         topk_positive_mask(flow_query, flow_queue, k=4)
 
