@@ -44,7 +44,7 @@ def train_flops(recipe_path: str | Path, overrides: Sequence[str], clips_trained
 
 
 def train_flops_of_recipe(recipe: Recipe, clips_trained: int, plugins: Plugins | None = None) -> float:
-    """:func:`train_flops` for an already loaded recipe (e.g. ``Trainer.recipe``): its source
+    """:func:`train_flops` for an already loaded recipe (e.g. ``TrainStep.recipe``): its source
     file with the overrides it was loaded with (``run.dir`` dropped)."""
     return train_flops(recipe.path, list(recipe.overrides), clips_trained, plugins)
 

@@ -29,6 +29,7 @@ rehearsal is not one.
 from __future__ import annotations
 
 import copy
+import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -121,17 +122,28 @@ def _rehearse(recipe: Recipe, plugins: Plugins) -> list[str]:
         return _rehearse_steps(recipe, train_step)
 
 
-class _TeacherUpdate:
-    """A ``phase_watch`` that blames the teacher for what fails in its update."""
+class _AfterStep:
+    """A ``phase_watch`` naming the part whose after-step work fails: the teacher in its
+    update; in the hooks, the part whose hook implementation raised (pluggy calls the parts'
+    methods, so its frame in the traceback is the part's)."""
 
-    def __init__(self, blame: _Blame) -> None:
+    def __init__(self, blame: _Blame, keys: dict[int, str]) -> None:
         self.blame = blame
+        self.keys = keys  # id(part) -> its key
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if name == "teacher_update":
             with self.blame.inside("teacher"):
                 yield
+        elif name == "hooks":
+            try:
+                yield
+            except BaseException as error:
+                owners = [self.keys[id(frame.f_locals.get("self"))] for frame, _ in traceback.walk_tb(error.__traceback__)
+                          if id(frame.f_locals.get("self")) in self.keys]
+                self.blame.blamed = self.blame.blamed or (owners[-1] if owners else None)
+                raise
         else:
             yield
 
@@ -147,9 +159,12 @@ def _rehearse_steps(recipe: Recipe, train_step: TrainStep) -> list[str]:
         if isinstance(module, nn.Module):
             handles += blame.watch(module, key)
     keys = {name: f"{section}.{name}" for section in ("targets", "heads") for name in (recipe.get(section) or {})}
+    owners = {id(part): keys.get(name, name) for name, part in student.objectives.items()}
+    owners.update({id(part): key for key, part in (("masker", train_step.masker), ("teacher", train_step.teacher))
+                   if part is not None})
     student.objectives = {name: _attributed(blame, keys.get(name, name), part) for name, part in student.objectives.items()}
     train_step.masker = _attributed(blame, "masker", train_step.masker)
-    train_step.phase_watch = _TeacherUpdate(blame)
+    train_step.phase_watch = _AfterStep(blame, owners)
     batch_size = int(recipe.get("train.batch_size", 1) or 1)
     stages = train_step.stages.stages
     firsts = [0] + train_step.stages.ends[:-1] if stages else [0]

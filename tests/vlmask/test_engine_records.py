@@ -74,9 +74,21 @@ def test_final_loss_is_the_last_steps_loss_not_the_log_window_mean(tiny_synth, t
     assert saved["final_loss"] != pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
-def test_vlmask_run_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_scale, tmp_path, isolated_cache):
+def test_vlmask_run_builds_the_model_once_and_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_scale, tmp_path,
+                                                                                    isolated_cache, monkeypatch):
+    import vlmask.build
+
+    built: list[str] = []
+    real_build = vlmask.build.build
+
+    def counted(registry, recipe, key, kind, *args, **kwargs):
+        built.append(key)
+        return real_build(registry, recipe, key, kind, *args, **kwargs)
+
+    monkeypatch.setattr(vlmask.build, "build", counted)  # what build_components builds every part with
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run")
     assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0
+    assert built.count("model.encoder") == 1, "the FLOP count copies the run's own parts onto meta: nothing is built again"
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     counted = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])
     per_clip = counted["flops_per_clip"]
