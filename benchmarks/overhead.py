@@ -339,7 +339,8 @@ def dispatch_case(train_step: TrainStep, step_s: float, calls: int) -> dict[str,
     hook_us = per_call_us(lambda: hook(step=1, run=train_step.run), calls)
     generator_us = per_call_us(lambda: train_step.mask_generator(1), calls)
     masker_batch = Batch(video=torch.empty(16, 3, 8, 64, 64))
-    masker_us = per_call_us(lambda: train_step.masker(masker_batch, train_step.grid, train_step.mask_generator(1)), calls // 10)
+    masker_us = per_call_us(lambda: train_step.masker(masker_batch, train_step.grid, train_step.mask_generator(1)),
+                            calls // 10)
     # The same call with one implementation registered: the MAE+CLIP recipes' video-text head,
     # whose hook clamps its logit scale (registered the way the engine registers components).
     head = VideoTextInfoNCEHead()

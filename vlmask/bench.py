@@ -7,9 +7,10 @@ built here directly from ``build_components``, never through a Trainer):
     FLOPs of ONE training step per clip: student forward and backward plus the teacher's
     forward, counted by :class:`torch.utils.flop_counter.FlopCounterMode` around the real
     ``TrainStep.step`` on the ``meta`` device (optimizer and after-step work included), so
-    nothing is computed and a paper-scale ViT-B step costs only the time to build the model. Conventions (those of shared/specs/reference-semantics.md): 2 FLOPs per
-    multiply-add; matmuls, linear layers, convolutions and attention are counted, elementwise
-    work (norms, softmax, GELU, losses, AdamW, the EMA update) is not; attention is counted as
+    nothing is computed and a paper-scale ViT-B step costs only the time to build the model.
+    Conventions (those of shared/specs/reference-semantics.md): 2 FLOPs per multiply-add;
+    matmuls, linear layers, convolutions and attention are counted, elementwise work (norms,
+    softmax, GELU, losses, AdamW, the EMA update) is not; attention is counted as
     its two matmuls (``QK^T`` and ``AV``), PyTorch's math formulation, so a trained part costs
     3x its forward (a fused kernel's backward, as ``FlopCounterMode`` rates flash attention,
     would add the recomputed ``QK^T``). The patch embedding's backward computes only its weight
@@ -204,7 +205,8 @@ def count_step_flops(train_step: TrainStep, batch_size: int = FLOP_COUNT_BATCH) 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if train_step.device.type != "meta":
-        raise ValueError(f"count FLOPs on a TrainStep on the meta device (TrainStep.on_meta()), not {train_step.device}")
+        raise ValueError(f"count FLOPs on a TrainStep on the meta device (TrainStep.on_meta()), "
+                         f"not {train_step.device}")
     grid = train_step.grid
     batch = synthetic_batch(train_step, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
     student, teacher = train_step.student, train_step.teacher
@@ -418,7 +420,8 @@ def benchmark(
     process = join_processes(recipe)
     data: TrainData | None = None
     if loader:
-        data, train_step = build_training(recipe, plugins, process, lambda line: print(line, file=sys.stderr, flush=True))
+        data, train_step = build_training(recipe, plugins, process,
+                                          lambda line: print(line, file=sys.stderr, flush=True))
     else:
         train_step = build_step(recipe, plugins, num_classes=SYNTHETIC_CLASSES, process=process,
                                 manager=run_manager(plugins))

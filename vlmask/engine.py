@@ -107,7 +107,8 @@ class TrainData:
             train_path = str(manifests[0])
         self.manifest = Path(train_path)
         # fields the recipe needs that lines lack (action boxes) are filled by a plugin first (vlmask.data_requirements)
-        self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank, world_size, log)
+        self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank,
+                                           world_size, log)
         self.dataset = build(plugins.registry, recipe, "data.dataset", "dataset", manifest=str(self.read), train=True)
         self.batches = EpochBatches(len(self.dataset), train.batch_size, int(recipe.get("seed", 0)), rank, world_size)
         workers = data.num_workers

@@ -140,8 +140,8 @@ class _AfterStep:
             try:
                 yield
             except BaseException as error:
-                owners = [self.keys[id(frame.f_locals.get("self"))] for frame, _ in traceback.walk_tb(error.__traceback__)
-                          if id(frame.f_locals.get("self")) in self.keys]
+                frames = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(error.__traceback__)]
+                owners = [self.keys[id(owner)] for owner in frames if id(owner) in self.keys]
                 self.blame.blamed = self.blame.blamed or (owners[-1] if owners else None)
                 raise
         else:
@@ -159,10 +159,11 @@ def _rehearse_steps(recipe: Recipe, train_step: TrainStep) -> list[str]:
         if isinstance(module, nn.Module):
             handles += blame.watch(module, key)
     keys = {name: f"{section}.{name}" for section in ("targets", "heads") for name in (recipe.get(section) or {})}
-    owners = {id(part): keys.get(name, name) for name, part in student.objectives.items()}
+    objectives = student.objectives
+    owners = {id(part): keys.get(name, name) for name, part in objectives.items()}  # whose after-step hook fails
     owners.update({id(part): key for key, part in (("masker", train_step.masker), ("teacher", train_step.teacher))
                    if part is not None})
-    student.objectives = {name: _attributed(blame, keys.get(name, name), part) for name, part in student.objectives.items()}
+    student.objectives = {name: _attributed(blame, keys.get(name, name), part) for name, part in objectives.items()}
     train_step.masker = _attributed(blame, "masker", train_step.masker)
     train_step.phase_watch = _AfterStep(blame, owners)
     batch_size = int(recipe.get("train.batch_size", 1) or 1)
@@ -187,4 +188,5 @@ def _rehearse_steps(recipe: Recipe, train_step: TrainStep) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
+        student.objectives = objectives  # the parts again, for close() to unregister
     return []

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from vlmask import checkpoint as ckpt
 from vlmask import parallel
-from vlmask.build import Components, LossTerm, Student, autocast_of, build_components, resolve_device, resolve_precision, set_attention_backends
+from vlmask.build import (Components, LossTerm, Student, autocast_of, build_components, resolve_device,
+                          resolve_precision, set_attention_backends)
 from vlmask.config import Recipe, RecipeError
 from vlmask.diagnostics import training_diagnostics
 from vlmask.hookspecs import RunInfo
@@ -241,17 +242,17 @@ class TrainStep:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         process = process or join_processes(recipe)
         self.rank, self.world_size, self.device = process.rank, process.world_size, process.device
-        # masks are drawn where the batch is: on meta, on the CPU batch given (meta tensors hold no values)
-        self.mask_device = torch.device("cpu") if self.device.type == "meta" else self.device
         meta = self.device.type == "meta"
+        # masks are drawn where the batch is: on meta, on the CPU batch given (meta tensors hold no values)
+        self.mask_device = torch.device("cpu") if meta else self.device
         self.precision = "fp32" if meta else resolve_precision(recipe, self.train_cfg.precision, self.device)
         self.autocast = autocast_of(self.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self._place(meta)
         torch.manual_seed(self.seed + self.rank)  # then ranks draw differently (augmentation, dropout)
         self._setup_optimizer()
-        self.stages = stage_plan(_resolved(recipe), self.student, self.loss_weights, self.masker,  # type: ignore[arg-type]
-                                 parts.objectives, recipe.where("stages"))
+        self.stages = stage_plan(_resolved(recipe), self.student, self.loss_weights, self.masker, parts.objectives,
+                                 recipe.where("stages"))
         self.manager = manager if manager is not None else new_manager()
         for name, component in parts.hook_parts().items():  # the parts take part in the run's hooks
             if not self.manager.is_registered(component):
@@ -289,7 +290,8 @@ class TrainStep:
         parts = self.parts
         self.parallel = self.train_cfg.parallel if self.world_size > 1 else "none"
         if self.parallel == "fsdp" and self.precision == "fp16":
-            raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16"])
+            raise RecipeError([f"{self.recipe.where('train.parallel')}: key train.parallel: "
+                               "fsdp runs in fp32 or bf16, not fp16"])
         # FSDP shards the parts in place: their shapes are kept first, for a step on meta (on_meta)
         self._unsharded = parts.on_meta() if self.parallel == "fsdp" else None
         # under FSDP the full model never goes to the device: it is built on the CPU and each rank moves its shard
@@ -330,7 +332,8 @@ class TrainStep:
         else:
             self.warmup_steps = round((cfg.warmup_epochs or 0) * self.steps_per_epoch)
         #: What the recipe's settings became (``config.yaml``'s ``record.effective``).
-        self.effective = {"batch_size": effective_batch, "lr": self.lr, "lr_scale": scale, "warmup_steps": self.warmup_steps}
+        self.effective = {"batch_size": effective_batch, "lr": self.lr, "lr_scale": scale,
+                          "warmup_steps": self.warmup_steps}
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.warmup_lr,
@@ -369,7 +372,7 @@ class TrainStep:
         after-step entry (``teacher_update``, ``hooks``)."""
         micro = batch if isinstance(batch, list) else [batch]
         with self._phase("optimizer"):
-            self.stages.enter(step)  # the stage follows from the step (vlmask.stages): loss weights, switches, frozen parts
+            self.stages.enter(step)  # the stage follows from the step (vlmask.stages): weights, switches, frozen parts
             lr = lr_at(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr

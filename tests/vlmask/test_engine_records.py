@@ -88,7 +88,7 @@ def test_vlmask_run_builds_the_model_once_and_writes_train_flops_per_clip_times_
     monkeypatch.setattr(vlmask.build, "build", counted)  # what build_components builds every part with
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run")
     assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0
-    assert built.count("model.encoder") == 1, "the FLOP count copies the run's own parts onto meta: nothing is built again"
+    assert built.count("model.encoder") == 1, "the FLOP count copies the run's own parts onto meta: no second build"
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     counted = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])
     per_clip = counted["flops_per_clip"]

@@ -47,7 +47,8 @@ class EMAFormula:
 
     def start(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.expected = {k: v.detach().clone() for k, v in trainer.train_step.teacher.module("encoder").named_parameters()}
+        encoder = trainer.train_step.teacher.module("encoder")
+        self.expected = {k: v.detach().clone() for k, v in encoder.named_parameters()}
 
     @hookimpl
     def vlmask_after_optimizer_step(self, step: int) -> None:

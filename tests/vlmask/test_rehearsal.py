@@ -217,9 +217,9 @@ class AfterStepPlugin:
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["teacher={name: stuck}"], "key teacher: the first training step would fail: RuntimeError: the teacher cannot follow"),
+    (["teacher={name: stuck}"], "key teacher: the first training step would fail: RuntimeError: the teacher cannot"),
     (["heads.clamp={name: clamping}", "loss_weights.clamp=1.0"],
-     "key heads.clamp: the first training step would fail: AttributeError: 'ClampingHead' object has no attribute 'temperature'"),
+     "key heads.clamp: the first training step would fail: AttributeError: 'ClampingHead' object has no attribute"),
 ], ids=["teacher-update", "after-step-hook"])
 def test_the_work_after_the_optimizer_step_is_rehearsed_and_named(overrides, expected):
     """The rehearsal takes the real step: the teacher's update and the parts' hooks run too."""

@@ -77,7 +77,8 @@ def test_a_stage_freezes_and_reweights_then_hands_over(staged, overrides, tmp_pa
         assert not torch.equal(predictor0["head.weight"], train_step.student.predictor.state_dict()["head.weight"])
         train_step.step(trainer.prepare(next(batches)), 3)
         assert train_step.loss_weights == {"pixels": 1.0}
-        assert not torch.equal(encoder0["blocks.0.attn.qkv.weight"], train_step.student.encoder.state_dict()["blocks.0.attn.qkv.weight"])
+        qkv = "blocks.0.attn.qkv.weight"
+        assert not torch.equal(encoder0[qkv], train_step.student.encoder.state_dict()[qkv])
 
 
 
