@@ -187,9 +187,9 @@ class _FlopMarks:
 
 
 def count_step_flops(train_step: TrainStep, batch_size: int = FLOP_COUNT_BATCH) -> dict[str, Any]:
-    """FLOPs per clip of one training step (the first) of a TrainStep on the ``meta`` device
-    (:data:`vlmask.step.ON_META`; :meth:`TrainStep.on_meta` gives one of a run's parts): see the
-    module docstring.
+    """FLOPs per clip of the first training step (step 0, in its stage) of a TrainStep on the
+    ``meta`` device (:data:`vlmask.step.ON_META`; :meth:`TrainStep.on_meta` gives one of a run's
+    parts): see the module docstring.
 
     Runs the real ``train_step.step`` once inside ``FlopCounterMode`` on a synthetic batch of
     ``batch_size`` clips: the mask drawn by the recipe's masker on the CPU, the student's forward

@@ -106,6 +106,16 @@ def join_processes(recipe: Recipe) -> Process:
     return Process(rank, world_size, device)
 
 
+def leave_processes() -> None:
+    """The end of a job of several processes (``vlmask run`` under torchrun): wait for every
+    rank, then leave the default process group. A process that exits without leaving it can
+    die of SIGABRT while Python shuts down (Gloo's threads still hold tensors; pytorch#190489),
+    which a rank that finishes first meets at random. Nothing when no group was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def steps_without_data(recipe: Recipe) -> int:
     """A run's length when no data says it (bench, FLOP counts, the rehearsal): its stages'
     (:func:`vlmask.stages.staged_total`), else ``train.max_steps``, else 1."""
