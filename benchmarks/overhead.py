@@ -14,16 +14,16 @@ weights for both sides (copied, and checked to give the same output before timin
     (width 192, depth 4, 3 heads, 8 x 64 x 64 clips, patch 8, tubelet 2, batch 16, tube mask 0.9:
     28 of 256 tokens visible) and ViT-B (16 x 224 x 224, patch 16, tubelet 2, batch 2, 160 of
     1568 tokens visible).
-(b) the whole MAE training step at demo scale: ``vlmask.engine.Trainer(load_recipe(
-    "recipes/mae.yaml"), with_data=False).train_step`` on ``vlmask.bench.synthetic_batch``, against
+(b) the whole MAE training step at demo scale: ``vlmask.step.build_step(load_recipe(
+    "recipes/mae.yaml"), plugins).step`` (a TrainStep, no data) on ``vlmask.bench.synthetic_batch``, against
     the same step assembled by hand: tube mask (argsort of uniform noise), the bare encoder, the
     VideoMAE decoder (linear to width 128, mask token, positions, 2 timm blocks, LayerNorm,
     pixel head), normalised-pixel targets, MSE, backward, gradient clipping at 1.0 (the demo
     recipes clip), AdamW with the same two parameter groups and the same warmup/cosine lr.
     The first step's loss is compared before timing (same weights, same mask).
 (c) per-step dispatch: the ``vlmask_after_optimizer_step`` hook call the engine makes every step
-    (``trainer.hooks.vlmask_after_optimizer_step(step=..., run=trainer.run)``) and the mask
-    generator's construction (``trainer.mask_generator(step)``), each timed over many calls, as
+    (``train_step.hooks.vlmask_after_optimizer_step(step=..., run=train_step.run)``) and the mask
+    generator's construction (``train_step.mask_generator(step)``), each timed over many calls, as
     a fraction of the median demo-scale vlmask step of (b). MAE registers no implementation of
     that hook, so the call is pure pluggy dispatch; it is timed again with the MAE+CLIP recipes'
     ``VideoTextInfoNCEHead`` registered (its implementation clamps the logit scale).
@@ -56,7 +56,8 @@ from torch import Tensor, nn
 
 from vlmask.bench import synthetic_batch
 from vlmask.config import load_recipe
-from vlmask.engine import Trainer
+from vlmask.plugins import default_plugins, run_manager
+from vlmask.step import TrainStep, build_step
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD, Batch, TokenGrid
 from vlmask_plugins.encoders.attention import Attention
 from vlmask_plugins.encoders.vit import VideoViT
@@ -217,20 +218,20 @@ def pixel_targets(video: Tensor, grid: TokenGrid) -> Tensor:
 class HandMAE:
     """The demo MAE step (recipes/mae.yaml) written directly with torch and timm."""
 
-    def __init__(self, trainer: Trainer, attn_layer: type[nn.Module] | None = None) -> None:
-        encoder, predictor = trainer.student.encoder, trainer.student.predictor
-        self.grid: TokenGrid = trainer.grid
+    def __init__(self, train_step: TrainStep, attn_layer: type[nn.Module] | None = None) -> None:
+        encoder, predictor = train_step.student.encoder, train_step.student.predictor
+        self.grid: TokenGrid = train_step.grid
         self.encoder = BareEncoder(self.grid, encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads,
                                    attn_layer)
         self.decoder = BareDecoder(self.grid, encoder.embed_dim, predictor.dim, len(predictor.blocks),
                                    predictor.blocks[0].attn.num_heads, predictor.out_width, attn_layer)
         copy_into(self.encoder, encoder)
         copy_into(self.decoder, predictor)
-        self.num_masked = int(trainer.masker.ratio * self.grid.spatial)
-        self.seed, self.total, self.warmup = trainer.seed, trainer.total_steps, trainer.warmup_steps
-        self.lr, self.min_lr, self.warmup_lr = trainer.lr, trainer.min_lr, trainer.warmup_lr
-        self.clip = float(trainer.train_cfg.grad_clip or 0.0)
-        cfg = trainer.optim_cfg
+        self.num_masked = int(train_step.masker.ratio * self.grid.spatial)
+        self.seed, self.total, self.warmup = train_step.seed, train_step.total_steps, train_step.warmup_steps
+        self.lr, self.min_lr, self.warmup_lr = train_step.lr, train_step.min_lr, train_step.warmup_lr
+        self.clip = float(train_step.train_cfg.grad_clip or 0.0)
+        cfg = train_step.optim_cfg
         self.params = [p for m in (self.encoder, self.decoder) for p in m.parameters()]
         named = [(n, p) for m in (self.encoder, self.decoder) for n, p in m.named_parameters()]
         no_decay = [p for n, p in named if p.ndim <= 1 or "mask_token" in n or "pos_embed" in n]
@@ -271,26 +272,28 @@ class HandMAE:
         return loss.detach()
 
 
-def build_trainer(batch_size: int) -> Trainer:
+def build_train_step(batch_size: int) -> TrainStep:
+    """The demo MAE TrainStep as a run builds it (the process's plugins take part in its hooks), without data."""
     recipe = load_recipe(ROOT / "recipes" / "mae.yaml",
                          ["device=cpu", "train.precision=fp32", f"train.batch_size={batch_size}"])
-    return Trainer(recipe, with_data=False)
+    plugins = default_plugins()
+    return build_step(recipe, plugins, manager=run_manager(plugins))
 
 
-def step_case(batch_size: int, reps: int, warmup: int) -> tuple[dict[str, Any], Trainer, float]:
+def step_case(batch_size: int, reps: int, warmup: int) -> tuple[dict[str, Any], TrainStep, float]:
     torch.manual_seed(0)
-    trainer = build_trainer(batch_size)
-    hands = {"hand": HandMAE(trainer), "hand_vlmask_attention": HandMAE(trainer, Attention)}
-    batch = synthetic_batch(trainer, batch_size, "cpu")
+    train_step = build_train_step(batch_size)
+    hands = {"hand": HandMAE(train_step), "hand_vlmask_attention": HandMAE(train_step, Attention)}
+    batch = synthetic_batch(train_step, batch_size, "cpu")
     with torch.no_grad():
         hand_first = {name: hand.loss(batch.video, 0).item() for name, hand in hands.items()}
-    vlmask_first = trainer.train_step(batch, 0)["loss"].item()  # same weights and mask as hand_first
+    vlmask_first = train_step.step(batch, 0)["loss"].item()  # same weights and mask as hand_first
     for hand in hands.values():
         hand.step(batch.video, 0)
     counter = {"vlmask": 1, **{name: 1 for name in hands}}
 
     def vlmask_step() -> None:
-        trainer.train_step(batch, counter["vlmask"])
+        train_step.step(batch, counter["vlmask"])
         counter["vlmask"] += 1
 
     def hand_step(name: str) -> Callable[[], None]:
@@ -302,8 +305,8 @@ def step_case(batch_size: int, reps: int, warmup: int) -> tuple[dict[str, Any], 
     load_before = load_average()
     times = interleaved({"vlmask": vlmask_step, **{name: hand_step(name) for name in hands}}, reps, warmup)
     hand = hands["hand"]
-    result = {"recipe": "recipes/mae.yaml", "batch": batch_size, "tokens": trainer.grid.num_tokens,
-              "visible_tokens": trainer.grid.num_tokens - trainer.grid.t * hand.num_masked,
+    result = {"recipe": "recipes/mae.yaml", "batch": batch_size, "tokens": train_step.grid.num_tokens,
+              "visible_tokens": train_step.grid.num_tokens - train_step.grid.t * hand.num_masked,
               "grad_clip": hand.clip, "first_step_loss": {"vlmask": vlmask_first, **hand_first},
               "load_avg_before": load_before, "load_avg_after": load_average(),
               **compare(times, "vlmask", "hand")}
@@ -313,7 +316,7 @@ def step_case(batch_size: int, reps: int, warmup: int) -> tuple[dict[str, Any], 
     print(f"(b) MAE step: {result['median_ms']} overhead {result['overhead_pct_ratio_of_medians']}% "
           f"(paired {result['overhead_pct_median_of_pair_ratios']}%); engine alone {result['wrapper_overhead_pct']}; "
           f"first loss {result['first_step_loss']}", file=sys.stderr)
-    return result, trainer, statistics.median(times["vlmask"])
+    return result, train_step, statistics.median(times["vlmask"])
 
 
 # --------------------------------------------------------------------------- (c) dispatch
@@ -329,22 +332,23 @@ def per_call_us(fn: Callable[[], Any], calls: int, repeats: int = 5) -> float:
     return 1e6 * statistics.median(samples)
 
 
-def dispatch_case(trainer: Trainer, step_s: float, calls: int) -> dict[str, Any]:
-    hook = trainer.hooks.vlmask_after_optimizer_step
+def dispatch_case(train_step: TrainStep, step_s: float, calls: int) -> dict[str, Any]:
+    hook = train_step.hooks.vlmask_after_optimizer_step
     implementations = [impl.plugin_name for impl in hook.get_hookimpls()]
     load_before = load_average()
-    hook_us = per_call_us(lambda: hook(step=1, run=trainer.run), calls)
-    generator_us = per_call_us(lambda: trainer.mask_generator(1), calls)
+    hook_us = per_call_us(lambda: hook(step=1, run=train_step.run), calls)
+    generator_us = per_call_us(lambda: train_step.mask_generator(1), calls)
     masker_batch = Batch(video=torch.empty(16, 3, 8, 64, 64))
-    masker_us = per_call_us(lambda: trainer.masker(masker_batch, trainer.grid, trainer.mask_generator(1)), calls // 10)
+    masker_us = per_call_us(lambda: train_step.masker(masker_batch, train_step.grid, train_step.mask_generator(1)),
+                            calls // 10)
     # The same call with one implementation registered: the MAE+CLIP recipes' video-text head,
     # whose hook clamps its logit scale (registered the way the engine registers components).
     head = VideoTextInfoNCEHead()
-    trainer.plugins.manager.register(head, name="benchmark:video_text_head")
+    train_step.manager.register(head, name="benchmark:video_text_head")
     try:
-        hook_one_us = per_call_us(lambda: hook(step=1, run=trainer.run), calls)
+        hook_one_us = per_call_us(lambda: hook(step=1, run=train_step.run), calls)
     finally:
-        trainer.plugins.manager.unregister(head)
+        train_step.manager.unregister(head)
     step_us = 1e6 * step_s
     result = {
         "hook": "vlmask_after_optimizer_step", "hook_implementations": implementations, "calls": calls,
@@ -415,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     record["encoder"] = [encoder_case("demo", 8, 64, 8, 192, 4, 3, 16, args.reps, 3)]
     if not args.skip_vitb:
         record["encoder"].append(encoder_case("ViT-B", 16, 224, 16, 768, 12, 12, 2, args.vitb_reps, 1))
-    record["step"], trainer, step_s = step_case(16, args.reps, 3)
-    with trainer:
-        record["dispatch"] = dispatch_case(trainer, step_s, args.calls)
+    record["step"], train_step, step_s = step_case(16, args.reps, 3)
+    with train_step:
+        record["dispatch"] = dispatch_case(train_step, step_s, args.calls)
     record["machine"]["load_avg_end"] = load_average()
     record["wall_s"] = round(time.time() - started, 1)
     out = args.out or ROOT / "benchmarks" / "results" / f"overhead-{datetime.now():%Y%m%d-%H%M}.json"

@@ -1,25 +1,27 @@
 """Training throughput and FLOP counts of a recipe (``vlmask bench``).
 
-Two measurements, both of the step the engine trains with (``vlmask.engine.Trainer``):
+Two measurements, both of the step the engine trains with (``vlmask.step.TrainStep.step``,
+built here directly from ``build_components``, never through a Trainer):
 
 ``count_flops(recipe)``
     FLOPs of ONE training step per clip: student forward and backward plus the teacher's
-    forward, counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the ``meta``
-    device, so nothing is computed and a paper-scale ViT-B step costs only the time to build
-    the model. Conventions (those of shared/specs/reference-semantics.md): 2 FLOPs per
-    multiply-add; matmuls, linear layers, convolutions and attention are counted, elementwise
-    work (norms, softmax, GELU, losses, AdamW, the EMA update) is not; attention is counted as
+    forward, counted by :class:`torch.utils.flop_counter.FlopCounterMode` around the real
+    ``TrainStep.step`` on the ``meta`` device (optimizer and after-step work included), so
+    nothing is computed and a paper-scale ViT-B step costs only the time to build the model.
+    Conventions (those of shared/specs/reference-semantics.md): 2 FLOPs per multiply-add;
+    matmuls, linear layers, convolutions and attention are counted, elementwise work (norms,
+    softmax, GELU, losses, AdamW, the EMA update) is not; attention is counted as
     its two matmuls (``QK^T`` and ``AV``), PyTorch's math formulation, so a trained part costs
     3x its forward (a fused kernel's backward, as ``FlopCounterMode`` rates flash attention,
     would add the recomputed ``QK^T``). The patch embedding's backward computes only its weight
     gradient (the pixels need none), so it costs 2x its forward.
 
 ``benchmark(recipe)``
-    Warm-up then timed ``Trainer.train_step`` calls on synthetic tensors shaped like the
-    recipe's clips (or, with ``loader=True``, batches from the recipe's real data loader);
-    median step time, clips/s, peak memory, model FLOP utilisation on known GPUs, and a
-    per-phase split of the same step, timed by phase timers inside ``Trainer.train_step``
-    itself (there is no copy of the step here).
+    Warm-up then timed ``TrainStep.step`` calls on synthetic tensors shaped like the
+    recipe's clips (or, with ``loader=True``, batches from the recipe's real data loader,
+    ``vlmask.engine.TrainData``); median step time, clips/s, peak memory, model FLOP
+    utilisation on known GPUs, and a per-phase split of the same step, timed by phase timers
+    inside ``TrainStep.step`` itself (there is no copy of the step here).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlmask import parallel
 from vlmask.config import load_recipe
-from vlmask.engine import PhaseTimer, Trainer, peak_memory_mb, weighted_sum
+from vlmask.engine import TrainData, build_training, peak_memory_mb
 from vlmask.kinds import DATASET_VIEWS
-from vlmask.plugins import Plugins
-from vlmask.types import Batch, Mask, TokenGrid
+from vlmask.plugins import Plugins, default_plugins, run_manager
+from vlmask.step import ON_META, PhaseTimer, TrainStep, build_step, join_processes
+from vlmask.types import Batch, TokenGrid
 
 #: Keys every ``benchmark`` result has (the CLI contract's and this module's own).
 CONTRACT_KEYS: tuple[str, ...] = ("clips_per_s", "step_ms", "peak_mem_mb", "gflops_per_clip", "device")
@@ -79,7 +82,7 @@ def clip_shape(grid: TokenGrid) -> tuple[int, int, int, int]:
 
 
 def synthetic_batch(
-    trainer: Trainer, batch_size: int, device: torch.device | str, seed: int = 0, video: Tensor | None = None
+    train_step: TrainStep, batch_size: int, device: torch.device | str, seed: int = 0, video: Tensor | None = None
 ) -> Batch:
     """A batch shaped like the recipe's clips: normal-noise pixels, a random unit text embedding
     (when the recipe has a text encoder), centred action boxes covering 30-60% of each side,
@@ -91,13 +94,14 @@ def synthetic_batch(
     """
     generator = torch.Generator().manual_seed(seed)
     if video is None:
-        video = torch.randn((batch_size, *clip_shape(trainer.grid)), generator=generator)
+        video = torch.randn((batch_size, *clip_shape(train_step.grid)), generator=generator)
     side = 0.3 + 0.3 * torch.rand(batch_size, 2, generator=generator)  # box width, height in [0.3, 0.6]
     centre = 0.5 + (torch.rand(batch_size, 2, generator=generator) - 0.5) * (1.0 - side)  # stays in [0, 1]
     boxes = torch.cat([centre - side / 2, centre + side / 2], dim=1).clamp(0.0, 1.0)
     text = None
-    if trainer.text_encoder is not None:
-        text = nn.functional.normalize(torch.randn(batch_size, trainer.text_encoder.dim, generator=generator), dim=-1)
+    text_encoder = train_step.parts.text_encoder
+    if text_encoder is not None:
+        text = nn.functional.normalize(torch.randn(batch_size, text_encoder.dim, generator=generator), dim=-1)
     batch = Batch(
         video=video,
         index=torch.arange(batch_size),
@@ -105,7 +109,7 @@ def synthetic_batch(
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
     )
-    views = {need: bool(trainer.recipe.get(f"data.dataset.{argument}")) for need, argument in DATASET_VIEWS.items()}
+    views = {need: bool(train_step.recipe.get(f"data.dataset.{argument}")) for need, argument in DATASET_VIEWS.items()}
     flow, second = views["flow"], views["second_clip"]
     if flow:  # CoCLR's flow view, shaped like the clip
         batch.flow = torch.randn(video.shape, generator=generator)
@@ -163,14 +167,35 @@ class _ForwardFlops:
             handle.remove()
 
 
-def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> dict[str, Any]:
-    """FLOPs per clip of one training step of ``trainer`` (see the module docstring).
+class _FlopMarks:
+    """A ``phase_watch`` for :meth:`vlmask.step.TrainStep.step`: the counter's FLOPs in each
+    phase, and its per-module counts at the end of the forward and of the backward."""
 
-    Counts ``trainer.student(batch, mask, grid, teacher)`` (encoder on the visible tokens,
-    predictor, teacher forward, every loss term), the weighted sum and its backward, on the
-    ``meta`` device: the student and teacher are MOVED there, so ``trainer`` cannot train
-    afterwards. The mask is drawn by the recipe's masker on CPU. AdamW and the EMA update are
-    elementwise and count zero.
+    def __init__(self, counter: FlopCounterMode) -> None:
+        self.counter = counter
+        self.flops: dict[str, int] = {}
+        self.by_module: dict[str, dict[str, int]] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.counter.get_total_flops()
+        try:
+            yield
+        finally:
+            self.flops[name] = self.flops.get(name, 0) + self.counter.get_total_flops() - start
+            self.by_module[name] = {k: sum(v.values()) for k, v in self.counter.get_flop_counts().items()}
+
+
+def count_step_flops(train_step: TrainStep, batch_size: int = FLOP_COUNT_BATCH) -> dict[str, Any]:
+    """FLOPs per clip of the first training step (step 0, in its stage) of a TrainStep on the
+    ``meta`` device (:data:`vlmask.step.ON_META`; :meth:`TrainStep.on_meta` gives one of a run's
+    parts): see the module docstring.
+
+    Runs the real ``train_step.step`` once inside ``FlopCounterMode`` on a synthetic batch of
+    ``batch_size`` clips: the mask drawn by the recipe's masker on the CPU, the student's forward
+    (encoder on the visible tokens, predictor, teacher forward, every loss term), the weighted
+    sum and its backward, clipping, AdamW and the after-step work (teacher update, hooks), which
+    are elementwise and count zero. The parts' meta weights "train" (nothing is computed).
 
     Returns ``gflops_per_clip``, ``breakdown`` (GFLOP per clip: ``student_forward``,
     ``student_backward``, ``teacher``, and per student part ``encoder_forward`` ... with the
@@ -179,52 +204,42 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    grid = trainer.grid
-    cpu_batch = synthetic_batch(trainer, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
-    mask: Mask = trainer.masker(cpu_batch, grid, torch.Generator().manual_seed(trainer.seed))
-    student, teacher = trainer.student, trainer.teacher
-    student.zero_grad(set_to_none=True)
-    for part in (student, teacher):
-        if part is None:
-            continue
-        part.to("meta")
-        for module in part.modules():  # xformers has no meta kernels; count SDPA's math formulation
-            if hasattr(module, "set_attention_backend"):
-                module.set_attention_backend("sdpa")
-    batch = cpu_batch.to("meta")
-    batch.video = torch.empty(cpu_batch.video.shape, device="meta")
-    for view in ("flow", "second_video", "second_flow"):
-        if getattr(cpu_batch, view) is not None:
-            setattr(batch, view, torch.empty(cpu_batch.video.shape, device="meta"))
-    mask = mask.to("meta")
-
+    if train_step.device.type != "meta":
+        raise ValueError(f"count FLOPs on a TrainStep on the meta device (TrainStep.on_meta()), "
+                         f"not {train_step.device}")
+    grid = train_step.grid
+    batch = synthetic_batch(train_step, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
+    student, teacher = train_step.student, train_step.teacher
     named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}
     named_parts = {name: module for name, module in named_parts.items() if module is not None}
     counter = FlopCounterMode(display=False, custom_mapping=_attention_math_convention())
-    with sdpa_kernel([SDPBackend.MATH]), counter:
-        trackers = {name: _ForwardFlops(counter, [module]) for name, module in named_parts.items()}
-        if teacher is not None:
-            trackers["teacher"] = _ForwardFlops(counter, list(teacher.modules()))
-        try:
-            terms = student(batch, mask, grid, teacher)
-            total, _ = weighted_sum(terms, trainer.loss_weights)
-            forward_total = counter.get_total_flops()
-            forward_by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-            total.backward()
-            step_total = counter.get_total_flops()
-            after_by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-        finally:
-            for tracker in trackers.values():
-                tracker.remove()
+    marks = _FlopMarks(counter)
+    train_step.phase_watch = marks
+    try:
+        with sdpa_kernel([SDPBackend.MATH]), counter:
+            trackers = {name: _ForwardFlops(counter, [module]) for name, module in named_parts.items()}
+            if teacher is not None:
+                trackers["teacher"] = _ForwardFlops(counter, list(teacher.modules()))
+            try:
+                train_step.step(batch, 0)
+                step_total = counter.get_total_flops()
+            finally:
+                for tracker in trackers.values():
+                    tracker.remove()
+    finally:
+        train_step.phase_watch = None
+    mask = train_step.masker(batch, grid, train_step.mask_generator(0))  # the step's own mask, for its counts
 
     def per_clip(flops: float) -> float:
         return flops / batch_size / 1e9
 
+    forward_total, backward_total = marks.flops["student_forward"], marks.flops["student_backward"]
+    forward_by_module, after_by_module = marks.by_module["student_forward"], marks.by_module["student_backward"]
     teacher_flops = trackers["teacher"].flops if teacher is not None else 0
     root = type(student).__name__
     breakdown: dict[str, float] = {
         "student_forward": per_clip(forward_total - teacher_flops),
-        "student_backward": per_clip(step_total - forward_total),
+        "student_backward": per_clip(backward_total),
         "teacher": per_clip(teacher_flops),
     }
     parts_forward = 0
@@ -234,6 +249,9 @@ def count_step_flops(trainer: Trainer, batch_size: int = FLOP_COUNT_BATCH) -> di
         key = f"{root}.{name}"
         breakdown[f"{name}_backward"] = per_clip(after_by_module.get(key, 0) - forward_by_module.get(key, 0))
     breakdown["other_forward"] = per_clip(forward_total - teacher_flops - parts_forward)  # heads, targets
+    rest = step_total - forward_total - backward_total
+    if rest:  # masking, the optimizer and the after-step work: elementwise in every shipped part
+        breakdown["outside_forward_backward"] = per_clip(rest)
     return {
         "gflops_per_clip": per_clip(step_total),
         "breakdown": breakdown,
@@ -247,21 +265,6 @@ def _counting_overrides(overrides: Sequence[str]) -> list[str]:
     return [*overrides, "device=cpu", "train.precision=fp32"]
 
 
-@contextlib.contextmanager
-def _one_process_view() -> Iterator[None]:
-    """Make a Trainer built inside see a world of one (no wrapping, no collectives)."""
-    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
-    os.environ.update(WORLD_SIZE="1", RANK="0")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def count_flops(
     recipe_path: str | Path,
     overrides: Sequence[str] = (),
@@ -269,17 +272,22 @@ def count_flops(
     plugins: Plugins | None = None,
 ) -> dict[str, Any]:
     """FLOPs of one training step per clip of a recipe (forward + backward + teacher), without
-    running it: see :func:`count_step_flops`. The model is built on the CPU and moved to the
-    ``meta`` device; no data is read. ``gflops_per_clip`` and ``breakdown`` are in GFLOP (rounded to
-    MFLOPs), ``flops_per_clip`` is the unrounded count in FLOP (``summary.json``'s ``train_flops``)."""
+    running it: see :func:`count_step_flops`. The parts are built on the CPU and stepped on the
+    ``meta`` device in one process (even inside a torchrun job); no data is read.
+    ``gflops_per_clip`` and ``breakdown`` are in GFLOP (rounded to MFLOPs), ``flops_per_clip``
+    is the unrounded count in FLOP."""
     recipe = load_recipe(recipe_path, _counting_overrides(overrides))
-    with _one_process_view():  # counting needs no other rank, even inside a torchrun job
-        trainer = Trainer(recipe, plugins, with_data=False, synthetic_classes=SYNTHETIC_CLASSES)
-    with trainer:
-        result = count_step_flops(trainer, batch_size)
+    with build_step(recipe, plugins or default_plugins(), num_classes=SYNTHETIC_CLASSES, process=ON_META) as train_step:
+        return rounded(count_step_flops(train_step, batch_size), str(recipe_path))
+
+
+def rounded(result: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """:func:`count_step_flops`'s result as :func:`count_flops` gives it: ``recipe``,
+    ``gflops_per_clip`` and ``breakdown`` rounded to MFLOPs, ``flops_per_clip`` unrounded in FLOP."""
+    result = dict(result)
     breakdown = {k: round(v, 3) for k, v in result.pop("breakdown").items()}
     exact = result.pop("gflops_per_clip")
-    return {"recipe": str(recipe_path), "gflops_per_clip": round(exact, 3), "flops_per_clip": exact * 1e9,
+    return {"recipe": recipe, "gflops_per_clip": round(exact, 3), "flops_per_clip": exact * 1e9,
             "breakdown": breakdown, **result}
 
 
@@ -316,25 +324,25 @@ class _ForwardTime:
             handle.remove()
 
 
-#: The phases of ``Trainer.train_step`` that ``split_ms`` reports, in step order.
+#: The phases of ``TrainStep.step`` that ``split_ms`` reports, in step order.
 PHASES = ("mask", "student_forward", "teacher", "student_backward", "optimizer", "teacher_update", "hooks")
 
 
-def timed_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
-    """Run the engine's own ``Trainer.train_step`` once with a :class:`~vlmask.engine.PhaseTimer`
-    set, and return seconds per phase (:data:`PHASES`) plus ``step`` (the wall time of the whole
-    call). ``teacher`` (the teacher's forward, timed by forward hooks) is taken out of
+def timed_step(train_step: TrainStep, batch: Batch, step: int) -> dict[str, float]:
+    """Run the engine's own ``TrainStep.step`` once with a :class:`~vlmask.step.PhaseTimer`
+    watching, and return seconds per phase (:data:`PHASES`) plus ``step`` (the wall time of the
+    whole call). ``teacher`` (the teacher's forward, timed by forward hooks) is taken out of
     ``student_forward``, the phase it runs in."""
-    clock = _Clock(trainer.device)
-    timer = PhaseTimer(trainer.device)
-    teacher_time = _ForwardTime(trainer.teacher, clock) if trainer.teacher is not None else None
-    trainer.phase_timer = timer
+    clock = _Clock(train_step.device)
+    timer = PhaseTimer(train_step.device)
+    teacher_time = _ForwardTime(train_step.teacher, clock) if train_step.teacher is not None else None
+    train_step.phase_watch = timer
     try:
         start = clock.now()
-        trainer.train_step(batch, step)
+        train_step.step(batch, step)
         wall = clock.now() - start
     finally:
-        trainer.phase_timer = None
+        train_step.phase_watch = None
         if teacher_time is not None:
             teacher_time.remove()
     phases = {name: timer.seconds.get(name, 0.0) for name in PHASES}
@@ -387,10 +395,12 @@ def benchmark(
     Synthetic tensors by default (one batch of ``train.batch_size`` clips made once, so only
     the step is timed); ``loader=True`` builds the recipe's data and fetches every batch from
     its DataLoader inside the timed step (the fetch is also reported as ``data_ms``).
-    Then ``split_steps`` more ``Trainer.train_step`` calls are timed per phase by
+    Then ``split_steps`` more ``TrainStep.step`` calls are timed per phase by
     :func:`timed_step` (their median per phase is ``split_ms``, whose sum ``split_total_ms``
-    is close to ``step_ms``; ``split_step_ms`` is the median wall time of those calls), and the
-    model is moved to ``meta`` to count ``gflops_per_clip`` (:func:`count_step_flops`).
+    is close to ``step_ms``; ``split_step_ms`` is the median wall time of those calls), and a
+    meta copy of the parts (:meth:`TrainStep.on_meta`) counts ``gflops_per_clip``
+    (:func:`count_step_flops`). The TrainStep is built as a run builds it (the process's
+    plugins take part in its hooks), without a run directory.
 
     ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated`` over warm-up and timed steps on
     CUDA, the process's peak resident set (``ru_maxrss``, model building included) on CPU;
@@ -406,34 +416,41 @@ def benchmark(
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     recipe = load_recipe(recipe_path, list(overrides))
-    with Trainer(recipe, plugins, with_data=loader, synthetic_classes=SYNTHETIC_CLASSES) as trainer:
-        count = (lambda: count_flops(recipe_path, overrides, plugins=plugins)) if trainer.parallel == "fsdp" else None
-        return _benchmark(trainer, str(recipe_path), steps, warmup, loader, split_steps, count)
+    plugins = plugins or default_plugins()
+    process = join_processes(recipe)
+    data: TrainData | None = None
+    if loader:
+        data, train_step = build_training(recipe, plugins, process,
+                                          lambda line: print(line, file=sys.stderr, flush=True))
+    else:
+        train_step = build_step(recipe, plugins, num_classes=SYNTHETIC_CLASSES, process=process,
+                                manager=run_manager(plugins))
+    with train_step:
+        return _benchmark(train_step, data, str(recipe_path), steps, warmup, split_steps)
 
 
-def _benchmark(
-    trainer: Trainer, recipe: str, steps: int, warmup: int, loader: bool, split_steps: int,
-    count: Callable[[], dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """``count`` replaces :func:`count_step_flops` (sharded models cannot move to ``meta``)."""
-    device = trainer.device
+def _benchmark(train_step: TrainStep, data: TrainData | None, recipe: str, steps: int, warmup: int,
+               split_steps: int) -> dict[str, Any]:
+    """Batches from ``data``'s loader, or one synthetic batch when it is None."""
+    device = train_step.device
     clock = _Clock(device)
-    batch_size = int(trainer.train_cfg.batch_size)
-    trainer.student.train()
+    batch_size = int(train_step.train_cfg.batch_size)
+    train_step.student.train()
     batches: Iterator[Batch] | None = None
     fixed: Batch | None = None
-    if loader:
+    if data is not None:
         from vlmask.data_loading import infinite
 
-        batches = infinite(trainer.loader, trainer.batches, 0, 0)
+        batches = infinite(data.loader, data.batches, 0, 0)
     else:
-        fixed = synthetic_batch(trainer, batch_size, device, seed=trainer.seed)
+        fixed = synthetic_batch(train_step, batch_size, device, seed=train_step.seed)
 
     def next_batch() -> Batch:
         if batches is None:
             assert fixed is not None
             return fixed
-        return trainer.prepare(next(batches))  # to the device, cached text embeddings attached
+        assert data is not None
+        return data.prepare(next(batches))  # to the device, cached text embeddings attached
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -441,7 +458,7 @@ def _benchmark(
     warmup_s: list[float] = []  # with train.compile the first steps include compilation
     for _ in range(warmup):
         t0 = clock.now()
-        trainer.train_step(next_batch(), step)
+        train_step.step(next_batch(), step)
         warmup_s.append(clock.now() - t0)
         step += 1
     step_s: list[float] = []
@@ -450,23 +467,24 @@ def _benchmark(
         t0 = clock.now()
         batch = next_batch()
         t1 = clock.now()
-        trainer.train_step(batch, step)
+        train_step.step(batch, step)
         t2 = clock.now()
         step_s.append(t2 - t0)
         data_s.append(t1 - t0)
         step += 1
-    state_bytes = parallel.training_state_bytes(trainer.student, trainer.teacher, trainer.optimizer)
+    state_bytes = parallel.training_state_bytes(train_step.student, train_step.teacher, train_step.optimizer)
     peak_mb = peak_memory_mb(device)
     splits: list[dict[str, float]] = []
     split_walls: list[float] = []
     for _ in range(split_steps):
-        split = timed_step(trainer, next_batch(), step)
+        split = timed_step(train_step, next_batch(), step)
         split_walls.append(split.pop("step"))
         splits.append(split)
         step += 1
 
     clips_per_s = batch_size * steps / sum(step_s)
-    flops = count() if count is not None else count_step_flops(trainer)  # moves the model to meta: last
+    with train_step.on_meta() as on_meta:  # a meta copy of the parts, sharded or not
+        flops = count_step_flops(on_meta)
     name = device_name(device)
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
     achieved_tflops = flops["gflops_per_clip"] * clips_per_s / 1e3
@@ -483,16 +501,16 @@ def _benchmark(
         "device": str(device),
         "device_name": name,
         "threads": torch.get_num_threads(),
-        "precision": trainer.precision,
-        "attention": trainer.attention,
+        "precision": train_step.precision,
+        "attention": train_step.attention,
         "batch_size": batch_size,
-        "world_size": trainer.world_size,
-        "parallel": trainer.parallel,
+        "world_size": train_step.world_size,
+        "parallel": train_step.parallel,
         "training_state_mb_per_rank": {k: round(v / 2**20, 3) for k, v in state_bytes.items()},
         "steps": steps,
         "warmup": warmup,
-        "data": "loader" if loader else "synthetic tensors",
-        "compile": bool(trainer.train_cfg.compile),
+        "data": "loader" if data is not None else "synthetic tensors",
+        "compile": bool(train_step.train_cfg.compile),
         "warmup_step_ms": [round(1000 * t, 3) for t in warmup_s],
         # time spent in the warm-up beyond as many ordinary steps: compilation (and first-call setup)
         "warmup_overhead_s": round(sum(warmup_s) - len(warmup_s) * statistics.median(step_s), 3) if warmup_s else None,
@@ -503,7 +521,7 @@ def _benchmark(
     if splits:
         result["split_total_ms"] = round(sum(result["split_ms"].values()), 3)
         result["split_step_ms"] = _median_ms(split_walls)  # the same timed calls, whole
-    if loader:
+    if data is not None:
         result["data_ms"] = _median_ms(data_s)
     return result
 

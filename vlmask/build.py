@@ -3,12 +3,15 @@
 Every part a run is made of (encoder, predictor, projection, teacher, masker, targets and
 heads, loggers, text encoder, token grid, loss weights) is built here from the registry, on
 the CPU, in the recipe's seed, and returned as one frozen :class:`Components`. Nothing here
-touches a device, an optimizer, a data loader or a plugin manager: ``vlmask.engine.Trainer``
-adds those to train, ``vlmask.runs.open_run`` adds a checkpoint to evaluate or export.
+touches a device, an optimizer, a data loader or a plugin manager: ``vlmask.step.TrainStep``
+adds the device and optimizer to step them (``vlmask.engine.Trainer`` the data and the loop
+to train), ``vlmask.runs.open_run`` adds a checkpoint to evaluate or export.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -99,6 +102,25 @@ class Components:
         if self.teacher is not None:
             parts["teacher"] = self.teacher
         return parts
+
+    def on_meta(self) -> "Components":
+        """A copy of the parts whose every parameter and buffer is an empty tensor of the same
+        shape and dtype on the ``meta`` device: no weight is copied and nothing is allocated,
+        but the copy has its own modules, switches and hook implementations (to count FLOPs or
+        rehearse a step without touching these). The text encoder and the loggers are shared,
+        not copied. Parts already sharded by FSDP cannot be copied: copy them before."""
+        memo: dict[int, Any] = {id(self.text_encoder): self.text_encoder}
+        memo.update({id(logger): logger for logger in self.loggers.values()})
+        for module in (self.student, self.teacher, self.masker):
+            if isinstance(module, nn.Module):
+                for tensor in itertools.chain(module.parameters(), module.buffers()):
+                    memo[id(tensor)] = _empty_on_meta(tensor)
+        return copy.deepcopy(self, memo)
+
+
+def _empty_on_meta(tensor: Tensor) -> Tensor:
+    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
 
 
 def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_classes: int = 0,
@@ -197,12 +219,16 @@ def autocast_of(precision: str, device: torch.device) -> Callable[[], ContextMan
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
-def set_attention_backends(components: Components, device: torch.device) -> tuple[str, str]:
-    """Switch every module that can choose its attention kernel to the best one on ``device``;
-    returns the (backend, reason) of the last one (``("sdpa", "")`` when none can)."""
+def set_attention_backends(components: Components, device: torch.device, requested: str | None = None,
+                           ) -> tuple[str, str]:
+    """Switch every module that can choose its attention kernel to the best one on ``device``
+    (``requested``: that backend instead of each module's own choice, e.g. ``"sdpa"`` on
+    ``meta``, where xformers has no kernels); returns the (backend, reason) of the last one
+    (``("sdpa", "")`` when none can)."""
     attention, reason = "sdpa", ""
     for part in (components.student, components.teacher):
         for module in part.modules() if part is not None else ():
             if hasattr(module, "set_attention_backend"):
-                attention, reason = module.set_attention_backend(device=device)
+                attention, reason = (module.set_attention_backend(device=device) if requested is None
+                                     else module.set_attention_backend(requested, device=device))
     return attention, reason

@@ -116,9 +116,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rank0:
         from vlmask.flops import record_train_flops
 
-        summary = record_train_flops(trainer.run_dir, recipe, summary, trainer.plugins)
+        summary = record_train_flops(trainer.run_dir, trainer.train_step, summary)  # on the run's own parts
         out.print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "final_loss", "clips_per_s", "peak_mem_mb", "skipped_clips")}))
         out.print(f"run directory: {trainer.run_dir}")
+    from vlmask.step import leave_processes
+
+    leave_processes()  # every rank, after rank 0's FLOP count
     return 0
 
 

@@ -704,7 +704,7 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
     given in ``recipes``) adds the paired differences to it (``paired``; see vlmask.statistics).
     """
     from vlmask.checkpoint import latest_checkpoint
-    from vlmask.engine import Trainer, is_finished
+    from vlmask.engine import is_finished, train_recipe
     from vlmask.flops import record_train_flops
     from vlmask.rundir import RunDirBusy
 
@@ -726,8 +726,8 @@ def compare(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Sequen
                 console.print(f"{recipe_path} seed {seed}: finished run {run_dir} reused", highlight=False, markup=False)
             else:
                 console.print(f"{recipe_path} seed {seed}: training into {run_dir}", highlight=False, markup=False)
-                with Trainer(load_recipe(recipe_path, run.overrides)) as trainer:
-                    record_train_flops(run_dir, trainer.recipe, trainer.train(), trainer.plugins)
+                trained, train_step = train_recipe(load_recipe(recipe_path, run.overrides))
+                record_train_flops(run_dir, train_step, trained)
             asked = load_recipe(recipe_path, run.overrides)  # its evaluation section: what this compare asks
             evaluation = _reusable_for_compare(run_dir, latest_checkpoint(run_dir / "checkpoints"), asked)
             if evaluation is None:

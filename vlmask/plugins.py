@@ -64,6 +64,16 @@ def new_manager() -> pluggy.PluginManager:
     return manager
 
 
+def run_manager(plugins: "Plugins") -> pluggy.PluginManager:
+    """A run's own plugin manager: a new one holding the process's loaded ``plugins`` (a run's
+    parts then join it for the run's duration, ``vlmask.step.TrainStep``), so a run's hook
+    implementations never reach the process-wide manager or another run."""
+    manager = new_manager()
+    for plugin in plugins.manager.get_plugins():
+        manager.register(plugin, name=plugins.manager.get_name(plugin))
+    return manager
+
+
 def _env_list(name: str) -> set[str]:
     return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
 

@@ -10,7 +10,7 @@ switched on late) writes::
 
 Stages run in order; the run's total steps is their sum (``train.max_steps``, when set, may
 cut the run short inside the stages, never lengthen it; ``train.epochs`` is not used). The active stage is a function of the step alone
-(:meth:`StagePlan.index_at`), and the Trainer enters it at the start of every step, so a run
+(:meth:`StagePlan.index_at`), and ``TrainStep.step`` enters it at the start of every step, so a run
 killed in the middle of a stage resumes in the same stage at the same step: the checkpoint
 holds nothing about stages.
 
@@ -31,7 +31,7 @@ What a stage may change without rebuilding anything (checked by ``vlmask validat
     is built).
 
 Under DDP, a stage that freezes parameters changes which of them receive gradients, so the
-Trainer wraps a recipe whose stages freeze anything with ``find_unused_parameters=True``
+TrainStep wraps a recipe whose stages freeze anything with ``find_unused_parameters=True``
 whatever ``train.find_unused_parameters`` says (DDP would otherwise wait for their gradients
 and fail at the first such stage).
 

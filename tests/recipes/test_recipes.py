@@ -59,11 +59,11 @@ def test_train_step_waits_for_the_gpu_nowhere(recipe_path, tiny_data, tmp_path, 
     Python ``if`` on a tensor ...): CUDA's sync debug mode turns any into an error."""
     overrides = [o for o in tiny(recipe_path, tiny_data, tmp_path / "run") if o != "device=cpu"] + ["device=cuda"]
     with Trainer(load_recipe(recipe_path, overrides)) as trainer:
-        batch = trainer.prepare(next(iter(trainer.loader)))
-        trainer.train_step(batch, 0)  # lazy initialisation (cuBLAS handles, optimizer state) may sync
+        batch = trainer.prepare(next(iter(trainer.data.loader)))
+        trainer.train_step.step(batch, 0)  # lazy initialisation (cuBLAS handles, optimizer state) may sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            trainer.train_step(batch, 1)
+            trainer.train_step.step(batch, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")

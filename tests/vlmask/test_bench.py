@@ -26,7 +26,8 @@ from vlmask.bench import (
     timed_step,
 )
 from vlmask.config import load_recipe
-from vlmask.engine import Trainer
+from vlmask.plugins import default_plugins
+from vlmask.step import ON_META, TrainStep, build_step
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -168,47 +169,48 @@ def test_the_synthetic_batch_has_the_views_the_recipe_s_data_gives(module_cache:
     coclr = [o for o in TINY if not o.startswith("model.predictor.")]  # CoCLR has no predictor
     for recipe, overrides, views in (("mae.yaml", TINY, set()),
                                      ("coclr/infonce.yaml", coclr, {"flow", "second_video", "second_flow"})):
-        with Trainer(load_recipe(RECIPES / recipe, overrides), with_data=False) as trainer:
-            batch = synthetic_batch(trainer, 2, "cpu")
+        with build_step(load_recipe(RECIPES / recipe, overrides), default_plugins(), process=ON_META) as train_step:
+            batch = synthetic_batch(train_step, 2, "cpu")
         present = {view for view in ("flow", "second_video", "second_flow") if getattr(batch, view) is not None}
         assert present == views, recipe
         assert all(getattr(batch, view).shape == batch.video.shape for view in present)
     key_crop = [*coclr, "data.dataset.second_clip=false", "heads.coclr.key_view=crop"]
-    with Trainer(load_recipe(RECIPES / "coclr" / "infonce.yaml", key_crop), with_data=False) as trainer:
-        batch = synthetic_batch(trainer, 2, "cpu")
+    recipe = load_recipe(RECIPES / "coclr" / "infonce.yaml", key_crop)
+    with build_step(recipe, default_plugins(), process=ON_META) as train_step:
+        batch = synthetic_batch(train_step, 2, "cpu")
         assert batch.flow is not None and batch.second_video is None and batch.second_flow is None
-        assert count_step_flops(trainer, 2)["gflops_per_clip"] > 0  # the crop key view steps without a second clip
+        assert count_step_flops(train_step, 2)["gflops_per_clip"] > 0  # the crop key view steps without a second clip
 
 
 def test_the_split_times_the_engine_step_itself_and_its_phases_cover_it(module_cache: Path) -> None:
-    """``timed_step`` runs ``Trainer.train_step`` (no copy): from the same state it leaves the
+    """``timed_step`` runs ``TrainStep.step`` (no copy): from the same state it leaves the
     same parameters, teacher and optimizer state as an untimed step, and its phases account for
     at least 90% of that very call (the split sums to the step)."""
-    with Trainer(load_recipe(RECIPES / "fils.yaml", TINY), with_data=False) as trainer:
-        batch = synthetic_batch(trainer, 2, trainer.device, seed=5)
-        start = (copy.deepcopy(trainer.student.state_dict()), copy.deepcopy(trainer.teacher.state_dict()),
-                 copy.deepcopy(trainer.optimizer.state_dict()))  # fmt: skip
+    with build_step(load_recipe(RECIPES / "fils.yaml", TINY), default_plugins()) as train_step:
+        batch = synthetic_batch(train_step, 2, train_step.device, seed=5)
+        start = (copy.deepcopy(train_step.student.state_dict()), copy.deepcopy(train_step.teacher.state_dict()),
+                 copy.deepcopy(train_step.optimizer.state_dict()))  # fmt: skip
 
         def restore() -> None:
-            trainer.student.load_state_dict(start[0])
-            trainer.teacher.load_state_dict(start[1])
-            trainer.optimizer.load_state_dict(copy.deepcopy(start[2]))
+            train_step.student.load_state_dict(start[0])
+            train_step.teacher.load_state_dict(start[1])
+            train_step.optimizer.load_state_dict(copy.deepcopy(start[2]))
 
-        trainer.train_step(batch, 3)
-        engine = (copy.deepcopy(trainer.student.state_dict()), copy.deepcopy(trainer.teacher.state_dict()))
+        train_step.step(batch, 3)
+        engine = (copy.deepcopy(train_step.student.state_dict()), copy.deepcopy(train_step.teacher.state_dict()))
         restore()
-        phases = timed_step(trainer, batch, 3)
-        assert trainer.phase_timer is None  # removed after the timed call
+        phases = timed_step(train_step, batch, 3)
+        assert train_step.phase_watch is None  # removed after the timed call
         wall = phases.pop("step")
         assert set(phases) == set(PHASES)
         assert all(phases[k] > 0 for k in ("mask", "student_forward", "teacher", "student_backward", "optimizer", "teacher_update"))
         # every statement of the step is inside a phase: what is left is Python between phases and,
         # on this shared CPU, time slices lost to other processes (seen up to 10% under load 10)
         assert 0.8 * wall <= sum(phases.values()) <= wall * 1.0001, (phases, wall)
-        for expected, module in zip(engine, (trainer.student, trainer.teacher)):
+        for expected, module in zip(engine, (train_step.student, train_step.teacher)):
             for name, value in module.state_dict().items():
                 assert torch.equal(value, expected[name]), name
-        assert any(not torch.equal(v, start[0][k]) for k, v in trainer.student.state_dict().items())  # it trained
+        assert any(not torch.equal(v, start[0][k]) for k, v in train_step.student.state_dict().items())  # it trained
 
 
 def test_cli_prints_one_json_object_and_writes_out(module_cache: Path, tmp_path: Path) -> None:

@@ -219,11 +219,11 @@ def test_gradient_accumulation_steps_over_micro_batches(tiny_overrides, tmp_path
     run_dir = tmp_path / "acc"
     overrides = [*tiny_overrides(run_dir, steps=2), "train.batch_size=2", "train.accumulate=2", "train.log_every=1"]
     with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
-        assert trainer.effective["batch_size"] == 4
-        batches = [trainer.prepare(b) for b, _ in zip(trainer.loader, range(2))]
-        before = [p.detach().clone() for p in trainer.student.parameters()]
-        logged = trainer.train_step(batches, 0)
-        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
+        assert trainer.train_step.effective["batch_size"] == 4
+        batches = [trainer.prepare(b) for b, _ in zip(trainer.data.loader, range(2))]
+        before = [p.detach().clone() for p in trainer.train_step.student.parameters()]
+        logged = trainer.train_step.step(batches, 0)
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.train_step.student.parameters()))
         assert set(logged) >= {"loss", "pixels", "grad_norm"}
     with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         summary = trainer.train()

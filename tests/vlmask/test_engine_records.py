@@ -58,14 +58,14 @@ def test_final_loss_is_the_last_steps_loss_not_the_log_window_mean(tiny_synth, t
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.log_every=4")
     with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         losses: list[float] = []
-        step = trainer.train_step
+        step = trainer.train_step.step
 
         def recording_step(batch, at):
             logged = step(batch, at)
             losses.append(float(logged["loss"]))
             return logged
 
-        trainer.train_step = recording_step  # an instance attribute shadows the method
+        trainer.train_step.step = recording_step  # an instance attribute shadows the method
         trainer.train()
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     # final_loss is step 4's loss, not the mean of the log window (steps 1-4) that metrics.jsonl holds
@@ -74,9 +74,21 @@ def test_final_loss_is_the_last_steps_loss_not_the_log_window_mean(tiny_synth, t
     assert saved["final_loss"] != pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
-def test_vlmask_run_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_scale, tmp_path, isolated_cache):
+def test_vlmask_run_builds_the_model_once_and_writes_train_flops_per_clip_times_clips(tiny_synth, tiny_scale, tmp_path,
+                                                                                    isolated_cache, monkeypatch):
+    import vlmask.build
+
+    built: list[str] = []
+    real_build = vlmask.build.build
+
+    def counted(registry, recipe, key, kind, *args, **kwargs):
+        built.append(key)
+        return real_build(registry, recipe, key, kind, *args, **kwargs)
+
+    monkeypatch.setattr(vlmask.build, "build", counted)  # what build_components builds every part with
     overrides = tiny(tiny_synth, tiny_scale, tmp_path / "run")
     assert main(["run", str(RECIPES / "mae.yaml"), *overrides]) == 0
+    assert built.count("model.encoder") == 1, "the FLOP count copies the run's own parts onto meta: no second build"
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     counted = count_flops(RECIPES / "mae.yaml", [o for o in overrides if not o.startswith("run.dir=")])
     per_clip = counted["flops_per_clip"]
@@ -91,7 +103,7 @@ def test_a_flop_counting_failure_is_a_warning_not_a_failed_run(tiny_synth, tiny_
     def broken(*args, **kwargs):
         raise RuntimeError("counter broke")
 
-    monkeypatch.setattr(vlmask.bench, "count_flops", broken)
+    monkeypatch.setattr(vlmask.bench, "count_step_flops", broken)
     assert main(["run", str(RECIPES / "mae.yaml"), *tiny(tiny_synth, tiny_scale, tmp_path / "run")]) == 0
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["steps"] == 4 and saved["train_flops"] is None and saved["final_loss"] is not None
@@ -112,13 +124,14 @@ def test_the_guard_and_the_feature_hooks_are_read_at_log_and_checkpoint_steps_on
                      "train.ckpt_every=5")
     with Trainer(load_recipe(RECIPES / "mae.yaml", overrides)) as trainer:
         kept: list[int] = []
-        diagnostics = trainer.features.diagnostics
+        features = trainer.train_step.features
+        diagnostics = features.diagnostics
 
         def recorded():
-            kept.append(trainer.features.student is not None)
+            kept.append(features.student is not None)
             return diagnostics()
 
-        trainer.features.diagnostics = recorded
+        features.diagnostics = recorded
         trainer.train()
     assert reads == [3, 5, 6, 6]  # log step 3, checkpoint 5, step 6 logs and saves
     assert kept == [True, True]  # features kept at the two log steps, 3 and 6

@@ -47,14 +47,16 @@ class EMAFormula:
 
     def start(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.expected = {k: v.detach().clone() for k, v in trainer.teacher.module("encoder").named_parameters()}
+        encoder = trainer.train_step.teacher.module("encoder")
+        self.expected = {k: v.detach().clone() for k, v in encoder.named_parameters()}
 
     @hookimpl
     def vlmask_after_optimizer_step(self, step: int) -> None:
         assert self.trainer is not None
-        tau = self.trainer.teacher.tau(step)
-        student = dict(self.trainer.student.encoder.named_parameters())
-        teacher = dict(self.trainer.teacher.module("encoder").named_parameters())
+        train_step = self.trainer.train_step
+        tau = train_step.teacher.tau(step)
+        student = dict(train_step.student.encoder.named_parameters())
+        teacher = dict(train_step.teacher.module("encoder").named_parameters())
         before = {k: v.clone() for k, v in self.expected.items()}
         for name, value in self.expected.items():
             value.mul_(tau).add_(student[name].detach(), alpha=1 - tau)
@@ -69,7 +71,7 @@ def test_the_ema_teacher_follows_the_student_after_every_optimizer_step(fils_ove
                                                        "optim.warmup_lr=1e-3"])
     trainer = Trainer(recipe, load_plugins(extra=[("ema-probe", probe)]))
     try:
-        assert trainer.steps_per_epoch < trainer.total_steps  # the run crosses epoch boundaries
+        assert trainer.data.steps_per_epoch < trainer.total_steps  # the run crosses epoch boundaries
         probe.start(trainer)
         trainer.train()
     finally:
@@ -84,7 +86,7 @@ def test_the_logit_scale_is_clamped_to_log_100_in_a_real_run(fils_overrides: lis
     trainer = Trainer(recipe, load_plugins())
     bound = math.log(100.0)
     try:
-        head = trainer.student.objectives["actclip"]
+        head = trainer.train_step.student.objectives["actclip"]
         with torch.no_grad():  # above the bound: AdamW's steps (about lr each) cannot bring it back alone
             head.logit_scale.fill_(bound + 1.0)
         trainer.train()
@@ -105,19 +107,20 @@ def test_the_language_space_target_projects_the_teacher_side_with_the_projection
     chosen = [] if projection is None else [f"targets.fp.projection={projection}"]
     recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, *chosen])
     trainer = Trainer(recipe, load_plugins())
+    step = trainer.train_step
     try:
-        teacher_projection = trainer.teacher.module("projection")
-        student_projection = trainer.student.projection
+        teacher_projection = step.teacher.module("projection")
+        student_projection = step.student.projection
         assert teacher_projection is not None and teacher_projection is not student_projection
         with torch.no_grad():  # make the two copies differ (they are equal at step 0)
             teacher_projection.weight.copy_(torch.randn_like(teacher_projection.weight, generator=None))
-        batch = trainer.prepare(next(iter(trainer.loader)))
+        batch = trainer.prepare(next(iter(trainer.data.loader)))
 
         with torch.no_grad():  # FILS eq. 7-8 by hand, with the pre-step weights the step will use
-            mask = trainer.masker(batch, trainer.grid, trainer.mask_generator(0))
-            visible = trainer.student.encoder(batch.video, mask.visible)
-            predictions = trainer.student.predictor(visible, mask)
-            teacher_tokens = gather_tokens(trainer.teacher(batch.video), mask.predict)
+            mask = step.masker(batch, step.grid, step.mask_generator(0))
+            visible = step.student.encoder(batch.video, mask.visible)
+            predictions = step.student.predictor(visible, mask)
+            teacher_tokens = gather_tokens(step.teacher(batch.video), mask.predict)
             prediction = F.normalize(student_projection(predictions), dim=-1)
 
             def loss_with(projection: torch.nn.Module) -> float:
@@ -126,7 +129,7 @@ def test_the_language_space_target_projects_the_teacher_side_with_the_projection
 
             with_teachers, with_students = loss_with(teacher_projection), loss_with(student_projection)
 
-        logged = trainer.train_step(batch, 0)
+        logged = step.step(batch, 0)
     finally:
         trainer.close()
     assert abs(with_teachers - with_students) > 0.05, "the two projections must give different losses for the test to tell"

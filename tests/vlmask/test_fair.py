@@ -25,7 +25,7 @@ def record(recipe: Path, run_dir: Path, data: tuple[Path, Path], scale: list[str
         overrides = [o for o in overrides if not o.startswith("model.predictor.")]
     trainer = Trainer(load_recipe(recipe, overrides))
     steps: list[dict[str, torch.Tensor]] = []
-    train_step, masker = trainer.train_step, trainer.masker
+    train_step, masker = trainer.train_step.step, trainer.train_step.masker
 
     def recording_masker(batch, grid, generator=None):
         mask = masker(batch, grid, generator)
@@ -36,7 +36,7 @@ def record(recipe: Path, run_dir: Path, data: tuple[Path, Path], scale: list[str
         steps.append({"index": batch.index.clone(), "video": batch.video.clone()})
         return train_step(batch, step)
 
-    trainer.train_step, trainer.masker = recording_step, recording_masker  # instance attributes shadow the method
+    trainer.train_step.step, trainer.train_step.masker = recording_step, recording_masker  # shadow the method
     try:
         trainer.train()
     finally:

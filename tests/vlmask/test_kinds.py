@@ -117,7 +117,7 @@ def _captioner_folder(root: Path) -> str:
 
 
 def _student() -> nn.Module:
-    from vlmask.engine import Student
+    from vlmask.build import Student
 
     return Student(tiny_encoder(), None, nn.Linear(D, TEXT_DIM, bias=False), {})
 

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages"}),
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
      {"checkpoint", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
-    ("build, engine, runs", {"build", "engine", "runs"}),
+    ("step, build", {"step", "build"}),
+    ("engine, runs", {"engine", "runs"}),
     ("evaluate, finetune, bench, flops, rehearsal", {"evaluate", "finetune", "bench", "flops", "rehearsal"}),
     ("command line", {"cli", "__main__"}),
 ]
@@ -124,6 +125,37 @@ def test_an_upward_or_plugin_import_anywhere_is_found(tmp_path: Path, line: str)
     (scratch / "schema.py").write_text(source + bad)
     _, problems = vlmask_edges(scratch)
     assert len(problems) == 1 and problems[0].startswith("schema.py:"), problems
+
+
+#: The modules that may touch ``vlmask.engine.Trainer``: the loop's own and the command line that runs it.
+#: Everything else that steps a model (bench, FLOP counts, the rehearsal) takes a ``vlmask.step.TrainStep``.
+TRAINER_USERS = {"engine", "cli"}
+
+
+def trainer_uses(path: Path) -> list[tuple[int, str]]:
+    """(line, what) for every import of the name ``Trainer``, ``engine.Trainer`` or a bare
+    ``Trainer`` in a module, wherever it stands."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and any(a.name == "Trainer" for a in node.names):
+            found.append((node.lineno, f"imports Trainer from {node.module}"))
+        elif isinstance(node, ast.Attribute) and node.attr == "Trainer":
+            found.append((node.lineno, "uses .Trainer"))
+        elif isinstance(node, ast.Name) and node.id == "Trainer":
+            found.append((node.lineno, "uses Trainer"))
+    return found
+
+
+def test_only_the_engine_and_the_command_line_touch_the_trainer():
+    problems = [f"{path.name}:{line}: {what}" for path in sorted(PACKAGE.glob("*.py"))
+                if module_name(path) not in TRAINER_USERS for line, what in trainer_uses(path)]
+    assert problems == [], "\n".join(problems)
+
+
+def test_a_trainer_used_elsewhere_is_found(tmp_path: Path):
+    scratch = tmp_path / "bench.py"
+    scratch.write_text("def f():\n    from vlmask.engine import Trainer\n    return Trainer\n")
+    assert [line for line, _ in trainer_uses(scratch)] == [2, 3]
 
 
 def test_a_cycle_is_found():

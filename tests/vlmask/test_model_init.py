@@ -57,10 +57,10 @@ def test_init_starts_encoder_and_predictor_from_the_checkpoint(tmp_path, overrid
     folder = videomae_folder(tmp_path / "hf")
     with Trainer(load_recipe(RECIPES / "mae.yaml", [*overrides(tmp_path / "run"), f"model.init={folder}"])) as trainer:
         reference = Trainer(load_recipe(RECIPES / "mae.yaml", overrides(tmp_path / "plain")))
-        plain = {k: v.clone() for k, v in reference.student.state_dict().items()}
-        load_videomae_pretraining(reference.student.encoder, reference.student.predictor, folder)
-        imported = reference.student.state_dict()
-        started = trainer.student.state_dict()
+        plain = {k: v.clone() for k, v in reference.train_step.student.state_dict().items()}
+        load_videomae_pretraining(reference.train_step.student.encoder, reference.train_step.student.predictor, folder)
+        imported = reference.train_step.student.state_dict()
+        started = trainer.train_step.student.state_dict()
         reference.close()
         assert started.keys() == imported.keys()
         for key in started:
@@ -97,7 +97,7 @@ def test_resume_loads_the_checkpoint_over_init(tmp_path, overrides, stop_after_c
         recipe = load_recipe(RECIPES / "mae.yaml", [*overrides(run_dir, steps=4), f"model.init={folder}"])
         with Trainer(recipe, load_plugins(extra)) as trainer:
             trainer.train()
-            return {k: v.clone() for k, v in trainer.student.state_dict().items()}
+            return {k: v.clone() for k, v in trainer.train_step.student.state_dict().items()}
 
     uninterrupted = final(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):

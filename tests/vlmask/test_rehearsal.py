@@ -175,3 +175,54 @@ def test_any_exception_of_a_plugin_is_a_problem_not_a_traceback(at, expected):
     recipe = load_recipe(RECIPES / "mae.yaml", ["heads.buggy={name: buggy, at: %s}" % at, "loss_weights.buggy=1.0"])
     problems = rehearse(recipe, plugins)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+class StuckTeacher(nn.Module):
+    """A teacher whose update fails (after the optimizer step, where only the real step reaches)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return video.flatten(2).transpose(1, 2) * self.scale
+
+    def module(self, name: str) -> nn.Module | None:
+        return None
+
+    def update(self, student: nn.Module, step: int) -> None:
+        raise RuntimeError("the teacher cannot follow the student")
+
+
+class ClampingHead(nn.Module):
+    """A head whose after-step hook fails, as a clamp written for another parameter would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @hookimpl
+    def vlmask_after_optimizer_step(self, step: int) -> None:
+        self.temperature.clamp_(0.0, 1.0)  # AttributeError: the parameter is scale
+
+    def forward(self, out):
+        return out.visible_features.mean() * self.scale
+
+
+class AfterStepPlugin:
+    @hookimpl
+    def vlmask_register_plugins(self, register):
+        register("teacher", "stuck", StuckTeacher)
+        register("head", "clamping", ClampingHead)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["teacher={name: stuck}"], "key teacher: the first training step would fail: RuntimeError: the teacher cannot"),
+    (["heads.clamp={name: clamping}", "loss_weights.clamp=1.0"],
+     "key heads.clamp: the first training step would fail: AttributeError: 'ClampingHead' object has no attribute"),
+], ids=["teacher-update", "after-step-hook"])
+def test_the_work_after_the_optimizer_step_is_rehearsed_and_named(overrides, expected):
+    """The rehearsal takes the real step: the teacher's update and the parts' hooks run too."""
+    plugins = load_plugins(extra=[("after-step", AfterStepPlugin())])
+    problems = rehearse(load_recipe(RECIPES / "mae.yaml", overrides), plugins)
+    assert len(problems) == 1 and expected in problems[0], problems

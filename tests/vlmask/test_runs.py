@@ -76,11 +76,12 @@ def test_a_trainer_keeps_its_components_to_its_own_plugin_manager(tiny_synth, ti
     recipe = load_recipe(RECIPES / "fils.yaml", [*tiny_scale, f"data.train={tiny_synth[0]}", f"run.dir={tmp_path / 'r'}",
                                                  "train.max_steps=1"])
     with Trainer(recipe) as trainer:
-        own = trainer.manager.get_plugins()
-        assert trainer.masker in own and trainer.teacher in own and all(o in own for o in trainer.student.objectives.values())
+        step = trainer.train_step
+        own = step.manager.get_plugins()
+        assert step.masker in own and step.teacher in own and all(o in own for o in step.student.objectives.values())
         assert set(before) <= set(own)  # the process's loaded plugins answer this run's hooks too
         assert process_wide.get_plugins() == before  # nothing of the run leaks into the process-wide manager
-    assert not any(trainer.manager.is_registered(p) for p in trainer.parts.hook_parts().values())
+    assert not any(step.manager.is_registered(p) for p in step.parts.hook_parts().values())
 
 
 def test_build_components_builds_every_part_on_the_cpu_without_touching_the_callers_random_state(tiny_scale):

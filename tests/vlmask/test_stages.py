@@ -66,17 +66,19 @@ def test_validate_checks_every_stage_key(staged):
 def test_a_stage_freezes_and_reweights_then_hands_over(staged, overrides, tmp_path):
     with Trainer(load_recipe(staged, overrides(tmp_path / "run"))) as trainer:
         assert trainer.total_steps == 7
-        encoder0 = {k: v.clone() for k, v in trainer.student.encoder.state_dict().items()}
-        predictor0 = {k: v.clone() for k, v in trainer.student.predictor.state_dict().items()}
-        batches = iter(trainer.loader)
+        train_step = trainer.train_step
+        encoder0 = {k: v.clone() for k, v in train_step.student.encoder.state_dict().items()}
+        predictor0 = {k: v.clone() for k, v in train_step.student.predictor.state_dict().items()}
+        batches = iter(trainer.data.loader)
         for step in range(3):
-            trainer.train_step(trainer.prepare(next(batches)), step)
-            assert trainer.loss_weights == {"pixels": 2.0}
-        assert all(torch.equal(v, trainer.student.encoder.state_dict()[k]) for k, v in encoder0.items())
-        assert not torch.equal(predictor0["head.weight"], trainer.student.predictor.state_dict()["head.weight"])
-        trainer.train_step(trainer.prepare(next(batches)), 3)
-        assert trainer.loss_weights == {"pixels": 1.0}
-        assert not torch.equal(encoder0["blocks.0.attn.qkv.weight"], trainer.student.encoder.state_dict()["blocks.0.attn.qkv.weight"])
+            train_step.step(trainer.prepare(next(batches)), step)
+            assert train_step.loss_weights == {"pixels": 2.0}
+        assert all(torch.equal(v, train_step.student.encoder.state_dict()[k]) for k, v in encoder0.items())
+        assert not torch.equal(predictor0["head.weight"], train_step.student.predictor.state_dict()["head.weight"])
+        train_step.step(trainer.prepare(next(batches)), 3)
+        assert train_step.loss_weights == {"pixels": 1.0}
+        qkv = "blocks.0.attn.qkv.weight"
+        assert not torch.equal(encoder0[qkv], train_step.student.encoder.state_dict()[qkv])
 
 
 
