@@ -367,6 +367,8 @@ class Trainer:
                     last["lr"] = train_step.optimizer.param_groups[0]["lr"]
                     last["clips_per_s"] = rate
                     last.update(features.diagnostics())
+                    if train_step.teacher is not None:  # what is left of its random init (Teacher.init_share)
+                        last["teacher_init_share"] = train_step.teacher.init_share(step)
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(last) + "\n")
                         metrics_file.flush()

@@ -67,8 +67,8 @@ class EMAFormula:
 def test_the_ema_teacher_follows_the_student_after_every_optimizer_step(fils_overrides: list[str]) -> None:
     probe = EMAFormula()
     # tau 0.5: each update moves the teacher halfway, so a skipped update is far from the formula
-    recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, "~teacher.half_life_fraction", "teacher.tau_start=0.5", "teacher.tau_end=0.5",
-                                                       "optim.warmup_lr=1e-3"])
+    recipe = load_recipe(RECIPES / "fils.yaml", [*fils_overrides, "~teacher.half_life_fraction", "teacher.tau_start=0.5",
+                                                 "teacher.tau_end=0.5", "optim.warmup_lr=1e-3"])
     trainer = Trainer(recipe, load_plugins(extra=[("ema-probe", probe)]))
     try:
         assert trainer.data.steps_per_epoch < trainer.total_steps  # the run crosses epoch boundaries
@@ -79,6 +79,24 @@ def test_the_ema_teacher_follows_the_student_after_every_optimizer_step(fils_ove
     assert len(probe.errors) == 6
     assert min(probe.moved) > 1e-5, "the student did not move: the test could not tell an update from none"
     assert max(probe.errors) < 1e-6, f"teacher vs EMA formula after each step: {probe.errors}"
+
+
+def test_metrics_log_the_share_of_the_teachers_initial_weights(fils_overrides: list[str], tmp_path: Path) -> None:
+    """``teacher_init_share`` at every log step: the product of the taus of the updates so far;
+    fils.yaml's half_life_fraction 0.2 halves it every fifth of the run (6 steps: every 1.2)."""
+    with Trainer(load_recipe(RECIPES / "fils.yaml", fils_overrides), load_plugins()) as trainer:
+        trainer.train()
+        run_dir = trainer.run_dir
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shares = [m["teacher_init_share"] for m in logged]
+    assert shares == pytest.approx([2.0 ** (-m["step"] / 1.2) for m in logged], rel=1e-9)
+    assert shares[-1] < 0.05
+    mae = load_recipe(RECIPES / "mae.yaml", [*fils_overrides[:-3], f"run.dir={tmp_path / 'mae'}", "train.log_every=1",
+                                              "train.max_steps=2"])
+    with Trainer(mae, load_plugins()) as trainer:
+        trainer.train()
+    assert all("teacher_init_share" not in json.loads(line)
+               for line in (tmp_path / "mae" / "metrics.jsonl").read_text().splitlines())  # no teacher, no share
 
 
 def test_the_logit_scale_is_clamped_to_log_100_in_a_real_run(fils_overrides: list[str]) -> None:
