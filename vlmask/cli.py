@@ -176,6 +176,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from vlmask.show import ShowError, show
+
+    run_dirs, overrides = _split_items(args.run_dirs)
+    try:
+        path, notes = show(args.what, run_dirs, args.out, manifest=args.manifest, clips=args.clip, text=args.text,
+                           layer=args.layer, overrides=overrides, plugins=loaded_plugins())
+    except ShowError as exc:  # one line naming what and where; nothing was written
+        console.print(f"[red]show:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmask", description="masked video-language self-supervised pretraining")
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,6 +237,18 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--baseline", help="recipe (path or stem) to which every other recipe's metrics are "
                       "compared, paired by seed (95%% interval of the difference)")
     cmp_.set_defaults(func=cmd_compare, leftovers="items")  # recipes and overrides after an option join items
+
+    show = sub.add_parser("show", help="draw runs' masks, reconstructions, attention, text similarity or curves "
+                          "(PNG, GIF or MP4 by --out's suffix)")
+    show.add_argument("what", help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
+    show.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs, side by side [KEY=VALUE ...]")
+    show.add_argument("--out", required=True, help="FILE.png (a grid of frames), FILE.gif or FILE.mp4 (animated)")
+    show.add_argument("--manifest", help="the clips' manifest (default: the run's data.val, or its default data's val)")
+    show.add_argument("--clip", type=int, nargs="+", action="extend", metavar="N",
+                      help="clips to show: line numbers of the manifest counted from 0 (default: 0)")
+    show.add_argument("--text", help="similarity: the text to compare with (default: each clip's caption, else label)")
+    show.add_argument("--layer", type=int, help="attention: the encoder block, from 0 (negative: from the end; default -1)")
+    show.set_defaults(func=cmd_show, leftovers="run_dirs")  # overrides (device=cpu) join the run directories
 
     from vlmask.bench import add_bench_arguments, cmd_bench
 
