@@ -242,9 +242,7 @@ def grid_figure(columns: Sequence[Column], clip_titles: Sequence[str]) -> object
     for block, column, column_rows, width in zip(blocks, columns, rows, widths):
         block.suptitle(column.title, fontsize=9, fontweight="bold")
         images = max(p.images.shape[0] for _, p in column_rows)
-        for line, (row_title, panel) in zip(np.atleast_1d(block.subfigures(height, 1)), [*column_rows, *[None] * height]):
-            if panel is None:
-                continue
+        for line, (row_title, panel) in zip(np.atleast_1d(block.subfigures(height, 1)), column_rows):
             line.suptitle(wrap(row_title, int(CELL_INCHES * width * CHARACTERS_PER_INCH)), fontsize=7)
             axes = line.subplots(1, images, squeeze=False)[0]
             for i, ax in enumerate(axes):

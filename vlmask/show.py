@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -424,6 +425,7 @@ def show(what: str, run_dirs: Sequence[str | Path], out: str | Path, *, manifest
     if what not in kinds:
         raise ShowError(f"unknown picture {what!r}; known: {', '.join(sorted([CURVES, *kinds]))}")
     kind = kinds[what][0]
+    progress = progress and sys.stderr.isatty()  # a bar off a terminal is only blank lines
     numbers = tuple(clips) if clips else (0,)
     columns: list[Column] = []
     notes: list[str] = []

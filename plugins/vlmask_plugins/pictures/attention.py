@@ -83,7 +83,7 @@ def attention(shown: ShownClips) -> list[list[Panel]]:
     pictures = []
     for row in range(shown.batch.size):
         values = frame_distributions(received, shown, row, frames).numpy()
-        scale = Scale(0.0, float(values.max()), "attention (sums to 1 per frame)")
+        scale = Scale(float(values.min()), float(values.max()), "attention (sums to 1 per frame)")
         images = heat_overlay(shown.frames[row][frames], values, shown.grid, scale)
         pictures.append([Panel(f"layer {layer} (block {layer + 1} of {len(blocks)}): attention received", images,
                                shown.frame_labels(frames), values=values, scale=scale)])
