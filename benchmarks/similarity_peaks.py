@@ -23,15 +23,7 @@ from vlmask.data_loading import collate_of
 from vlmask.evaluate import val_manifest
 from vlmask.runs import open_run
 from vlmask.show import show_dataset, token_text_cosine
-from vlmask.types import TokenGrid
-
-
-def centres_inside(grid: TokenGrid, boxes: torch.Tensor) -> torch.Tensor:
-    """(B, h*w) bool: which patch centres ((x + 0.5) / w, (y + 0.5) / h) lie in each box."""
-    x = ((torch.arange(grid.w) + 0.5) / grid.w).repeat(grid.h)
-    y = ((torch.arange(grid.h) + 0.5) / grid.h).repeat_interleave(grid.w)
-    b = boxes.float().cpu()
-    return ((x >= b[:, :1]) & (x <= b[:, 2:3]) & (y >= b[:, 1:2]) & (y <= b[:, 3:4]))
+from vlmask_plugins.maskers.geometry import token_centres_inside_box
 
 
 def derangement(count: int, seed: int = 0) -> torch.Tensor:
@@ -65,7 +57,7 @@ def main() -> None:
     peak, box = torch.cat(peaks), torch.cat(boxes)
     keep = ~torch.isnan(box).any(dim=1)
     peak, box = peak[keep], box[keep]
-    inside = centres_inside(grid, box)  # (C, h*w)
+    inside = token_centres_inside_box(grid, box)  # (C, h*w): ActCLIP's own inside test
     control = inside[derangement(len(box))]
     result = {
         "run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint.relative_to(run.run_dir)),
