@@ -41,24 +41,16 @@ from vlmask.show import (
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
-class OneThread:
-    """Tiny matrix products stall when two threads compete for two busy cores."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.threads)
-
-
 @pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """An isolated ``VLMASK_CACHE`` (caption embeddings) for the whole module."""
-    cache = tmp_path_factory.mktemp("show-cache")
+def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An isolated ``VLMASK_CACHE`` (caption embeddings) and one torch thread (tiny products
+    stall when two threads compete for two busy cores) for the whole module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLMASK_CACHE", str(cache))
-        yield cache
+        patch.setenv("VLMASK_CACHE", str(tmp_path_factory.mktemp("show-cache")))
+        yield
+    torch.set_num_threads(threads)
 
 
 def train_tiny(recipe: str, tiny_synth, tiny_scale, run_dir: Path, steps: int = 3) -> Path:
@@ -66,7 +58,7 @@ def train_tiny(recipe: str, tiny_synth, tiny_scale, run_dir: Path, steps: int = 
     overrides = [*tiny_scale, f"data.train={train}", f"data.val={val}", f"train.max_steps={steps}",
                  "train.log_every=1", f"run.dir={run_dir}"]
     recipe = load_recipe(RECIPES / recipe, overrides)
-    with OneThread(), Trainer(recipe) as trainer:
+    with Trainer(recipe) as trainer:
         summary = trainer.train()
     record_train_flops(run_dir, recipe, summary)  # as `vlmask run` does
     return run_dir
