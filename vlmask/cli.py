@@ -165,6 +165,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None,
                      baseline=args.baseline)
     out.print((folder / "comparison.md").read_text())
+    from vlmask.show import comparison_attention
+
+    _, why_not = comparison_attention(folder, loaded_plugins())  # FILS Figure 3 of each recipe, side by side
+    if why_not:
+        console.print(f"note: {why_not}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"comparison: {folder}")
     failed = json.loads((folder / "comparison.json").read_text()).get("failed") or []
     if failed:  # the exit code says that the table lacks runs (comparison.json's "failed" says why)

@@ -464,3 +464,20 @@ def shown_clips(run_dir: Path, name: str, clips: Sequence[int], manifest: str | 
         notes.append(note)
     titles = tuple(f"clip {c}" + (f": {_shorten(t, 30)}" if t else "") for c, t in zip(clips, clip_texts(dataset, rows, None)))
     return ShownClips(run, name, batch, frames, tuple(clips), clip_texts(dataset, rows, text), layer, mask_device, titles)
+
+
+def comparison_attention(folder: Path, plugins: Plugins | None = None) -> tuple[Path | None, str | None]:
+    """``attention.png`` beside a ``vlmask compare`` folder's ``comparison.json``: the attention
+    picture (FILS Figure 3) of the first clip for the first-listed run (seed) of every recipe,
+    side by side. Returns the file, or None and why it could not be drawn (a recipe whose
+    encoder has no attention blocks, the built-in plugin blocked, ...); never raises for that."""
+    runs: dict[str, Path] = {}
+    for entry in json.loads((folder / "comparison.json").read_text()).get("runs", []):
+        runs.setdefault(entry["name"], Path(entry["run_dir"]))
+    if not runs:
+        return None, f"{folder}: no run was trained, so no attention.png"
+    try:
+        path, _ = show("attention", list(runs.values()), folder / "attention.png", plugins=plugins, progress=False)
+    except ShowError as error:
+        return None, f"no attention.png: {error}"
+    return path, None

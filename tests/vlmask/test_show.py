@@ -29,6 +29,7 @@ from vlmask.pictures import Column, Panel, grid_figure, token_map
 from vlmask.plugins import default_plugins, load_plugins
 from vlmask.show import (
     ShowError,
+    comparison_attention,
     curve_keys,
     mask_generator,
     picture_kinds,
@@ -261,3 +262,15 @@ def test_a_plugin_adds_a_picture_kind_and_may_not_take_a_name(fils_run: Path, tm
     assert path.is_file()
     with pytest.raises(ShowError, match="picture kind 'similarity' is given by both vlmask and clash"):
         picture_kinds(load_plugins(extra=[("clash", Clash())]))
+
+
+def test_a_comparison_gets_the_attention_of_each_recipe(fils_run: Path, mae_run: Path, tmp_path: Path) -> None:
+    runs = [{"name": "fils", "seed": 0, "run_dir": str(fils_run)}, {"name": "fils", "seed": 1, "run_dir": "elsewhere"},
+            {"name": "mae", "seed": 0, "run_dir": str(mae_run)}]
+    (tmp_path / "comparison.json").write_text(json.dumps({"runs": runs}))
+    path, why_not = comparison_attention(tmp_path)
+    assert path == tmp_path / "attention.png" and path.is_file() and why_not is None
+    (tmp_path / "comparison.json").write_text(json.dumps({"runs": [{"name": "x", "seed": 0, "run_dir": "nowhere"}]}))
+    (tmp_path / "attention.png").unlink()
+    path, why_not = comparison_attention(tmp_path)
+    assert path is None and why_not == "no attention.png: nowhere: not a run directory (no config.yaml)"
