@@ -40,8 +40,11 @@ from vlmask.pictures import (
     Column,
     Panel,
     Scale,
+    animation_length,
     check_suffix,
     clip_frames,
+    figure_pixels,
+    grid_figure,
     heat_overlay,
     slot_of_frames,
     token_map,
@@ -420,28 +423,50 @@ def show(what: str, run_dirs: Sequence[str | Path], out: str | Path, *, manifest
         raise ShowError(f"{out}: the folder {out.parent} does not exist")
     if what == CURVES:
         return show_curves(run_dirs, out)
+    progress = progress and sys.stderr.isatty()  # a bar off a terminal is only blank lines
+    columns, titles, notes = clip_columns(what, run_dirs, manifest=manifest, clips=clips, text=text, layer=layer,
+                                          overrides=overrides, plugins=plugins, progress=progress)
+    with _progress_bar(1 if out.suffix.lower() in STILL_SUFFIXES else animation_length(columns), f"write {out.name}",
+                       progress) as advance:
+        write_picture(columns, titles, out, advance)
+    return out, notes
+
+
+def clip_columns(what: str, run_dirs: Sequence[Path], *, manifest: str | Path | None = None,
+                 clips: Sequence[int] | None = None, text: str | None = None, layer: int | None = None,
+                 overrides: Sequence[str] = (), plugins: Plugins | None = None,
+                 progress: bool = False) -> tuple[list[Column], list[str], list[str]]:
+    """The panels of the clip picture ``what`` for every run (one :class:`Column` each), the
+    clips' titles and notes for the user; nothing is written."""
     plugins = plugins or default_plugins()
     kinds = picture_kinds(plugins)
     if what not in kinds:
         raise ShowError(f"unknown picture {what!r}; known: {', '.join(sorted([CURVES, *kinds]))}")
     kind = kinds[what][0]
-    progress = progress and sys.stderr.isatty()  # a bar off a terminal is only blank lines
     numbers = tuple(clips) if clips else (0,)
     columns: list[Column] = []
     notes: list[str] = []
     titles: list[str] = []
-    with _progress_bar(len(run_dirs) + 1, f"show {what}", progress) as advance:
+    with _progress_bar(len(run_dirs), f"show {what}", progress) as advance:
         for run_dir, name in zip(run_dirs, run_names(run_dirs)):
             shown = shown_clips(run_dir, name, numbers, manifest, text, layer, overrides, plugins, notes)
             titles = titles or list(shown.titles)
             with torch.no_grad():
-                panels = kind(shown)
-            columns.append(Column(name, panels))
+                columns.append(Column(name, kind(shown)))
             advance(1)
-    with _progress_bar(1 if out.suffix.lower() in STILL_SUFFIXES else max(
-            p.images.shape[0] for c in columns for ps in c.clips for p in ps), f"write {out.name}", progress) as advance:
-        write_picture(columns, titles, out, advance)
-    return out, notes
+    return columns, titles, notes
+
+
+def picture_pixels(what: str, run_dir: str | Path, *, manifest: str | Path | None = None, clips: Sequence[int] = (0,),
+                   plugins: Plugins | None = None, overrides: Sequence[str] = ()) -> np.ndarray:
+    """The still picture ``what`` of one run, as ``vlmask show ... --out FILE.png`` draws it,
+    as (H, W, 3) uint8 pixels (for loggers: TensorBoard images at checkpoints)."""
+    run_dir = Path(run_dir)
+    if what == CURVES:
+        return figure_pixels(curves_figure([read_curves(run_dir, run_dir.name)]))
+    columns, titles, _ = clip_columns(what, [run_dir], manifest=manifest, clips=clips, overrides=overrides,
+                                      plugins=plugins)
+    return figure_pixels(grid_figure(columns, titles))
 
 
 def shown_clips(run_dir: Path, name: str, clips: Sequence[int], manifest: str | Path | None, text: str | None,
