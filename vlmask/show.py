@@ -191,13 +191,12 @@ def picture_kinds(plugins: Plugins) -> dict[str, tuple[ClipPicture, str]]:
     hook ``vlmask_picture_kinds`` (every plugin's answer). A name given twice is a ShowError
     naming both providers."""
     found: dict[str, tuple[ClipPicture, str]] = {name: (kind, "vlmask") for name, kind in ENGINE_KINDS.items()}
-    found[CURVES] = (None, "vlmask")  # type: ignore[assignment]
-    for impl in plugins.manager.hook.vlmask_picture_kinds.get_hookimpls():
+    for impl in plugins.manager.hook.vlmask_picture_kinds.get_hookimpls():  # one by one: each answer's provider
         for name, kind in (impl.function() or {}).items():
-            if name in found:
-                raise ShowError(f"picture kind {name!r} is given by both {found[name][1]} and {impl.plugin_name}")
+            if name in found or name == CURVES:
+                taken = found[name][1] if name in found else "vlmask"
+                raise ShowError(f"picture kind {name!r} is given by both {taken} and {impl.plugin_name}")
             found[name] = (kind, impl.plugin_name)
-    del found[CURVES]
     return found
 
 
