@@ -245,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="draw runs' masks, reconstructions, attention, text similarity or curves "
                           "(PNG, GIF or MP4 by --out's suffix)")
-    show.add_argument("what", help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
+    show.add_argument("what", metavar="WHAT", help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
     show.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs, side by side [KEY=VALUE ...]")
     show.add_argument("--out", required=True, help="FILE.png (a grid of frames), FILE.gif or FILE.mp4 (animated)")
     show.add_argument("--manifest", help="the clips' manifest (default: the run's data.val, or its default data's val)")
