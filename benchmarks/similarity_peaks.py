@@ -61,6 +61,8 @@ def main() -> None:
     control = inside[derangement(len(box))]
     result = {
         "run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint.relative_to(run.run_dir)),
+        "recipe": run.recipe.get("record.recipe"), "overrides": list(run.recipe.get("record.overrides") or []),
+        "git_commit": run.recipe.get("record.git_commit"),
         "manifest": str(manifest), "clips": int(keep.sum()), "slots_per_clip": grid.t, "text": args.text,
         "grid": f"{grid.t}x{grid.h}x{grid.w}",
         "peak_inside_box": float(torch.gather(inside, 1, peak).float().mean()),
