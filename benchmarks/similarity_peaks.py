@@ -8,7 +8,8 @@ its caption) is inside when its patch centre lies in the clip's box (after the s
 crop). The control asks the same of another clip's box (a fixed derangement), and ``chance`` is
 the mean fraction of token cells inside the boxes. Prints and writes one JSON.
 
-    python benchmarks/similarity_peaks.py RUN_DIR [--text label|caption] --out benchmarks/results/similarity-peaks-DATE.json
+    python benchmarks/similarity_peaks.py RUN_DIR [--text label|caption] \
+        --out benchmarks/results/similarity-peaks-DATE.json
 """
 
 from __future__ import annotations

@@ -245,14 +245,16 @@ def parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="draw runs' masks, reconstructions, attention, text similarity or curves "
                           "(PNG, GIF or MP4 by --out's suffix)")
-    show.add_argument("what", metavar="WHAT", help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
+    show.add_argument("what", metavar="WHAT",
+                      help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
     show.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs, side by side [KEY=VALUE ...]")
     show.add_argument("--out", required=True, help="FILE.png (a grid of frames), FILE.gif or FILE.mp4 (animated)")
     show.add_argument("--manifest", help="the clips' manifest (default: the run's data.val, or its default data's val)")
     show.add_argument("--clip", type=int, nargs="+", action="extend", metavar="N",
                       help="clips to show: line numbers of the manifest counted from 0 (default: 0)")
     show.add_argument("--text", help="similarity: the text to compare with (default: each clip's caption, else label)")
-    show.add_argument("--layer", type=int, help="attention: the encoder block, from 0 (negative: from the end; default -1)")
+    show.add_argument("--layer", type=int,
+                      help="attention: the encoder block, from 0 (negative: from the end; default -1)")
     show.set_defaults(func=cmd_show, leftovers="run_dirs")  # overrides (device=cpu) join the run directories
 
     from vlmask.bench import add_bench_arguments, cmd_bench

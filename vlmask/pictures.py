@@ -16,7 +16,7 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def heat_overlay(images: np.ndarray, values: np.ndarray, grid: TokenGrid, scale:
 # --------------------------------------------------------------------------- drawing
 
 
-def _matplotlib() -> tuple[object, object]:
+def _matplotlib() -> tuple[Any, Any]:
     """pyplot on the Agg backend (no display), and matplotlib.patches."""
     import matplotlib
 
@@ -178,33 +178,33 @@ def _matplotlib() -> tuple[object, object]:
     return plt, patches
 
 
-def draw_image(ax: object, panel: Panel, index: int, title: str) -> None:
+def draw_image(ax: Any, panel: Panel, index: int, title: str) -> None:
     """Image ``index`` of ``panel`` on the axes ``ax``, with its box and token outlines."""
     _, patches = _matplotlib()
     image = panel.images[index]
-    ax.imshow(image, interpolation="nearest")  # type: ignore[attr-defined]
+    ax.imshow(image, interpolation="nearest")
     height, width = image.shape[:2]
     if panel.outlines is not None:
         rows, cols = panel.outlines.shape[1:]
         cell_h, cell_w = height / rows, width / cols
         for y, x in zip(*np.nonzero(panel.outlines[index])):
-            ax.add_patch(patches.Rectangle((x * cell_w - 0.5, y * cell_h - 0.5), cell_w, cell_h, fill=False,  # type: ignore[attr-defined]
+            ax.add_patch(patches.Rectangle((x * cell_w - 0.5, y * cell_h - 0.5), cell_w, cell_h, fill=False,
                                            edgecolor=OUTLINE_COLOUR, linewidth=0.8))
     box = panel.boxes[index] if panel.boxes else None
     if box is not None:
         x0, y0, x1, y1 = box
-        ax.add_patch(patches.Rectangle((x0 * width - 0.5, y0 * height - 0.5), (x1 - x0) * width,  # type: ignore[attr-defined]
+        ax.add_patch(patches.Rectangle((x0 * width - 0.5, y0 * height - 0.5), (x1 - x0) * width,
                                        (y1 - y0) * height, fill=False, edgecolor=BOX_COLOUR, linewidth=1.5))
-    ax.set_xticks([])  # type: ignore[attr-defined]
-    ax.set_yticks([])  # type: ignore[attr-defined]
-    ax.set_title(title, fontsize=7)  # type: ignore[attr-defined]
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
 
 
-def _colour_bar(figure: object, ax: object, scale: Scale) -> None:
+def _colour_bar(figure: Any, ax: Any, scale: Scale) -> None:
     from matplotlib import cm, colors
 
     mappable = cm.ScalarMappable(norm=colors.Normalize(scale.low, scale.high), cmap=scale.cmap)
-    bar = figure.colorbar(mappable, ax=ax, fraction=0.08, pad=0.03)  # type: ignore[attr-defined]
+    bar = figure.colorbar(mappable, ax=ax, fraction=0.08, pad=0.03)
     bar.ax.tick_params(labelsize=6)
     bar.set_label(scale.label, fontsize=6)
 
@@ -229,15 +229,15 @@ CELL_INCHES = 1.35
 CHARACTERS_PER_INCH = 15
 
 
-def grid_figure(columns: Sequence[Column], clip_titles: Sequence[str]) -> object:
+def grid_figure(columns: Sequence[Column], clip_titles: Sequence[str]) -> Any:
     """A still picture: one block per run (titled by its name), in it one row per panel of
     every clip (titled by the clip and the panel) and one column per image of the panel."""
     plt, _ = _matplotlib()
     rows = [_rows(c, clip_titles) for c in columns]
     widths = [max(p.images.shape[0] for _, p in r) + (0.5 if any(p.scale for _, p in r) else 0) for r in rows]
     height = max(len(r) for r in rows)
-    figure = plt.figure(figsize=(CELL_INCHES * sum(widths) + 0.3 * len(columns), (CELL_INCHES + 0.3) * height + 0.4),  # type: ignore[attr-defined]
-                        layout="constrained")
+    size = (CELL_INCHES * sum(widths) + 0.3 * len(columns), (CELL_INCHES + 0.3) * height + 0.4)
+    figure = plt.figure(figsize=size, layout="constrained")
     blocks = figure.subfigures(1, len(columns), width_ratios=widths, squeeze=False)[0]
     for block, column, column_rows, width in zip(blocks, columns, rows, widths):
         block.suptitle(column.title, fontsize=9, fontweight="bold")
@@ -260,14 +260,14 @@ def animation_length(columns: Sequence[Column]) -> int:
     return max(p.images.shape[0] for c in columns for panels in c.clips for p in panels)
 
 
-def animation_figure(columns: Sequence[Column], clip_titles: Sequence[str], step: int, steps: int) -> object:
+def animation_figure(columns: Sequence[Column], clip_titles: Sequence[str], step: int, steps: int) -> Any:
     """Frame ``step`` of ``steps`` of an animation: one block per run, in it one row per clip
     and its panels side by side, each at the image ``step * F // steps`` of its F."""
     plt, _ = _matplotlib()
     width = max(max(len(panels) for panels in c.clips) for c in columns)
     clips = len(clip_titles)
-    figure = plt.figure(figsize=(CELL_INCHES * 1.3 * width * len(columns) + 0.4, CELL_INCHES * 1.3 * clips + 0.5),  # type: ignore[attr-defined]
-                        layout="constrained")
+    size = (CELL_INCHES * 1.3 * width * len(columns) + 0.4, CELL_INCHES * 1.3 * clips + 0.5)
+    figure = plt.figure(figsize=size, layout="constrained")
     blocks = figure.subfigures(1, len(columns), squeeze=False)[0]
     for block, column in zip(blocks, columns):
         block.suptitle(column.title, fontsize=9, fontweight="bold")
@@ -287,12 +287,12 @@ def animation_figure(columns: Sequence[Column], clip_titles: Sequence[str], step
     return figure
 
 
-def figure_pixels(figure: object) -> np.ndarray:
+def figure_pixels(figure: Any) -> np.ndarray:
     """A drawn figure's pixels (H, W, 3) uint8; the figure is closed."""
     plt, _ = _matplotlib()
-    figure.canvas.draw()  # type: ignore[attr-defined]
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
-    plt.close(figure)  # type: ignore[attr-defined]
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
     return pixels
 
 
@@ -312,17 +312,17 @@ def _scratch(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_figure(figure: object, path: Path, dpi: int = 110) -> Path:
+def write_figure(figure: Any, path: Path, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG at ``path`` atomically (a scratch file, then a rename);
     the figure is closed."""
     plt, _ = _matplotlib()
     scratch = _scratch(path)
     try:
-        figure.savefig(scratch, format="png", dpi=dpi)  # type: ignore[attr-defined]
+        figure.savefig(scratch, format="png", dpi=dpi)
         os.replace(scratch, path)
     finally:
         scratch.unlink(missing_ok=True)
-        plt.close(figure)  # type: ignore[attr-defined]
+        plt.close(figure)
     return path
 
 
@@ -394,5 +394,6 @@ def write_picture(columns: Sequence[Column], clip_titles: Sequence[str], path: P
         advance(1)
     height = max(i.shape[0] for i in images)
     width = max(i.shape[1] for i in images)
-    images = [np.pad(i, ((0, height - i.shape[0]), (0, width - i.shape[1]), (0, 0)), constant_values=255) for i in images]
+    images = [np.pad(i, ((0, height - i.shape[0]), (0, width - i.shape[1]), (0, 0)), constant_values=255)
+              for i in images]
     return write_animation(images, path, fps)

@@ -278,8 +278,9 @@ def curves_figure(curves: Sequence[Curves]) -> object:
     plots = ["loss", *(["flops"] if with_flops else []), *keys]
     columns = min(3, len(plots))
     rows = math.ceil(len(plots) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False, layout="constrained")  # type: ignore[attr-defined]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # type: ignore[attr-defined]
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False,
+                                layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, plot in zip(axes.flat, plots):
         for n, c in enumerate(curves):
             colour = colours[n % len(colours)]
@@ -287,7 +288,8 @@ def curves_figure(curves: Sequence[Curves]) -> object:
             if plot == "loss":
                 ax.plot(steps, [r.get("loss", math.nan) for r in c.rows], color=colour, label=f"{c.name}: loss")
                 for style, term in zip(("--", ":", "-.") * 4, c.terms):
-                    ax.plot(steps, [r.get(term, math.nan) for r in c.rows], style, color=colour, label=f"{c.name}: {term}")
+                    ax.plot(steps, [r.get(term, math.nan) for r in c.rows], style, color=colour,
+                            label=f"{c.name}: {term}")
             elif plot == "flops" and c.flops_per_step:
                 ax.plot([s * c.flops_per_step for s in steps], [r.get("loss", math.nan) for r in c.rows], color=colour,
                         label=c.name)
@@ -408,7 +410,8 @@ def open_for_show(run_dir: Path, overrides: Sequence[str], plugins: Plugins) -> 
 
 def show(what: str, run_dirs: Sequence[str | Path], out: str | Path, *, manifest: str | Path | None = None,
          clips: Sequence[int] | None = None, text: str | None = None, layer: int | None = None,
-         overrides: Sequence[str] = (), plugins: Plugins | None = None, progress: bool = True) -> tuple[Path, list[str]]:
+         overrides: Sequence[str] = (), plugins: Plugins | None = None,
+         progress: bool = True) -> tuple[Path, list[str]]:
     """Draw ``what`` for ``run_dirs`` into ``out`` (``.png``, ``.gif`` or ``.mp4``); returns
     the file and notes for the user (e.g. a run without FLOPs). Raises :class:`ShowError`
     before writing anything when the picture cannot be made."""
@@ -486,8 +489,10 @@ def shown_clips(run_dir: Path, name: str, clips: Sequence[int], manifest: str | 
     mask_device, note = mask_device_of(run)
     if note:
         notes.append(note)
-    titles = tuple(f"clip {c}" + (f": {_shorten(t, 30)}" if t else "") for c, t in zip(clips, clip_texts(dataset, rows, None)))
-    return ShownClips(run, name, batch, frames, tuple(clips), clip_texts(dataset, rows, text), layer, mask_device, titles)
+    own = clip_texts(dataset, rows, None)
+    titles = tuple(f"clip {c}" + (f": {_shorten(t, 30)}" if t else "") for c, t in zip(clips, own))
+    return ShownClips(run, name, batch, frames, tuple(clips), clip_texts(dataset, rows, text), layer, mask_device,
+                      titles)
 
 
 def comparison_attention(folder: Path, plugins: Plugins | None = None) -> tuple[Path | None, str | None]:

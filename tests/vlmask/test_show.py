@@ -119,8 +119,9 @@ def test_similarity_names_the_recipe_without_a_text_space(mae_run: Path) -> None
 
 def test_similarity_uses_text_caption_or_label(fils_run: Path) -> None:
     assert shown(fils_run, (0,), text="open drawer").texts == ("open drawer",)
-    caption = json.loads(next(iter(Path(load_recipe(fils_run / "config.yaml").get("data.val")).read_text().splitlines())))
-    assert shown(fils_run, (0,)).texts == (caption["caption"],)
+    val = Path(load_recipe(fils_run / "config.yaml").get("data.val"))
+    first = json.loads(val.read_text().splitlines()[0])
+    assert shown(fils_run, (0,)).texts == (first["caption"],)
 
 
 # --------------------------------------------------------------------------- curves
@@ -191,7 +192,8 @@ def test_show_writes_a_png(fils_run: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("make, expected", [
-    (lambda run, tmp: ["masks", str(run), "--clip", "6"], r"^show: clip 6 is out of range: .*val.jsonl has 6 clips \(0-5\)$"),
+    (lambda run, tmp: ["masks", str(run), "--clip", "6"],
+     r"^show: clip 6 is out of range: .*val.jsonl has 6 clips \(0-5\)$"),
     (lambda run, tmp: ["bogus", str(run)], r"^show: unknown picture 'bogus'; known: attention, curves, masks, "
                                           r"reconstruction, similarity$"),
     (lambda run, tmp: ["masks", str(tmp)], r"^show: .*: not a run directory \(no config.yaml\)$"),

@@ -63,7 +63,7 @@ def frame_distributions(received: Tensor, shown: ShownClips, row: int, frames: l
 
 
 def attention(shown: ShownClips) -> list[list[Panel]]:
-    """the attention every token receives in the last (or --layer) encoder block, on the first, middle and last frames (FILS Figure 3).
+    """last (or --layer) block's attention to each token, on the first, middle and last frames (FILS Figure 3).
 
     FILS (Ahmadian et al., BMVC 2024) Figure 3 shows last-layer attention heat maps of the
     first, middle and last frames for FILS, FP and pixel MSE. Here: block ``--layer`` (default

@@ -60,7 +60,9 @@ def reconstructed_tokens(raw: Tensor, predicted: Tensor, predict: Tensor, target
     ``predict`` (B, Np) replaced by ``predicted`` (B, Np, t*p*p*C) brought back to pixels (un-normalised
     with the true tokens' statistics when the target normalises)."""
     true = gather_tokens(raw, predict)
-    pixels = unnormalize_tokens(predicted.float(), true, channels, target.eps) if target.normalize else predicted.float()
+    pixels = predicted.float()
+    if target.normalize:
+        pixels = unnormalize_tokens(pixels, true, channels, target.eps)
     out = raw.clone()
     out.scatter_(1, predict.long().unsqueeze(-1).expand(-1, -1, raw.shape[-1]), pixels)
     return out
