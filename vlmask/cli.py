@@ -168,6 +168,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None,
                      baseline=args.baseline)
     out.print((folder / "comparison.md").read_text())
+    from vlmask.show import comparison_attention
+
+    _, why_not = comparison_attention(folder, loaded_plugins())  # FILS Figure 3 of each recipe, side by side
+    if why_not:
+        console.print(f"note: {why_not}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"comparison: {folder}")
     failed = json.loads((folder / "comparison.json").read_text()).get("failed") or []
     if failed:  # the exit code says that the table lacks runs (comparison.json's "failed" says why)
@@ -176,6 +181,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         console.print(f"[red]compare: {len(failed)} run(s) failed:[/] {escape(shown + more)}", highlight=False,
                       soft_wrap=True)
         return 1
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from vlmask.show import ShowError, show
+
+    run_dirs, overrides = _split_items(args.run_dirs)
+    try:
+        path, notes = show(args.what, run_dirs, args.out, manifest=args.manifest, clips=args.clip, text=args.text,
+                           layer=args.layer, overrides=overrides, plugins=loaded_plugins())
+    except ShowError as exc:  # one line naming what and where; nothing was written
+        console.print(f"[red]show:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"wrote {path}")
     return 0
 
 
@@ -224,6 +245,20 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--baseline", help="recipe (path or stem) to which every other recipe's metrics are "
                       "compared, paired by seed (95%% interval of the difference)")
     cmp_.set_defaults(func=cmd_compare, leftovers="items")  # recipes and overrides after an option join items
+
+    show = sub.add_parser("show", help="draw runs' masks, reconstructions, attention, text similarity or curves "
+                          "(PNG, GIF or MP4 by --out's suffix)")
+    show.add_argument("what", metavar="WHAT",
+                      help="curves, similarity, and the plugins' kinds (built-in: masks, reconstruction, attention)")
+    show.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs, side by side [KEY=VALUE ...]")
+    show.add_argument("--out", required=True, help="FILE.png (a grid of frames), FILE.gif or FILE.mp4 (animated)")
+    show.add_argument("--manifest", help="the clips' manifest (default: the run's data.val, or its default data's val)")
+    show.add_argument("--clip", type=int, nargs="+", action="extend", metavar="N",
+                      help="clips to show: line numbers of the manifest counted from 0 (default: 0)")
+    show.add_argument("--text", help="similarity: the text to compare with (default: each clip's caption, else label)")
+    show.add_argument("--layer", type=int,
+                      help="attention: the encoder block, from 0 (negative: from the end; default -1)")
+    show.set_defaults(func=cmd_show, leftovers="run_dirs")  # overrides (device=cpu) join the run directories
 
     from vlmask.bench import add_bench_arguments, cmd_bench
 

@@ -166,6 +166,27 @@ def vlmask_load_init(path: Path, encoder: torch.nn.Module, predictor: torch.nn.M
     """
 
 
+# --- pictures ------------------------------------------------------------------------------
+
+@hookspec
+def vlmask_picture_kinds() -> dict[str, Any]:
+    """Picture kinds this plugin adds to ``vlmask show WHAT RUN_DIR ... --out FILE``.
+
+    Returns ``{WHAT: picture}``. A picture is a callable taking a ``vlmask.show.ShownClips``
+    (one run reopened read-only with ``vlmask.runs.open_run``, the shown clips as a ``Batch``
+    on its device, their frames as uint8 images, their texts, ``--layer``, and
+    ``training_mask()``: the run's masker seeded as at training step 1) and returning, per
+    clip, a list of ``vlmask.pictures.Panel`` (rows of images with boxes, token outlines and
+    heat-map values); the command lays the runs side by side and writes PNG, GIF or MP4. The
+    first line of its docstring is its help text. For a run it cannot draw it raises
+    ``vlmask.show.ShowError`` with one line naming the run and what it lacks (nothing is
+    written). Called by ``vlmask.show.picture_kinds`` once per ``vlmask show``, in the process
+    that draws. Every implementation is called; a ``WHAT`` given by two plugins, or by a plugin
+    and vlmask (``curves``, ``similarity``), is an error naming both. The built-in plugin adds
+    ``masks``, ``reconstruction`` and ``attention``.
+    """
+
+
 # --- run lifecycle --------------------------------------------------------------------------
 
 @hookspec
@@ -221,6 +242,7 @@ HOOKS = (
     "vlmask_plan_requirement",
     "vlmask_fill_requirement",
     "vlmask_load_init",
+    "vlmask_picture_kinds",
     "vlmask_train_start",
     "vlmask_after_optimizer_step",
     "vlmask_step_end",

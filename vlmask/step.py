@@ -219,6 +219,13 @@ class FeatureTap:
 
 
 # ---------------------------------------------------------------------------------------- the step
+
+def mask_generator(seed: int, step: int, rank: int, device: torch.device | str | None) -> torch.Generator:
+    """The generator the masker gets at ``step`` (0-based) on ``rank``: it depends only on (seed,
+    step, rank), so masks are identical after a resume and differ per rank; ``vlmask show masks``
+    draws step 1's mask with it."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
 class TrainStep:
     """One optimizer step of a recipe's parts, and everything it needs: ``train_step.step(batch, i)``.
 
@@ -364,7 +371,7 @@ class TrainStep:
     # ---------------------------------------------------------------- the step
     def mask_generator(self, step: int) -> torch.Generator:
         """Masks depend only on (seed, rank, step): identical after a resume, different per rank."""
-        return torch.Generator(device=self.mask_device).manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+        return mask_generator(self.seed, step, self.rank, self.mask_device)
 
     def step(self, batch: Batch | list[Batch], step: int) -> dict[str, Tensor]:
         """One optimizer step: enter the step's stage and set its learning rate; for each

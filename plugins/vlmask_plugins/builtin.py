@@ -5,8 +5,9 @@ plugins implement; nothing registers itself by being imported. Besides the facto
 built-in plugin starts ``model.init`` from VideoMAE checkpoints (``vlmask_load_init``), provides the
 default data (the synthetic video-caption set, through ``vlmask_default_manifests``), action boxes
 detected before training where a recipe needs them and the manifest lacks them
-(``vlmask_plan_requirement`` / ``vlmask_fill_requirement``) and the commands
-``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through ``vlmask_add_commands``).
+(``vlmask_plan_requirement`` / ``vlmask_fill_requirement``), the commands
+``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through ``vlmask_add_commands``)
+and the pictures ``vlmask show masks|reconstruction|attention`` (through ``vlmask_picture_kinds``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def vlmask_load_init(path: Path, encoder: Any, predictor: Any) -> Any:
     from vlmask_plugins.encoders.videomae_init import load_init
 
     return load_init(path, encoder, predictor)
+
+
+@hookimpl
+def vlmask_picture_kinds() -> dict[str, Any]:
+    """``vlmask show masks|reconstruction|attention`` (vlmask_plugins.pictures)."""
+    from vlmask_plugins.pictures import picture_kinds
+
+    return picture_kinds()
 
 
 @hookimpl

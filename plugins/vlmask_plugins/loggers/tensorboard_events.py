@@ -1,8 +1,10 @@
-"""Logger ``tensorboard``: scalars of every logged step as TensorBoard events in ``RUN_DIR/tensorboard``."""
+"""Logger ``tensorboard``: scalars of every logged step as TensorBoard events in ``RUN_DIR/tensorboard``,
+and, when asked, ``vlmask show`` pictures at every checkpoint."""
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,24 @@ class TensorBoardLogger:
     needs the ``tensorboard`` package: constructing this logger without it raises an error naming
     the package. On resume, events after the checkpoint's step are purged. The writer is flushed
     at each checkpoint, so an interrupted run keeps its curves. Only rank 0 writes.
+
+    ``pictures`` (e.g. ``[masks, attention]``): at every checkpoint, each ``vlmask show`` picture
+    of the run as it is then (the checkpoint just written; the first clip of ``data.val``, else of
+    ``data.train``, else of the default data's val split) as the image ``show/<picture>``; the
+    training's random state is left as it was. A picture that cannot be drawn is one warning
+    line, once, and never fails the run.
     """
 
-    def __init__(self, subdir: str = "tensorboard", flush_secs: int = 30, log_config: bool = True) -> None:
+    def __init__(self, subdir: str = "tensorboard", flush_secs: int = 30, log_config: bool = True,
+                 pictures: list[str] | None = None) -> None:
         check_run_file("subdir", subdir)
         if flush_secs < 1:
             raise ValueError(f"flush_secs must be >= 1, got {flush_secs}")
+        self.pictures = list(pictures or [])
+        if "curves" in self.pictures:
+            raise ValueError("pictures: 'curves' are the scalars this logger writes already; name clip pictures "
+                             "(masks, attention, similarity, reconstruction, ...)")
+        self.failed: set[str] = set()
         self.writer_class = summary_writer_class()
         self.subdir = subdir
         self.flush_secs = flush_secs
@@ -88,7 +102,29 @@ class TensorBoardLogger:
     @vlmask.hookimpl
     def vlmask_checkpoint_saved(self, step: int, run: Any) -> None:
         if run.is_main and self.writer is not None:
+            self._add_pictures(step, run)
             self.writer.flush()
+
+    def _add_pictures(self, step: int, run: Any) -> None:
+        """Each of ``pictures`` of the run at its checkpoint of ``step``, as a TensorBoard image."""
+        import torch
+
+        from vlmask.show import picture_pixels
+
+        recipe = getattr(run, "recipe", None)
+        manifest = (recipe.get("data.val") or recipe.get("data.train")) if recipe is not None else None
+        for what in self.pictures:
+            if what in self.failed:
+                continue
+            try:
+                with torch.random.fork_rng(devices=[]):  # the training draws what it would have drawn
+                    image = picture_pixels(what, run.dir, manifest=manifest)
+            except Exception as error:  # a picture must never fail a run
+                self.failed.add(what)
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                print(f"warning: logger 'tensorboard': no picture {what!r} ({first}); not tried again", file=sys.stderr)
+                continue
+            self.writer.add_image(f"show/{what}", image, global_step=step, dataformats="HWC")
 
     @vlmask.hookimpl
     def vlmask_train_end(self, summary: dict[str, Any], run: Any) -> None:

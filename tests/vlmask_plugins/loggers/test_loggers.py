@@ -139,3 +139,22 @@ def test_tensorboard_logger_writes_the_scalars_of_a_run(tiny_data: Path, tmp_pat
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(m["step"], m["loss"]) for m in jsonl]
     assert events.Scalars("summary/final_loss")[0].value == pytest.approx(summary["final_loss"])
     assert "config" in " ".join(events.Tags()["tensors"])
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="the tensorboard package is not installed")
+def test_tensorboard_logger_adds_pictures_at_checkpoints(tiny_data: Path, tmp_path: Path, capfd) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    loggers = "{tb: {name: tensorboard, pictures: [masks, attention, similarity]}}"
+    train(tiny_overrides(tiny_data, run_dir, steps=4, loggers=loggers))  # checkpoints at steps 2 and 4
+    plain = tmp_path / "plain"
+    train(tiny_overrides(tiny_data, plain, steps=4, loggers="{tb: {name: tensorboard}}"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"show/masks", "show/attention"}
+    assert [image.step for image in events.Images("show/masks")] == [2, 4]
+    assert events.Images("show/masks")[0].width > 100
+    assert "no picture 'similarity' (similarity: run: recipe" in capfd.readouterr().err  # mae has no text space
+    same = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert same == [json.loads(line)["loss"] for line in (plain / "metrics.jsonl").read_text().splitlines()]
