@@ -177,11 +177,9 @@ class RunDirLock:
     def _wait_for_leftovers(self, fd: int, orphan_wait: float, warn: Warn) -> None:
         """Return once ``fd`` is locked; raise :class:`RunDirBusy` when a live process holds the
         lock, or when a dead holder's leftovers still do after ``orphan_wait`` seconds."""
-        busy = RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
-                          f"stop it, or choose another run.dir")
         holder = _dead_holder(self.path)
         if holder is None:
-            raise busy
+            raise self._busy()
         leftovers = _processes_with_open(self.path)
         warn(f"{self.run_dir}: its last holder, {describe_holder(self.path)}, is dead, but "
              f"{_plural(leftovers, left=True)} still {'holds' if len(leftovers) < 2 else 'hold'} {self.path}; "
@@ -192,13 +190,16 @@ class RunDirLock:
             if _try_flock(fd):
                 return
             if _dead_holder(self.path) != holder:  # someone else took it meanwhile and lives
-                raise RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
-                                 f"stop it, or choose another run.dir") from None
+                raise self._busy()
         leftovers = _processes_with_open(self.path)
         pids = " ".join(str(pid) for pid in leftovers)
         stop = f"stop {'it' if len(leftovers) < 2 else 'them'} (kill {pids})" if leftovers else "stop them"
         raise RunDirBusy(f"{self.run_dir} is still locked by {_plural(leftovers)}, left by its dead holder pid "
                          f"{holder['pid']}; {stop} or choose another run.dir")
+
+    def _busy(self) -> RunDirBusy:
+        return RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
+                          f"stop it, or choose another run.dir")
 
     def release(self) -> None:
         if self._fd is None:
@@ -254,13 +255,15 @@ def _dead_holder(lock_file: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
-    """Runs (a zombie, killed but not yet reaped, has closed its files and does not count)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
+    """Runs (a zombie, killed but not yet reaped, has closed its files and does not count; without
+    ``/proc``, as on macOS, a zombie counts as alive: the lock is then busy, never taken)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
