@@ -463,13 +463,37 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: 
                 if frame is None:
                     raise DecodeError(path, "no decodable frame in the segment")
                 if id(frame) not in converted:
-                    converted[id(frame)] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                    converted[id(frame)] = _rgb(frame, width, height)
                 out.append(converted[id(frame)])
     except DecodeError:
         raise
     except Exception as error:
         raise DecodeError(path, f"{type(error).__name__}: {_first_line(error)}") from None
     return np.stack(out)
+
+
+def _rgb(frame: Any, width: int, height: int) -> np.ndarray:
+    """``frame`` as (height, width, 3) uint8 RGB, scaled by swscale on ONE thread.
+
+    Why one: PyAV scales with FFmpeg's slice threads by default (``threads=0``, automatic), and
+    once a process has converted a frame that way, the DataLoader workers it forks next hang for
+    ever in ``sws_scale_frame``, waiting on the slice-thread pool (seen with PyAV 18.1.1 / FFmpeg
+    8: ``vlmask run`` with ``decoder: pyav`` and ``num_workers: 2`` never took a step;
+    ``test_pyav_decodes_in_forked_workers_after_the_parent_decoded``). A worker is one process per
+    core anyway. A PyAV without the ``threads`` argument is called without it."""
+    global _SCALE_THREADS_ARG
+    if _SCALE_THREADS_ARG:
+        try:
+            return frame.to_ndarray(width=width, height=height, format="rgb24", threads=1)
+        except TypeError as error:
+            if "threads" not in str(error):
+                raise
+            _SCALE_THREADS_ARG = False
+    return frame.to_ndarray(width=width, height=height, format="rgb24")
+
+
+#: Whether this PyAV's ``VideoFrame.to_ndarray`` takes ``threads`` (learnt at the first call).
+_SCALE_THREADS_ARG = True
 
 
 def _counted(frames: Iterator[Any], stats: dict[str, int] | None) -> Iterator[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,48 @@ def test_auto_picks_pyav_whatever_else_imports_and_never_imports_decord(videos, 
     assert out["auto_error"].startswith("data.dataset.decoder: auto decodes with PyAV, which does not import here (")
     assert out["auto_error"].endswith("); install av (pip install av), which probing needs too")
     assert "\n" not in out["auto_error"]
+
+
+FORKED_AFTER_DECODING = """
+import json, sys
+import torch
+from torch.utils.data import DataLoader, Dataset
+from vlmask_plugins.data.decode import FrameSampler, decode_clip
+from vlmask_plugins.data.numbered import read_frame_numbers
+
+paths = json.loads(sys.argv[1])
+
+class Clips(Dataset):
+    def __len__(self):
+        return len(paths)
+    def __getitem__(self, index):
+        frames, indices = decode_clip(paths[index], FrameSampler(4), short_side=32, decoder="pyav")
+        return torch.tensor(read_frame_numbers(frames) == indices.tolist())
+
+decode_clip(paths[0], FrameSampler(4), short_side=32, decoder="pyav")  # the parent converts frames first
+loader = DataLoader(Clips(), batch_size=2, num_workers=2, multiprocessing_context="fork")
+print("right frames", sum(int(batch.sum()) for batch in loader), "of", len(paths), flush=True)
+"""
+
+
+def test_pyav_decodes_in_forked_workers_after_the_parent_decoded(videos, tmp_path):
+    """With ``auto`` now PyAV, ``vlmask run`` (default ``num_workers: 2``) hung for ever before
+    its first step: the main process had converted frames with PyAV's default multi-threaded
+    swscale, and every forked DataLoader worker then blocked in ``sws_scale_frame``. PyAV scales
+    on one thread now. A fresh process group, so that hung workers can be killed."""
+    paths = [str(videos[name][0]) for name in ("h264", "vp9", "long")]
+    run = subprocess.Popen([sys.executable, "-c", FORKED_AFTER_DECODING, json.dumps(paths)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
+                                                                            os.environ.get("PYTHONPATH", "")])})
+    try:
+        out, err = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+        pytest.fail("the forked DataLoader workers hung decoding with PyAV")
+    assert run.returncode == 0, err[-2000:]
+    assert out.strip() == "right frames 3 of 3"
 
 
 def test_fils_runs_without_decord_or_torchcodec(tiny_synth, tiny_scale, tmp_path):
