@@ -206,9 +206,10 @@ def kill_after_first_checkpoint_and_rerun(run_dir: Path, args: list[str]) -> sub
     Before the re-run, the lock is taken and given back right here while the killed run's workers
     still live (asserted): the re-run needs a few seconds to reach its lock, the orphaned workers
     exit about 5 s after their parent, so only this probe makes the test fail on the old lock
-    every time, however busy the machine."""
-    first = start_run(args)
-    workers: list[int] = []
+    every time, however busy the machine. The first run has its own process group, so that
+    whatever it leaves (a hung worker too) is killed at the end and never holds the test."""
+    first = subprocess.Popen([sys.executable, "-m", "vlmask", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not list((run_dir / "checkpoints").glob("step_*")):
@@ -222,12 +223,11 @@ def kill_after_first_checkpoint_and_rerun(run_dir: Path, args: list[str]) -> sub
             assert all(running(pid) for pid in workers), "the killed run's workers outlive it while its lock is taken"
         return vlmask(*args, timeout=300)
     finally:
-        if first.poll() is None:
-            first.kill()
-        first.communicate()
-        for pid in workers:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        first.wait()
 
 
 KILLED = ("data.num_workers=2", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1")
