@@ -14,11 +14,11 @@ only, unmaintained since 0.6.0 in 2021, segfaults and hangs open in its tracker)
 (needs the system FFmpeg libraries; decodes on CUDA with ``device="cuda"``).
 
 ``auto`` is PyAV, by measurement (issue 22; ``benchmarks/decoding.py``, part 3, record
-``benchmarks/results/decoding-auto-20261207-1940.json``): clips/s of :func:`decode_clip` as the
+``benchmarks/results/decoding-auto-20261207-2037.json``): clips/s of :func:`decode_clip` as the
 training dataset calls it, one thread, on H.264 files encoded like real footage, PyAV against
 decord 0.6.0, faster in every one of 9 interleaved rounds of every case: 2 s files at 298 x 224
-1.66x, 60 s files with 16 frames spread over the minute 1.40x, 60 s files at VideoMAE's stride 4
-2.16x, 2 s files at 64 x 64 (the demo size) 1.82x. decord builds its frame table from the whole
+1.76x, 60 s files with 16 frames spread over the minute 1.37x, 60 s files at VideoMAE's stride 4
+1.88x, 2 s files at 64 x 64 (the demo size) 3.38x. decord builds its frame table from the whole
 file at every open, PyAV seeks and decodes only what is asked for. torchcodec did not import on
 that machine (no system FFmpeg); the earlier record (``decoding-20261202-2029.json``) had it at
 0.38-0.68x PyAV on 2 s segments of a long file. So ``auto`` never even imports decord or

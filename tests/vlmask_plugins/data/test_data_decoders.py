@@ -166,7 +166,7 @@ print(json.dumps(out))
 
 def test_auto_picks_pyav_whatever_else_imports_and_never_imports_decord(videos, tmp_path):
     """Issue 22: ``auto`` is PyAV, the fastest decoder measured on every case of
-    benchmarks/decoding.py (decord 0.6 took 1.4-2.2x as long, and its tracker has segfaults and
+    benchmarks/decoding.py (decord 0.6 took 1.4-3.4x as long, and its tracker has segfaults and
     hangs), so a run with ``auto`` must not even import decord or torchcodec, installed or not.
     Each case is a fresh Python in which the named modules cannot be imported; without PyAV
     (``av``, which probing needs too) ``auto`` is a one-line error naming the key."""
