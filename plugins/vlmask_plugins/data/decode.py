@@ -262,8 +262,9 @@ def torchcodec_available() -> bool:
     return _import_error("torchcodec.decoders") is None
 
 
-#: Why ``auto`` chose PyAV (the module docstring has the measurement).
-AUTO_REASON = "auto: pyav, the fastest decoder measured (benchmarks/README.md, Decoding)"
+#: Why ``auto`` chose PyAV (the module docstring has the measurement); no parentheses, as the
+#: run's start line prints it inside a pair.
+AUTO_REASON = "auto: pyav, the fastest decoder measured, see benchmarks/README.md"
 
 
 def resolve_decoder(requested: str) -> tuple[str, str]:
