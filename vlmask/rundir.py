@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +52,56 @@ class RunDirBusy(RuntimeError):
     """Another live process holds the run directory."""
 
 
+#: Descriptors of run-directory locks this process holds or is taking. Every child forked with
+#: ``os.fork`` closes them first thing (see :class:`RunDirLock`); ``_FORK_GUARD`` keeps a fork from
+#: landing between opening a descriptor and recording it, or between forgetting and closing it.
+_LOCK_FDS: set[int] = set()
+_FORK_GUARD = threading.Lock()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)  # the child's reference only: the parent's lock stays (never LOCK_UN here)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+    _FORK_GUARD.release()  # taken by the parent's before-fork handler, copied locked
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release,
+                        after_in_child=_close_lock_fds_in_child)
+
+
+def _open_lock_fd(path: Path) -> int:
+    with _FORK_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _LOCK_FDS.add(fd)
+    return fd
+
+
+def _close_lock_fd(fd: int) -> None:
+    with _FORK_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as error:
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
+#: How long a writer waits for processes a dead holder left with the lock (DataLoader workers notice
+#: their parent's death within about 5 s, plus the item they are decoding) before it names them.
+ORPHAN_WAIT_S = 30.0
+
+
 class RunDirLock:
     """An exclusive lock on a run directory for the process that trains into it::
 
@@ -58,17 +109,40 @@ class RunDirLock:
             ...  # resume, train, write summary.json
 
     Why ``fcntl.flock`` on ``RUN_DIR/.lock`` and not a pid file: the kernel releases a flock when
-    its holder's file descriptor closes, and a process killed by anything (SIGKILL, OOM killer, a
-    power cut of the container) closes every descriptor, so a stale lock cannot exist: the next
-    ``vlmask run`` simply takes it. A pid file would need "is that pid still alive, and is it still
-    the same program?", which pid reuse and other hosts make unanswerable. The holder's identity
-    (pid, host, command, start time, as JSON) is written into the lock file only so that a refused
-    writer can say who holds it; the file itself is left in place (deleting it would let two
-    processes lock two different files of the same name).
+    the last descriptor of its open file closes, and a process killed by anything (SIGKILL, OOM
+    killer, a power cut of the container) closes every descriptor, so a stale lock cannot exist:
+    the next ``vlmask run`` simply takes it. A pid file would need "is that pid still alive, and is
+    it still the same program?", which pid reuse and other hosts make unanswerable. The holder's
+    identity (pid, host, command, start time, as JSON) is written into the lock file only so that
+    a refused writer can say who holds it; the file itself is left in place (deleting it would let
+    two processes lock two different files of the same name).
 
-    A second ``RunDirLock`` on the same directory is refused even within one process (flock locks
-    belong to the open file). On network file systems flock is as good as the server's locking
-    (Linux NFS emulates it with byte-range locks). Under ``torchrun`` only rank 0 takes the lock.
+    **Children never keep it** (issue 22). A flock belongs to the open file, which a forked child
+    shares: DataLoader workers (``data.num_workers``) outlived a SIGKILLed trainer by seconds and
+    the run, started again at once, was refused as busy naming the dead process. So the descriptor
+    is opened ``O_CLOEXEC`` (a child that execs never has it: ``subprocess``, and the ``spawn`` and
+    ``forkserver`` start methods, which also pass on only the descriptors they choose) and an
+    ``os.register_at_fork`` handler closes it in every child forked with ``os.fork`` (the ``fork``
+    start method: DataLoader workers, persistent or not, ``multiprocessing.Process``) before the
+    child runs any code. Closing drops the child's reference only; ``LOCK_UN`` there would unlock
+    the parent's lock too, and a forked copy of this object is not :attr:`held` and its
+    :meth:`release` touches nothing.
+
+    Why not POSIX record locks (``fcntl.lockf``), which are per process and not inherited: closing
+    *any* descriptor of the file in the holder's process silently drops them (a plugin or a backup
+    tool reading ``.lock``, this module naming the holder), and the kernel grants a second one to
+    the same process. A silently lost lock means two writers, and lost data; a flock kept too long
+    means at worst a refusal.
+
+    **The fallback**, for a descriptor kept some other way (a library forking in C without exec, a
+    descriptor handed on on purpose): when the lock is refused and its recorded holder is dead on
+    this host, the writer says so (``warn``), waits up to ``orphan_wait`` seconds for the processes
+    that have the file open to exit, then refuses naming them. It never takes a lock the kernel
+    refuses; the wait only replaces an immediate refusal.
+
+    A second ``RunDirLock`` on the same directory is refused even within one process (each opens
+    the file anew). On network file systems flock is as good as the server's locking (Linux NFS
+    emulates it with byte-range locks). Under ``torchrun`` only rank 0 takes the lock.
     """
 
     def __init__(self, run_dir: str | Path, command: str | None = None) -> None:
@@ -76,6 +150,7 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self.command = command if command is not None else _command_line()
         self._fd: int | None = None
+        self._owner: int | None = None  # the pid that took it; a forked copy elsewhere is not held
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -85,42 +160,145 @@ class RunDirLock:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self, orphan_wait: float = ORPHAN_WAIT_S, warn: Warn | None = None) -> "RunDirLock":
+        """Take the lock, or raise :class:`RunDirBusy` naming the holder (at once when it lives;
+        after up to ``orphan_wait`` seconds when it is dead and processes it left keep the lock,
+        ``warn`` (default stderr) saying so while it waits)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_fd(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
-                             f"stop it, or choose another run.dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(self.identity()) + "\n").encode("utf-8"), 0)
-        os.fsync(fd)
-        self._fd = fd
+            if not _try_flock(fd):
+                self._wait_for_leftovers(fd, orphan_wait, warn or _stderr_warning)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(self.identity()) + "\n").encode("utf-8"), 0)
+            os.fsync(fd)
+        except BaseException:
+            _close_lock_fd(fd)
+            raise
+        self._fd, self._owner = fd, os.getpid()
         return self
 
+    def _wait_for_leftovers(self, fd: int, orphan_wait: float, warn: Warn) -> None:
+        """Return once ``fd`` is locked; raise :class:`RunDirBusy` when a live process holds the
+        lock, or when a dead holder's leftovers still do after ``orphan_wait`` seconds."""
+        holder = _dead_holder(self.path)
+        if holder is None:
+            raise self._busy()
+        leftovers = _processes_with_open(self.path)
+        warn(f"{self.run_dir}: its last holder, {describe_holder(self.path)}, is dead, but "
+             f"{_plural(leftovers, left=True)} still {'holds' if len(leftovers) < 2 else 'hold'} {self.path}; "
+             f"waiting up to {orphan_wait:g} s for {'it' if len(leftovers) < 2 else 'them'} to exit")
+        deadline = time.monotonic() + orphan_wait
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            if _try_flock(fd):
+                return
+            if _dead_holder(self.path) != holder:  # someone else took it meanwhile and lives
+                raise self._busy()
+        leftovers = _processes_with_open(self.path)
+        pids = " ".join(str(pid) for pid in leftovers)
+        stop = f"stop {'it' if len(leftovers) < 2 else 'them'} (kill {pids})" if leftovers else "stop them"
+        raise RunDirBusy(f"{self.run_dir} is still locked by {_plural(leftovers)}, left by its dead holder pid "
+                         f"{holder['pid']}; {stop} or choose another run.dir")
+
+    def _busy(self) -> RunDirBusy:
+        return RunDirBusy(f"{self.run_dir} is in use by {describe_holder(self.path)}; wait for it to finish, "
+                          f"stop it, or choose another run.dir")
+
     def release(self) -> None:
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)  # nobody holds it now; the file stays (see the class docstring)
-            except OSError:
-                pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._owner != os.getpid():  # a forked copy: its descriptor was closed at the fork
+            self._fd = self._owner = None
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # nobody holds it now; the file stays (see the class docstring)
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        _close_lock_fd(self._fd)
+        self._fd = self._owner = None
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None and self._owner == os.getpid()
 
     def __enter__(self) -> "RunDirLock":
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _plural(pids: list[int], left: bool = False) -> str:
+    """"process 12" / "processes 12, 13" (+ " it left"), or "a process ... (not visible here)"."""
+    if not pids:
+        return "a process it left (not visible here)" if left else "a process not visible here"
+    name = "process" if len(pids) == 1 else "processes"
+    return f"{name} {', '.join(str(pid) for pid in pids)}" + (" it left" if left else "")
+
+
+def _read_holder(lock_file: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(lock_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _dead_holder(lock_file: Path) -> dict[str, Any] | None:
+    """The recorded holder when it is a process of this host that no longer runs, else None
+    (alive, on another host, or unknown: the lock is then simply busy)."""
+    holder = _read_holder(lock_file)
+    if holder is None or holder.get("host") != socket.gethostname():
+        return None
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or pid == os.getpid() or _alive(pid):
+        return None
+    return holder
+
+
+def _alive(pid: int) -> bool:
+    """Runs (a zombie, killed but not yet reaped, has closed its files and does not count; without
+    ``/proc``, as on macOS, a zombie counts as alive: the lock is then busy, never taken)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _processes_with_open(path: Path) -> list[int]:
+    """Pids of other processes with ``path`` open, as far as ``/proc`` shows (Linux; empty elsewhere)."""
+    try:
+        target = os.stat(path)
+        entries = [e for e in os.scandir("/proc") if e.name.isdigit() and int(e.name) != os.getpid()]
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            with os.scandir(f"/proc/{entry.name}/fd") as fds:
+                for fd in fds:
+                    try:
+                        st = os.stat(fd.path)
+                    except OSError:
+                        continue
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        found.append(int(entry.name))
+                        break
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _command_line() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from vlmask.checkpoint import _host
+from vlmask.rundir import RunDirLock
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -173,3 +175,80 @@ def test_final_loss_is_the_last_steps_loss_also_after_a_resume(tmp_path, tiny_sy
     finals = [json.loads((d / "summary.json").read_text())["final_loss"] for d in (straight, resumed, at_end)]
     assert finals[0] is not None and math.isfinite(finals[0])
     assert finals[0] == pytest.approx(finals[1], abs=1e-6) and finals[0] == pytest.approx(finals[2], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- issue 22: killed, run again at once
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (its DataLoader workers), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_after_first_checkpoint_and_rerun(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Start ``vlmask run`` with two DataLoader workers, SIGKILL its main process only (as the OOM
+    killer does) as soon as a complete checkpoint appears, and run the same command again at once.
+
+    Before the re-run, the lock is taken and given back right here while the killed run's workers
+    still live (asserted): the re-run needs a few seconds to reach its lock, the orphaned workers
+    exit about 5 s after their parent, so only this probe makes the test fail on the old lock
+    every time, however busy the machine. The first run has its own process group, so that
+    whatever it leaves (a hung worker too) is killed at the end and never holds the test."""
+    first = subprocess.Popen([sys.executable, "-m", "vlmask", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "checkpoints").glob("step_*")):
+            assert first.poll() is None and time.monotonic() < deadline, "the run did not reach its first checkpoint"
+            time.sleep(0.02)
+        workers = child_pids(first.pid)
+        assert len(workers) >= 2, "the DataLoader workers run"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        with RunDirLock(run_dir, command="probe"):
+            assert all(running(pid) for pid in workers), "the killed run's workers outlive it while its lock is taken"
+        return vlmask(*args, timeout=300)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        first.wait()
+
+
+KILLED = ("data.num_workers=2", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1")
+
+
+def test_a_run_killed_with_live_workers_resumes_at_once(tmp_path, tiny_synth, tiny_scale, isolated_cache):
+    run_dir = tmp_path / "run"
+    again = kill_after_first_checkpoint_and_rerun(run_dir, tiny_run(tiny_synth, tiny_scale, run_dir, *KILLED))
+    assert again.returncode == 0, again.stderr
+    assert "is in use by" not in again.stderr and "waiting up to" not in again.stderr
+    assert re.search(r"resumed at step [24]\b", again.stdout + again.stderr)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow  # three tiny runs with workers: ~30 s on 2 busy cores
+def test_a_run_killed_with_live_workers_ends_with_the_uninterrupted_runs_loss(tmp_path, tiny_synth, tiny_scale,
+                                                                             isolated_cache):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert vlmask(*tiny_run(tiny_synth, tiny_scale, straight, *KILLED)).returncode == 0
+    again = kill_after_first_checkpoint_and_rerun(killed, tiny_run(tiny_synth, tiny_scale, killed, *KILLED))
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step" in again.stdout + again.stderr
+    finals = [json.loads((d / "summary.json").read_text())["final_loss"] for d in (straight, killed)]
+    assert finals[0] is not None and finals[0] == finals[1]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,170 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
     with RunDirLock(tmp_path / "run"):
         with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
             RunDirLock(tmp_path / "run").acquire()
+
+
+#: ``holder.py RUN_DIR METHOD...`` takes the lock, then starts children the ways a training process
+#: does, and prints their pids: two persistent DataLoader workers per start method named, a
+#: multiprocessing.Process (fork) and a bare os.fork child. Every child outlives the holder for a while
+#: (DataLoader workers notice their parent's death only at their next 5 s status check).
+FORKING_HOLDER = textwrap.dedent("""
+    import multiprocessing, os, sys, time
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from vlmask.rundir import RunDirLock
+
+    class Pids(Dataset):
+        def __len__(self):
+            return 1000
+        def __getitem__(self, index):
+            return os.getpid()
+
+    def linger():
+        time.sleep(120)
+
+    if __name__ == "__main__":
+        lock = RunDirLock(sys.argv[1], command="vlmask run recipes/mae.yaml").acquire()
+        children, loaders = [], []
+        for method in sys.argv[2:]:
+            loader = DataLoader(Pids(), batch_size=1, num_workers=2, persistent_workers=True,
+                                multiprocessing_context=method)
+            batches = iter(loader)
+            children += [int(next(batches)) for _ in range(2)]  # in order: worker 0, then worker 1
+            loaders.append(batches)
+        process = multiprocessing.get_context("fork").Process(target=linger)
+        process.start()
+        children.append(process.pid)
+        pid = os.fork()
+        if pid == 0:
+            linger()
+            os._exit(0)
+        children.append(pid)
+        print("held", *children, flush=True)
+        time.sleep(120)
+""")
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_holder_then_lock(tmp_path: Path, methods: list[str]) -> None:
+    """Start FORKING_HOLDER, SIGKILL it (the holder only), take the lock while every child it
+    left is alive (so the lock was not won by waiting for them), then stop the children."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "holder.py").write_text(FORKING_HOLDER)
+    holder = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(run_dir), *methods],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    children: list[int] = []
+    try:
+        words = holder.stdout.readline().split()
+        assert words[:1] == ["held"], "the holder did not start its children"
+        children = [int(w) for w in words[1:]]
+        assert len(children) == 2 * len(methods) + 2
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with RunDirLock(run_dir, command="the next run") as lock:
+            assert lock.held
+            assert all(alive(pid) for pid in children), "every child outlived the holder while the lock was taken"
+    finally:
+        holder.kill()
+        holder.wait()
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_children_of_a_killed_holder_do_not_keep_its_lock(tmp_path):
+    """Issue 22: ``vlmask run`` SIGKILLed (as the OOM killer does, the main process only) and run
+    again at once was refused as busy, naming the dead process: its forked DataLoader workers
+    shared the flock'd open file and outlived it by seconds."""
+    kill_holder_then_lock(tmp_path, ["fork"])
+
+
+@pytest.mark.slow  # each spawned or forkserver worker imports torch afresh: ~20 s on 2 busy cores
+def test_spawned_and_forkserver_workers_do_not_keep_the_lock(tmp_path):
+    kill_holder_then_lock(tmp_path, ["spawn", "forkserver"])
+
+
+def test_a_forked_child_cannot_release_or_damage_its_parents_lock(tmp_path):
+    """The child's copy of the RunDirLock is not held there, and releasing it there (a ``with``
+    block left in the child) neither unlocks the parent's lock nor touches whatever file now has
+    the descriptor number."""
+    with RunDirLock(tmp_path / "run") as lock:
+        pid = os.fork()
+        if pid == 0:
+            code = 0 if not lock.held else 1
+            lock.release()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the lock is not held in the child"
+        assert lock.held
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
+            RunDirLock(tmp_path / "run").acquire()
+
+
+#: Holds the lock and hands its descriptor to ``sleep`` (pass_fds: an inheritance vlmask does not
+#: control, as a library forking in C would), then prints the sleeper's pid.
+LEAKING_HOLDER = textwrap.dedent("""
+    import subprocess, sys, time
+    from vlmask.rundir import RunDirLock
+    lock = RunDirLock(sys.argv[1], command="vlmask run recipes/mae.yaml").acquire()
+    sleeper = subprocess.Popen(["sleep", "120"], pass_fds=[lock._fd])
+    print("held", sleeper.pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def leak_lock(run_dir: Path) -> tuple[subprocess.Popen, int]:
+    holder = subprocess.Popen([sys.executable, "-c", LEAKING_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    words = holder.stdout.readline().split()
+    assert words[:1] == ["held"]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    return holder, int(words[1])
+
+
+def test_a_dead_holders_leftover_process_is_waited_for_with_a_message(tmp_path):
+    """The fallback: the recorded holder is dead but a process it left still has the lock's open
+    file; the next writer says so and waits for it (here it is stopped after a moment)."""
+    run_dir = tmp_path / "run"
+    holder, sleeper = leak_lock(run_dir)
+    warnings: list[str] = []
+    stopper = threading.Timer(1.0, os.kill, (sleeper, signal.SIGKILL))
+    stopper.start()
+    lock = RunDirLock(run_dir, command="the next run")
+    try:
+        lock.acquire(warn=warnings.append)
+        assert lock.held and not alive(sleeper)
+    finally:
+        lock.release()
+        stopper.cancel()
+        if alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+    (warning,) = warnings
+    assert warning.startswith(f"{run_dir}: its last holder, pid {holder.pid} on {socket.gethostname()} "
+                              f"(vlmask run recipes/mae.yaml, since ")
+    assert f"is dead, but process {sleeper} it left still holds {run_dir / LOCK_NAME}; waiting up to " in warning
+
+
+def test_a_leftover_process_that_does_not_exit_is_named_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    holder, sleeper = leak_lock(run_dir)
+    try:
+        with pytest.raises(RunDirBusy) as refused:
+            RunDirLock(run_dir).acquire(orphan_wait=0.5, warn=lambda message: None)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message == (f"{run_dir} is still locked by process {sleeper}, left by its dead holder pid {holder.pid}; "
+                           f"stop it (kill {sleeper}) or choose another run.dir")
+        assert alive(sleeper), "a leftover process is named, never killed"
+    finally:
+        os.kill(sleeper, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- (b) metrics.jsonl

@@ -122,8 +122,8 @@ class VideoManifestDataset(Dataset):
     random good clip (see ``item["load_failures"]``). A manifest with no usable clip raises
     :class:`EmptyManifestError` naming it.
 
-    Decoding: ``decoder`` is ``auto`` (decord if it imports, else torchcodec if it imports, else
-    PyAV), ``pyav``, ``decord`` or ``torchcodec``; every decoder picks the same frames (the rule is
+    Decoding: ``decoder`` is ``auto`` (PyAV, the fastest measured: ``decode``'s docstring),
+    ``pyav``, ``decord`` or ``torchcodec``; every decoder picks the same frames (the rule is
     ``decode.slot_times``). The choice and why are ``.decoder`` and ``.decoder_reason`` (the run's
     start line prints them). ``decode_device="cuda"`` makes torchcodec decode on the GPU (with
     ``num_workers: 0``, as CUDA does not survive forked workers).

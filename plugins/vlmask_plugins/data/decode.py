@@ -9,9 +9,21 @@ once, up front, with PyAV (:func:`probe_video`) rather than on the hot path.
 
 Three decoders, one switch (``decoder``, recipe key ``data.dataset.decoder``;
 :func:`resolve_decoder`): PyAV (FFmpeg bundled in its wheels on every platform; seeks to the
-keyframe before the segment and decodes forward only as far as needed), decord (fast, x86-64
-wheels only, unmaintained since 2021) and torchcodec (needs the system FFmpeg libraries; decodes
-on CUDA with ``device="cuda"``). ``auto`` takes decord, else torchcodec, else PyAV. Every decoder
+keyframe before the segment and decodes forward only as far as needed), decord (x86-64 wheels
+only, unmaintained since 0.6.0 in 2021, segfaults and hangs open in its tracker) and torchcodec
+(needs the system FFmpeg libraries; decodes on CUDA with ``device="cuda"``).
+
+``auto`` is PyAV, by measurement (issue 22; ``benchmarks/decoding.py``, part 3, record
+``benchmarks/results/decoding-auto-20261207-2037.json``): clips/s of :func:`decode_clip` as the
+training dataset calls it, one thread, on H.264 files encoded like real footage, PyAV against
+decord 0.6.0, faster in every one of 9 interleaved rounds of every case: 2 s files at 298 x 224
+1.76x, 60 s files with 16 frames spread over the minute 1.37x, 60 s files at VideoMAE's stride 4
+1.88x, 2 s files at 64 x 64 (the demo size) 3.38x. decord builds its frame table from the whole
+file at every open, PyAV seeks and decodes only what is asked for. torchcodec did not import on
+that machine (no system FFmpeg); the earlier record (``decoding-20261202-2029.json``) had it at
+0.38-0.68x PyAV on 2 s segments of a long file. So ``auto`` never even imports decord or
+torchcodec; choose them by name (torchcodec for ``decode_device: cuda``), and re-run the
+benchmark before preferring one on another machine. Every decoder
 returns the same frames for the same indices: the frame-time rule is :func:`slot_times`. At the
 file's own size they return identical pixels; when resizing while decoding each uses its own
 scaler (PyAV and decord swscale bilinear, torchcodec bilinear antialiased; about 1 grey level
@@ -250,34 +262,41 @@ def torchcodec_available() -> bool:
     return _import_error("torchcodec.decoders") is None
 
 
+#: Why ``auto`` chose PyAV (the module docstring has the measurement); no parentheses, as the
+#: run's start line prints it inside a pair.
+AUTO_REASON = "auto: pyav, the fastest decoder measured, see benchmarks/README.md"
+
+
 def resolve_decoder(requested: str) -> tuple[str, str]:
     """The decoder a ``decoder`` value selects, and why: ``(name, reason)``.
 
-    ``auto`` is decord if it imports (fastest on CPU), else torchcodec if it imports, else PyAV
-    (its wheels bundle FFmpeg on every platform, so it is always there). An explicit choice must
-    import; otherwise, and for an unknown value, DecoderUnavailableError (one line, naming the key).
+    ``auto`` is PyAV, the fastest measured on every case (see the module docstring), whatever
+    else is installed; without PyAV (which probing needs as well) it is an error. An explicit
+    choice must import. Every error (an unknown value too) is a DecoderUnavailableError of one
+    line naming the key.
 
     >>> resolve_decoder("pyav")
     ('pyav', 'data.dataset.decoder=pyav')
+    >>> resolve_decoder("auto")[0]
+    'pyav'
     """
     if requested not in DECODERS:
         raise DecoderUnavailableError(
             f"data.dataset.decoder: unknown decoder {requested!r}; choose one of {', '.join(DECODERS)}")
     modules = {"decord": "decord", "torchcodec": "torchcodec.decoders", "pyav": "av"}
-    if requested != "auto":
-        why = _import_error(modules[requested])
+    if requested == "auto":
+        why = _import_error(modules["pyav"])
         if why is not None:
             raise DecoderUnavailableError(
-                f"data.dataset.decoder: {requested!r} is not available here ({why}); "
-                f"install it or choose one of {', '.join(d for d in DECODERS if d != requested)}")
-        return requested, f"data.dataset.decoder={requested}"
-    missing = []
-    for name in ("decord", "torchcodec"):
-        why = _import_error(modules[name])
-        if why is None:
-            return name, "auto: " + "; ".join([*missing, f"{name} imports"])
-        missing.append(f"{name} does not import ({why})")
-    return "pyav", "auto: " + "; ".join([*missing, "PyAV"])
+                f"data.dataset.decoder: auto decodes with PyAV, which does not import here ({why}); "
+                f"install av (pip install av), which probing needs too")
+        return "pyav", AUTO_REASON
+    why = _import_error(modules[requested])
+    if why is not None:
+        raise DecoderUnavailableError(
+            f"data.dataset.decoder: {requested!r} is not available here ({why}); "
+            f"install it or choose one of {', '.join(d for d in DECODERS if d != requested)}")
+    return requested, f"data.dataset.decoder={requested}"
 
 
 # --------------------------------------------------------------------------- frame index -> time
@@ -336,8 +355,8 @@ def decode_clip(
 
     Returns (frames (T, H, W, 3) uint8 RGB with the shorter side at ``short_side``, the slot
     indices used; see :func:`slot_times` for which frame a slot is). ``decoder`` is ``auto``,
-    ``pyav``, ``decord`` or ``torchcodec`` (:func:`resolve_decoder`); with ``auto``, a file the
-    chosen decoder fails on is tried again with PyAV. ``device="cuda"`` makes torchcodec decode
+    ``pyav``, ``decord`` or ``torchcodec`` (:func:`resolve_decoder`; ``auto`` is PyAV).
+    ``device="cuda"`` makes torchcodec decode
     on the GPU (the frames still come back as a numpy array). ``info`` (from
     :func:`probe_video`) saves reading the header again. Raises DecodeError.
     """
@@ -351,21 +370,14 @@ def decode_clip(
         raise DecodeError(path, f"segment [{start}, {end}) s holds no frame of {info.num_frames} at {info.fps:g} fps")
     indices = sampler.indices(first, stop, train, generator)
     times = slot_times(indices, info)
-    errors: list[str] = []
-    if name != "pyav":
-        try:
-            run = _decode_decord if name == "decord" else _decode_torchcodec
-            frames = run(path, times, width, height, device) if name == "torchcodec" else run(path, times, width, height)
-            return _checked(path, frames, len(indices), width, height), indices
-        except DecodeError as error:
-            if decoder != "auto":
-                raise
-            errors.append(f"{name}: {error.reason}")
+    if name != "pyav":  # chosen by name: its errors stand
+        run = _decode_decord if name == "decord" else _decode_torchcodec
+        frames = run(path, times, width, height, device) if name == "torchcodec" else run(path, times, width, height)
+        return _checked(path, frames, len(indices), width, height), indices
     try:
         return _checked(path, _decode_pyav(path, times, width, height), len(indices), width, height), indices
     except DecodeError as error:
-        errors.append(f"pyav: {error.reason}")
-        raise DecodeError(path, "; ".join(errors)) from None
+        raise DecodeError(path, f"pyav: {error.reason}") from None
 
 
 def _checked(path: Path, frames: np.ndarray, count: int, width: int, height: int) -> np.ndarray:
@@ -452,13 +464,37 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: 
                 if frame is None:
                     raise DecodeError(path, "no decodable frame in the segment")
                 if id(frame) not in converted:
-                    converted[id(frame)] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                    converted[id(frame)] = _rgb(frame, width, height)
                 out.append(converted[id(frame)])
     except DecodeError:
         raise
     except Exception as error:
         raise DecodeError(path, f"{type(error).__name__}: {_first_line(error)}") from None
     return np.stack(out)
+
+
+def _rgb(frame: Any, width: int, height: int) -> np.ndarray:
+    """``frame`` as (height, width, 3) uint8 RGB, scaled by swscale on ONE thread.
+
+    Why one: PyAV scales with FFmpeg's slice threads by default (``threads=0``, automatic), and
+    once a process has converted a frame that way, the DataLoader workers it forks next hang for
+    ever in ``sws_scale_frame``, waiting on the slice-thread pool (seen with PyAV 18.1.1 / FFmpeg
+    8: ``vlmask run`` with ``decoder: pyav`` and ``num_workers: 2`` never took a step;
+    ``test_pyav_decodes_in_forked_workers_after_the_parent_decoded``). A worker is one process per
+    core anyway. A PyAV without the ``threads`` argument is called without it."""
+    global _SCALE_THREADS_ARG
+    if _SCALE_THREADS_ARG:
+        try:
+            return frame.to_ndarray(width=width, height=height, format="rgb24", threads=1)
+        except TypeError as error:
+            if "threads" not in str(error):
+                raise
+            _SCALE_THREADS_ARG = False
+    return frame.to_ndarray(width=width, height=height, format="rgb24")
+
+
+#: Whether this PyAV's ``VideoFrame.to_ndarray`` takes ``threads`` (learnt at the first call).
+_SCALE_THREADS_ARG = True
 
 
 def _counted(frames: Iterator[Any], stats: dict[str, int] | None) -> Iterator[Any]:
