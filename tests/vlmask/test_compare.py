@@ -282,3 +282,69 @@ def test_compare_exits_non_zero_naming_each_run_that_failed(tiny_synth, tiny_sca
     assert code == 1, err
     assert f"compare: 1 run(s) failed: broken seed 0 ({out_dir / 'broken-seed0'}): " in err and "Traceback" not in err
     assert json.loads((out_dir / "comparison.json").read_text())["failed"][0]["name"] == "broken"
+
+
+# ------------------------------------------------------------------ issue 18.1: fine-tuning in compare (FILS Tables 1-3)
+
+
+def test_compare_finetune_tabulates_finetune_top1_and_reuses_finetune_json_by_its_settings(
+        tiny_synth, tiny_scale, tmp_path, capfd):
+    """``compare(finetune=True)``: every run is fine-tuned with the same settings after its
+    evaluation; ``finetune_top1`` joins ``stats`` and ``paired`` and the table; a second compare
+    reuses finetune.json; another ``finetune.*`` setting fine-tunes again (the old file kept as
+    finetune-<hash>.json) without retraining; an older finetune.json without ``requested`` is
+    fine-tuned again; a bad finetune override is refused before anything trains."""
+    out_dir = tmp_path / "cmp"
+    finetune = ["finetune.max_steps=2", "finetune.batch_size=4", "finetune.warmup_steps=0", "finetune.num_workers=0"]
+    overrides = [*tiny(tiny_synth, tiny_scale), "evaluation.evaluators.retrieval=null", "evaluation.evaluators.zero_shot=null",
+                 *finetune]
+    recipes = [str(RECIPES / "mae.yaml"), second_recipe(tmp_path)]
+
+    with pytest.raises(RecipeError, match="finetune.lr"):  # validated with the recipes: nothing trains
+        compare(recipes, [*overrides, "finetune.lr=-1"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert not out_dir.exists()
+
+    compare(recipes, overrides, seeds=[0], out_dir=out_dir, progress=False, baseline="mae", finetune=True)
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    tuned = ["finetune_top1", "finetune_verb_top1", "finetune_noun_top1"]  # tiny_synth carries verbs and nouns
+    assert [(row["recipe"], row["metric"]) for row in comparison["stats"] if row["metric"].startswith("finetune")] == [
+        (recipe, metric) for recipe in ("mae", "mae80") for metric in tuned]
+    assert [(row["recipe"], row["metric"]) for row in comparison["paired"] if row["metric"].startswith("finetune")] == [
+        ("mae80", metric) for metric in tuned]
+    top1 = [run["finetune"]["top1"] for run in comparison["runs"]]
+    assert [row["mean"] for row in comparison["stats"] if row["metric"] == "finetune_top1"] == pytest.approx(top1)
+    assert list(comparison["runs"][0]) == ["recipe", "name", "seed", "run_dir", "summary", "eval", "loss", "finetune"]
+    assert "finetune_top1" in (out_dir / "comparison.md").read_text()
+    run = out_dir / "mae-seed0"
+    made = json.loads((run / "finetune.json").read_text())
+    assert made["requested"]["finetune"]["max_steps"] == 2 and made["steps"] == 2
+    trained = [run / "summary.json", *sorted((run / "checkpoints").rglob("*"))]
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+
+    capfd.readouterr()
+    stamp = (run / "finetune.json").stat().st_mtime_ns
+    compare(recipes[:1], overrides, seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert (run / "finetune.json").stat().st_mtime_ns == stamp
+    assert f"{run / 'finetune.json'} reused" in " ".join(capfd.readouterr().err.split())
+
+    compare(recipes[:1], [*overrides, "finetune.max_steps=3"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"{run / 'finetune.json'} was made with finetune.max_steps=2, the compare asks 3: finetuning again" in err
+    assert json.loads((run / "finetune.json").read_text())["steps"] == 3
+    assert [json.loads(p.read_text())["steps"] for p in run.glob("finetune-*.json")] == [2]  # the first kept
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps  # finetune.* overrides do not retrain
+
+    old = {k: v for k, v in json.loads((run / "finetune.json").read_text()).items() if k != "requested"}
+    (run / "finetune.json").write_text(json.dumps(old))  # as an older vlmask wrote it
+    compare(recipes[:1], [*overrides, "finetune.max_steps=3"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert "finetune.json does not record its finetuning settings (an older vlmask wrote it): finetuning again" in " ".join(
+        capfd.readouterr().err.split())
+    assert old in [json.loads(p.read_text()) for p in run.glob("finetune-*.json")]
+
+
+def test_the_command_line_passes_finetune_and_its_overrides_to_compare():
+    from vlmask.cli import parse_command_line
+
+    args = parse_command_line(["compare", "a.yaml", "--finetune", "b.yaml", "finetune.max_steps=2"])
+    assert args.finetune is True and args.items == ["a.yaml", "b.yaml", "finetune.max_steps=2"]
+    assert parse_command_line(["compare", "a.yaml"]).finetune is False

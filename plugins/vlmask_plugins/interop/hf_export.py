@@ -23,7 +23,7 @@ from vlmask.checkpoint import STEP_PREFIX
 from vlmask.runs import open_run
 from vlmask.types import IMAGENET_MEAN, IMAGENET_STD
 from vlmask_plugins.encoders.vit import VideoViT
-from vlmask_plugins.interop.hf_import import InteropError
+from vlmask_plugins.interop.hf_import import _HF_PARTS, InteropError
 
 
 if TYPE_CHECKING:
