@@ -159,14 +159,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vlmask.evaluate import compare
+    from vlmask.compare import compare
 
     recipes, overrides = _split_items(args.items)
     if not recipes:
         raise RecipeError(["vlmask compare needs at least one recipe"])
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     folder = compare(recipes, overrides, seeds=seeds, out_dir=Path(args.out) if args.out else None,
-                     baseline=args.baseline)
+                     baseline=args.baseline, finetune=args.finetune)
     out.print((folder / "comparison.md").read_text())
     from vlmask.show import comparison_attention
 
@@ -244,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", help="output folder (default: a new folder under runs/)")
     cmp_.add_argument("--baseline", help="recipe (path or stem) to which every other recipe's metrics are "
                       "compared, paired by seed (95%% interval of the difference)")
+    cmp_.add_argument("--finetune", action="store_true",
+                      help="also fine-tune every run (the recipe's finetune section with finetune.* overrides) and "
+                      "tabulate its top-1 as finetune_top1, finetune_verb_top1, finetune_noun_top1")
     cmp_.set_defaults(func=cmd_compare, leftovers="items")  # recipes and overrides after an option join items
 
     show = sub.add_parser("show", help="draw runs' masks, reconstructions, attention, text similarity or curves "

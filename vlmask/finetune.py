@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,8 +55,9 @@ from vlmask.checkpoint import load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.schedules import lr_at
-from vlmask.evaluate import (class_parts, eval_dataset, relative_path, split_features, val_manifest,
-                             without_training_views, write_json)
+from vlmask.evaluate import (class_parts, data_record, eval_dataset, keep_previous_eval, split_features, val_manifest,
+                             without_training_views)
+from vlmask.io import relative_path, write_json
 from vlmask.schema import build, factory_parameters
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
@@ -69,6 +70,7 @@ __all__ = [
     "MixupCutmix",
     "VideoClassifier",
     "evaluate_classifier",
+    "finetune_record",
     "finetune_run",
     "finetune_settings",
     "layer_decay_groups",
@@ -373,20 +375,43 @@ def _progress(enabled: bool, total: int) -> Any:
     )
 
 
-def finetune_run(run_dir: Path | str, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+#: FinetuneSettings fields left out of finetune.json's ``requested``: how the work is done, not
+#: which numbers come out (workers load the same seeded clips; logging does not touch the model).
+NOT_REQUESTED = ("num_workers", "log_every")
+
+
+def finetune_record(recipe: Recipe, settings: FinetuneSettings, device: torch.device, precision: str,
+                    train: Path | None, val: Path | None) -> dict[str, Any]:
+    """finetune.json's ``requested``: what determines its numbers besides the checkpoint, as
+    asked (before the run's defaults fill ``batch_size`` and ``seed``, and steps are counted):
+    every finetune setting but :data:`NOT_REQUESTED`, the manifests and dataset node
+    (vlmask.evaluate.data_record), the device and precision. ``vlmask compare --finetune`` reuses
+    a finetune.json only when this record is the one it asks (vlmask.evaluate.eval_mismatch)."""
+    asked = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in NOT_REQUESTED}
+    return {"finetune": json.loads(json.dumps(asked, default=str)), "data": data_record(recipe, train, val),
+            "device": device.type, "precision": precision}
+
+
+def finetune_run(run_dir: Path | str, overrides: Sequence[str] = (), progress: bool = True,
+                 finetune: Recipe | None = None) -> dict[str, Any]:
     """Finetune the latest checkpoint of ``run_dir`` for action recognition (module docstring)
     and write ``RUN_DIR/finetune.json`` and ``RUN_DIR/finetune/model.safetensors``; returns the json.
 
     ``overrides`` are KEY=VALUE on the run's ``config.yaml``: ``finetune.*`` settings
     (:class:`FinetuneSettings`) and any other key (``data.val=...``, ``device=cpu``).
     The classes are the training manifest's labels; training uses its labelled clips.
+    ``finetune``: a recipe whose ``finetune`` section is used instead of the run's (``vlmask
+    compare --finetune`` passes the compared recipe with its overrides, so every run is
+    fine-tuned with the same settings). An existing finetune.json of another checkpoint or other
+    settings (``requested``: :func:`finetune_record`) is kept as ``finetune-<hash>.json``.
     """
     run_dir = Path(run_dir)
     ours, others = _split_overrides(list(overrides))
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    settings = finetune_settings(load_recipe(config, [*others, *ours, f"run.dir={run_dir}"]))
+    settings = finetune_settings(finetune if finetune is not None
+                                 else load_recipe(config, [*others, *ours, f"run.dir={run_dir}"]))
     return _finetune(_load_pretrained(run_dir, others, settings.drop_path), run_dir, settings, progress)
 
 
@@ -417,6 +442,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     classes = list(getattr(run.train_set, "classes", []) or [])
     if not classes:
         raise ValueError(f"{run.train_manifest}: no clip has a label; finetuning needs labelled training clips")
+    requested = finetune_record(recipe, settings, run.device, run.precision, run.train_manifest, val_manifest(run))
     # settings that default to the run's
     settings.batch_size = settings.batch_size or int(recipe.get("train.batch_size") or 8)
     settings.num_workers = int(recipe.get("data.num_workers", 2)) if settings.num_workers is None else settings.num_workers
@@ -533,8 +559,10 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
         "precision": run.precision,
         "wall_s": round(wall, 3),
         "settings": resolved,
+        "requested": requested,
         "history": history,
     })
+    keep_previous_eval(run_dir, checkpoint, requested, "finetune.json", "requested", "finetuning")
     write_json(run_dir / "finetune.json", result)
     return result
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from vlmask.config import RecipeError
-from vlmask.evaluate import compare, comparison_table, paired_to_baseline
+from vlmask.compare import comparison_stats, compare, paired_to_baseline
+from vlmask.records import ComparedRun
+from vlmask.report import comparison_table
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 ROOT = Path(__file__).parents[2]
@@ -44,10 +46,10 @@ def second_recipe(folder: Path) -> str:
     return str(path)
 
 
-def entry(name: str, seed: int, **metrics: float) -> dict:
-    return {"recipe": f"recipes/{name}.yaml", "name": name, "seed": seed, "run_dir": f"/runs/{name}-{seed}",
-            "summary": {"wall_s": 1.0, "clips_per_s": 2.0, "steps": 10, "train_flops": 1e12},
-            "eval": {"chance_top1": 0.25, "knn": {"top1": metrics["knn"]}}}
+def entry(name: str, seed: int, run_dir: str | None = None, **metrics: float) -> ComparedRun:
+    return ComparedRun(f"recipes/{name}.yaml", name, seed, run_dir or f"/runs/{name}-{seed}",
+                       summary={"wall_s": 1.0, "clips_per_s": 2.0, "steps": 10, "train_flops": 1e12},
+                       evaluation={"chance_top1": 0.25, "knn": {"top1": metrics["knn"]}})
 
 
 def test_the_table_shows_intervals_and_says_which_differences_are_beyond_noise():
@@ -56,12 +58,12 @@ def test_the_table_shows_intervals_and_says_which_differences_are_beyond_noise()
     entries += [entry("dpc", s, knn=v) for s, v in zip((0, 1, 2), (0.40, 0.50, 0.45))]  # +10, -10, 0
     paired = paired_to_baseline(entries, "mae")
     assert [(p.recipe, p.metric, p.significant) for p in paired] == [("fils", "knn.top1", True), ("dpc", "knn.top1", False)]
-    table = comparison_table(entries, paired=paired)
+    table = comparison_table(entries, comparison_stats(entries), paired=paired)
     # mae: mean 0.45, std 0.15, half width 4.3027 * 0.15 / sqrt(3) = 0.373
     assert "| mae | 3 | 0.250 ± 0.000 | 0.450 ± 0.150 [0.077, 0.823] |" in table
     assert "**fils beats mae on knn.top1 by 10.0 points (95% CI 10.0 to 10.0, 3 seeds): beyond seed noise.**" in table
     assert "dpc ties mae on knn.top1 (95% CI -24.8 to 24.8, 3 seeds): within seed noise" in table
-    one_seed = comparison_table([entry("mae", 0, knn=0.3)])
+    one_seed = comparison_table([entry("mae", 0, knn=0.3)], comparison_stats([entry("mae", 0, knn=0.3)]))
     assert "| mae | 1 | 0.250 | 0.300 |" in one_seed and "no interval can be computed from one seed" in one_seed
 
 
@@ -122,7 +124,7 @@ def test_a_killed_compare_resumes_without_retraining_finished_runs(tiny_synth, t
     overrides = [o for o in tiny(tiny_synth, tiny_scale, steps=12) if not o.startswith("train.ckpt_every")]
     overrides.append("train.ckpt_every=3")
     recipes = [str(RECIPES / "mae.yaml"), second_recipe(tmp_path)]
-    code = ("import sys, json, torch; torch.set_num_threads(1); from vlmask.evaluate import compare; "
+    code = ("import sys, json, torch; torch.set_num_threads(1); from vlmask.compare import compare; "
             "compare(json.loads(sys.argv[1]), json.loads(sys.argv[2]), seeds=[0], out_dir=sys.argv[3], progress=False)")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugins'}"}
     process = subprocess.Popen([sys.executable, "-c", code, json.dumps(recipes), json.dumps(overrides), str(out_dir)],
@@ -153,7 +155,7 @@ def test_a_killed_compare_resumes_without_retraining_finished_runs(tiny_synth, t
 def test_the_plot_gains_a_row_of_diagnostics_curves_when_metrics_jsonl_has_them(tmp_path):
     from PIL import Image
 
-    from vlmask.evaluate import comparison_plot
+    from vlmask.report import comparison_plot
 
     entries = []
     for seed in (0, 1):
@@ -161,7 +163,7 @@ def test_the_plot_gains_a_row_of_diagnostics_curves_when_metrics_jsonl_has_them(
         run_dir.mkdir()
         rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        entries.append({**entry("mae", seed, knn=0.5), "run_dir": str(run_dir)})
+        entries.append(entry("mae", seed, str(run_dir), knn=0.5))
     plain = Image.open(comparison_plot(entries, tmp_path / "plain.png")).size
     for seed in (0, 1):
         rows = [{"step": s, "loss": 1.0 / s, "rankme": 5.0 + s, "student_std": 0.1} for s in (1, 2, 3)]
@@ -280,3 +282,69 @@ def test_compare_exits_non_zero_naming_each_run_that_failed(tiny_synth, tiny_sca
     assert code == 1, err
     assert f"compare: 1 run(s) failed: broken seed 0 ({out_dir / 'broken-seed0'}): " in err and "Traceback" not in err
     assert json.loads((out_dir / "comparison.json").read_text())["failed"][0]["name"] == "broken"
+
+
+# ------------------------------------------------------------------ issue 18.1: fine-tuning in compare (FILS Tables 1-3)
+
+
+def test_compare_finetune_tabulates_finetune_top1_and_reuses_finetune_json_by_its_settings(
+        tiny_synth, tiny_scale, tmp_path, capfd):
+    """``compare(finetune=True)``: every run is fine-tuned with the same settings after its
+    evaluation; ``finetune_top1`` joins ``stats`` and ``paired`` and the table; a second compare
+    reuses finetune.json; another ``finetune.*`` setting fine-tunes again (the old file kept as
+    finetune-<hash>.json) without retraining; an older finetune.json without ``requested`` is
+    fine-tuned again; a bad finetune override is refused before anything trains."""
+    out_dir = tmp_path / "cmp"
+    finetune = ["finetune.max_steps=2", "finetune.batch_size=4", "finetune.warmup_steps=0", "finetune.num_workers=0"]
+    overrides = [*tiny(tiny_synth, tiny_scale), "evaluation.evaluators.retrieval=null", "evaluation.evaluators.zero_shot=null",
+                 *finetune]
+    recipes = [str(RECIPES / "mae.yaml"), second_recipe(tmp_path)]
+
+    with pytest.raises(RecipeError, match="finetune.lr"):  # validated with the recipes: nothing trains
+        compare(recipes, [*overrides, "finetune.lr=-1"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert not out_dir.exists()
+
+    compare(recipes, overrides, seeds=[0], out_dir=out_dir, progress=False, baseline="mae", finetune=True)
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    tuned = ["finetune_top1", "finetune_verb_top1", "finetune_noun_top1"]  # tiny_synth carries verbs and nouns
+    assert [(row["recipe"], row["metric"]) for row in comparison["stats"] if row["metric"].startswith("finetune")] == [
+        (recipe, metric) for recipe in ("mae", "mae80") for metric in tuned]
+    assert [(row["recipe"], row["metric"]) for row in comparison["paired"] if row["metric"].startswith("finetune")] == [
+        ("mae80", metric) for metric in tuned]
+    top1 = [run["finetune"]["top1"] for run in comparison["runs"]]
+    assert [row["mean"] for row in comparison["stats"] if row["metric"] == "finetune_top1"] == pytest.approx(top1)
+    assert list(comparison["runs"][0]) == ["recipe", "name", "seed", "run_dir", "summary", "eval", "loss", "finetune"]
+    assert "finetune_top1" in (out_dir / "comparison.md").read_text()
+    run = out_dir / "mae-seed0"
+    made = json.loads((run / "finetune.json").read_text())
+    assert made["requested"]["finetune"]["max_steps"] == 2 and made["steps"] == 2
+    trained = [run / "summary.json", *sorted((run / "checkpoints").rglob("*"))]
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+
+    capfd.readouterr()
+    stamp = (run / "finetune.json").stat().st_mtime_ns
+    compare(recipes[:1], overrides, seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert (run / "finetune.json").stat().st_mtime_ns == stamp
+    assert f"{run / 'finetune.json'} reused" in " ".join(capfd.readouterr().err.split())
+
+    compare(recipes[:1], [*overrides, "finetune.max_steps=3"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"{run / 'finetune.json'} was made with finetune.max_steps=2, the compare asks 3: finetuning again" in err
+    assert json.loads((run / "finetune.json").read_text())["steps"] == 3
+    assert [json.loads(p.read_text())["steps"] for p in run.glob("finetune-*.json")] == [2]  # the first kept
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps  # finetune.* overrides do not retrain
+
+    old = {k: v for k, v in json.loads((run / "finetune.json").read_text()).items() if k != "requested"}
+    (run / "finetune.json").write_text(json.dumps(old))  # as an older vlmask wrote it
+    compare(recipes[:1], [*overrides, "finetune.max_steps=3"], seeds=[0], out_dir=out_dir, progress=False, finetune=True)
+    assert "finetune.json does not record its finetuning settings (an older vlmask wrote it): finetuning again" in " ".join(
+        capfd.readouterr().err.split())
+    assert old in [json.loads(p.read_text()) for p in run.glob("finetune-*.json")]
+
+
+def test_the_command_line_passes_finetune_and_its_overrides_to_compare():
+    from vlmask.cli import parse_command_line
+
+    args = parse_command_line(["compare", "a.yaml", "--finetune", "b.yaml", "finetune.max_steps=2"])
+    assert args.finetune is True and args.items == ["a.yaml", "b.yaml", "finetune.max_steps=2"]
+    assert parse_command_line(["compare", "a.yaml"]).finetune is False

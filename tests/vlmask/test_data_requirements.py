@@ -22,7 +22,7 @@ from vlmask import hookimpl
 from vlmask.config import RecipeError, load_recipe
 from vlmask.data_requirements import check_data, count_lacking
 from vlmask.engine import Trainer
-from vlmask.evaluate import compare, plan_compare
+from vlmask.compare import compare, plan_compare
 from vlmask.plugins import BLOCK_ENV, default_plugins, load_plugins
 
 RECIPES = Path(__file__).parents[2] / "recipes"

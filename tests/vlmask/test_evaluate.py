@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from vlmask.config import RecipeError, load_recipe
 from vlmask.engine import Trainer
-from vlmask.evaluate import compare, embed_manifest, evaluate_run
+from vlmask.compare import compare
+from vlmask.evaluate import embed_manifest, evaluate_run
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 

@@ -21,13 +21,15 @@ PACKAGE = Path(__file__).parents[2] / "vlmask"
 #: Bottom to top. A module may import modules of its own layer or of a layer below.
 LAYERS: list[tuple[str, set[str]]] = [
     ("types, provenance, schedules, small io", {"vlmask", "types", "provenance", "schedules", "paths", "metrics",
-                                                "diagnostics", "statistics", "pictures"}),
-    ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages"}),
+                                                "diagnostics", "statistics", "pictures", "io"}),
+    ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages",
+                                                         "records"}),
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
      {"checkpoint", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
     ("step, build", {"step", "build"}),
     ("engine, runs", {"engine", "runs"}),
     ("evaluate, finetune, bench, flops, rehearsal, show", {"evaluate", "finetune", "bench", "flops", "rehearsal", "show"}),
+    ("compare, report", {"compare", "report"}),
     ("command line", {"cli", "__main__"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

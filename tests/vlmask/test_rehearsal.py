@@ -15,7 +15,7 @@ from torch import nn
 
 from vlmask import hookimpl
 from vlmask.config import RecipeError, load_recipe
-from vlmask.evaluate import plan_compare
+from vlmask.compare import plan_compare
 from vlmask.plugins import default_plugins, load_plugins
 from vlmask.rehearsal import rehearse
 
