@@ -36,7 +36,7 @@ def test_every_shipped_recipe_rehearses(recipe, plugins):
 @pytest.mark.parametrize("recipe, overrides, expected", [
     # the masker's rule: 4 frames in tubelets of 2 are 2 slots, and DPC predicts 2 of them
     ("dpc_faithful.yaml", ["data.dataset.num_frames=4"],
-     "recipes/dpc_faithful.yaml:11: key masker: the first training step would fail: ValueError: num_future_slots=2 "
+     "recipes/dpc_faithful.yaml:17: key masker: the first training step would fail: ValueError: num_future_slots=2 "
      "leaves no visible slot of the 2 temporal slots"),
     # a constructor's rule across two values of one node
     ("mae.yaml", ["model.encoder.num_heads=5"], "recipes/base/demo.yaml:20: key model.encoder (encoder 'video_vit'): num_heads (5)"),
@@ -189,6 +189,9 @@ class StuckTeacher(nn.Module):
 
     def module(self, name: str) -> nn.Module | None:
         return None
+
+    def init_share(self, step: int) -> float:
+        return 1.0
 
     def update(self, student: nn.Module, step: int) -> None:
         raise RuntimeError("the teacher cannot follow the student")
