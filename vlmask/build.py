@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmask.config import Recipe, RecipeError
+from vlmask.kinds import no_weight_decay_of
 from vlmask.plugins import Plugins
 from vlmask.schema import build, validate
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
@@ -46,6 +47,14 @@ class Student(nn.Module):
         self.projection = projection
         self.objectives = objectives  # plain dict: the call order, kept outside the module tree
         self.objective_modules = nn.ModuleDict({k: v for k, v in objectives.items() if isinstance(v, nn.Module)})
+
+    def no_weight_decay(self) -> set[str]:
+        """What the parts declare exempt from weight decay (``vlmask.kinds.NoWeightDecay``),
+        under their paths here (``encoder.pos_embed``, ``objective_modules.<term>.logit_scale``):
+        the parts know which of their parameters are positions or tokens, the engine does not."""
+        parts = {"encoder": self.encoder, "predictor": self.predictor, "projection": self.projection,
+                 **{f"objective_modules.{k}": v for k, v in self.objective_modules.items()}}
+        return {f"{path}.{name}" for path, part in parts.items() for name in no_weight_decay_of(part)}
 
     def forward(self, batch: Batch, mask: Mask, grid: TokenGrid, teacher: nn.Module | None) -> dict[str, LossTerm]:
         """Encode the visible tokens, predict the masked ones, get the targets, score every term."""

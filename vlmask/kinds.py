@@ -104,12 +104,39 @@ def requirements_of(factory: Callable[..., Any], arguments: dict[str, Any]) -> f
 
 
 @runtime_checkable
+class NoWeightDecay(Protocol):
+    """An optional member of encoders, predictors and heads with parameters (timm's convention):
+    ``no_weight_decay()`` names the part's own parameters (relative to the part, e.g.
+    ``{"pos_embed"}``) that AdamW must not decay. The engine exempts them, with every 1-D
+    parameter and every bias, under the part's path in the student (``encoder.pos_embed``); a
+    part without the method declares nothing (a Protocol cannot make a member optional, so the
+    engine asks ``isinstance(part, NoWeightDecay)`` instead of requiring it). A part holding
+    another part (a predictor wrapping a transformer) declares the inner names with their prefix.
+    """
+
+    def no_weight_decay(self) -> set[str]: ...
+
+
+def no_weight_decay_of(part: Any) -> set[str]:
+    """The parameter names ``part`` exempts from weight decay (empty when it declares none).
+
+    >>> class Learned:
+    ...     def no_weight_decay(self) -> set[str]:
+    ...         return {"pos_embed"}
+    >>> sorted(no_weight_decay_of(Learned())), no_weight_decay_of(object())
+    (['pos_embed'], set())
+    """
+    return set(part.no_weight_decay()) if isinstance(part, NoWeightDecay) else set()
+
+
+@runtime_checkable
 class Encoder(Protocol):
     """kind ``encoder``: the student video encoder (an ``nn.Module``).
 
     ``grid`` is its token grid (the engine checks the clips against it), ``embed_dim`` its
     feature width D; ``forward(video, index)`` maps clips (B, C, T, H, W) and the visible token
-    indices (B, Nv) (or None: every token) to features (B, Nv, D).
+    indices (B, Nv) (or None: every token) to features (B, Nv, D). Optional:
+    ``no_weight_decay()`` (:class:`NoWeightDecay`).
     """
 
     grid: TokenGrid
@@ -120,7 +147,8 @@ class Encoder(Protocol):
 
 @runtime_checkable
 class Predictor(Protocol):
-    """kind ``predictor``: ``forward(visible_features (B, Nv, D), mask) -> (B, Np, D_out)``."""
+    """kind ``predictor``: ``forward(visible_features (B, Nv, D), mask) -> (B, Np, D_out)``.
+    Optional: ``no_weight_decay()`` (:class:`NoWeightDecay`)."""
 
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor: ...
 
@@ -277,6 +305,7 @@ def _is_method(protocol: type, name: str) -> bool:
 
 __all__ = [
     "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
+    "NoWeightDecay", "no_weight_decay_of",
     "Masker", "Objective", "Encoder", "Predictor", "Teacher", "TextEncoder", "Dataset",
     "ActionAreaDetector", "Captioner", "RowCaptioner", "Evaluator", "Logger", "Batch",
     "missing_members", "conforms",

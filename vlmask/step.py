@@ -66,8 +66,10 @@ def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple
     return total, logged
 
 
-def _no_weight_decay(name: str, param: Tensor) -> bool:
-    return param.ndim <= 1 or any(k in name for k in ("pos_embed", "mask_token", "cls_token", "logit_scale"))
+def _no_weight_decay(name: str, param: Tensor, declared: set[str]) -> bool:
+    """timm's rule (``param_groups_weight_decay``): no decay for 1-D parameters, biases and the
+    names the model declares (``Student.no_weight_decay``)."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in declared
 
 
 def _resolved(recipe: Recipe) -> dict[str, Any]:
@@ -330,9 +332,10 @@ class TrainStep:
 
     def _setup_optimizer(self) -> None:
         decay, no_decay = [], []
+        declared = self.student.no_weight_decay()
         for name, p in self.student.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_weight_decay(name, p) else decay).append(p)
+                (no_decay if _no_weight_decay(name, p, declared) else decay).append(p)
         cfg = self.optim_cfg
         effective_batch = self.train_cfg.batch_size * self.world_size * self.train_cfg.accumulate
         scale = effective_batch / cfg.base_batch_size if cfg.lr_scaling == "linear" else 1.0
