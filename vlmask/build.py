@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import no_weight_decay_of
 from vlmask.plugins import Plugins
-from vlmask.schema import build, validate
+from vlmask.schema import build, settings, top_settings, validate
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
 
 LossTerm = Tensor | tuple[Tensor, dict[str, Tensor]]
@@ -148,9 +148,10 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
     if problems:
         raise RecipeError(problems)
     registry = plugins.registry
+    top, model = top_settings(recipe), settings(recipe, "model")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(recipe.get("seed", 0)))
-        text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if recipe.get("text_encoder") else None
+        torch.manual_seed(int(top.seed))
+        text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if top.text_encoder else None
         encoder = build(registry, recipe, "model.encoder", "encoder")
         grid: TokenGrid = encoder.grid
         if check_grid is not None:
@@ -158,31 +159,29 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         injected: dict[str, Any] = {"grid": grid, "encoder": encoder, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
                                     "num_classes": num_classes}
         projection = None
-        if recipe.get("model.projection"):
+        if model.projection:
             if text_encoder is None:
                 raise RecipeError([f"{recipe.where('model.projection')}: key model.projection needs a text_encoder"])
             projection = nn.Linear(encoder.embed_dim, text_encoder.dim, bias=False)
             nn.init.normal_(projection.weight, std=encoder.embed_dim**-0.5)
         if text_encoder is not None:
             injected["text_dim"] = text_encoder.dim
-        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
-        if init and recipe.get("model.init"):  # before the teacher: an EMA teacher copies the imported weights
+        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if model.predictor else None
+        if init and model.init:  # before the teacher: an EMA teacher copies the imported weights
             load_init(recipe, plugins, encoder, predictor)
         objectives: dict[str, Any] = {}
         for section, kind in (("targets", "target"), ("heads", "head")):
-            for name, node in (recipe.get(section) or {}).items():
-                if node is None:  # a derived recipe removes an inherited term by setting it to null
-                    continue
+            for name in top.terms(section):  # a derived recipe removes an inherited term by setting it to null
                 objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
         student = Student(encoder, predictor, projection, objectives)
         injected["student"] = student
-        teacher = build(registry, recipe, "teacher", "teacher", injected) if recipe.get("teacher") else None
+        teacher = build(registry, recipe, "teacher", "teacher", injected) if top.teacher else None
         masker = build(registry, recipe, "masker", "masker", injected)
         loggers = {
             name: build(registry, recipe, f"loggers.{name}", "logger", injected)
-            for name, node in (recipe.get("loggers") or {}).items() if node is not None
+            for name, node in (top.loggers or {}).items() if node is not None
         }
-    loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items() if v is not None}
+    loss_weights = {k: float(v) for k, v in top.loss_weights.items() if v is not None}
     return Components(student, teacher, masker, text_encoder, loggers, grid, loss_weights)
 
 
@@ -190,7 +189,7 @@ def load_init(recipe: Recipe, plugins: Plugins, encoder: nn.Module, predictor: n
     """Start the encoder (and predictor) from ``model.init`` through the ``vlmask_load_init`` hook
     (the built-in plugin reads VideoMAE checkpoints); returns the plugin's report of every key.
     Raises ``RecipeError`` with one line naming the key, the path and the first problem."""
-    path = Path(str(recipe.get("model.init")))
+    path = Path(str(settings(recipe, "model").init))
     where = f"{recipe.where('model.init')}: key model.init"
     try:
         report = plugins.manager.hook.vlmask_load_init(path=path, encoder=encoder, predictor=predictor)

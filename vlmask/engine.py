@@ -40,7 +40,7 @@ from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, run_manager
 from vlmask.provenance import git_commit, versions
 from vlmask.schedules import lr_at  # noqa: F401  (a public name of this module before vlmask.step)
-from vlmask.schema import build, settings, validate
+from vlmask.schema import build, settings, top_settings, validate
 from vlmask.stages import staged_total
 from vlmask.step import FeatureTap, PhaseTimer, Process, TrainStep, join_processes, weighted_sum  # noqa: F401
 from vlmask.types import Batch, TokenGrid
@@ -110,7 +110,7 @@ class TrainData:
         self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank,
                                            world_size, log)
         self.dataset = build(plugins.registry, recipe, "data.dataset", "dataset", manifest=str(self.read), train=True)
-        self.batches = EpochBatches(len(self.dataset), train.batch_size, int(recipe.get("seed", 0)), rank, world_size)
+        self.batches = EpochBatches(len(self.dataset), train.batch_size, int(top_settings(recipe).seed), rank, world_size)
         workers = data.num_workers
         self.loader = DataLoader(
             SeededItems(self.dataset),
@@ -514,7 +514,7 @@ def build_training(recipe: Recipe, plugins: Plugins, process: Process, log: Call
     the caption embeddings, then the TrainStep on a run manager of its own
     (:func:`vlmask.plugins.run_manager`: the process's plugins, then the parts)."""
     manager = run_manager(plugins)
-    torch.manual_seed(int(recipe.get("seed", 0)) + process.rank)
+    torch.manual_seed(int(top_settings(recipe).seed) + process.rank)
     data = TrainData(recipe, plugins, manager.hook, process, log)
     parts = build_components(recipe, plugins, total_steps=data.total_steps, num_classes=data.num_classes,
                              check_grid=data.check_clip_shape)

@@ -60,7 +60,8 @@ from vlmask.evaluate import (class_parts, eval_dataset, relative_path, split_fea
 from vlmask.schema import build, factory_parameters
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
-from vlmask.schema import finetune_settings
+from vlmask.schema import finetune_settings, top_settings
+from vlmask.schema import settings as section_settings
 from vlmask.sections import FinetuneSettings
 
 __all__ = [
@@ -395,7 +396,7 @@ def finetune_dataset(run: OpenRun, settings: FinetuneSettings, classes: list[str
     ``finetune.crop_scale`` and ``finetune.hflip``), ``classes`` and no training-only views
     (vlmask.evaluate.TRAINING_VIEWS: the classifier reads ``video`` alone)."""
     recipe: Recipe = run.recipe
-    entry = run.plugins.registry.get("dataset", recipe.get("data.dataset.name"))
+    entry = run.plugins.registry.get("dataset", section_settings(recipe, "data").dataset.get("name"))
     params = factory_parameters(entry.factory)
     extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True, **without_training_views(entry.factory)}
     wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
@@ -418,9 +419,10 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     if not classes:
         raise ValueError(f"{run.train_manifest}: no clip has a label; finetuning needs labelled training clips")
     # settings that default to the run's
-    settings.batch_size = settings.batch_size or int(recipe.get("train.batch_size") or 8)
-    settings.num_workers = int(recipe.get("data.num_workers", 2)) if settings.num_workers is None else settings.num_workers
-    settings.seed = int(recipe.get("seed", 0)) if settings.seed is None else settings.seed
+    train, data = section_settings(recipe, "train"), section_settings(recipe, "data")
+    settings.batch_size = settings.batch_size or int(train.batch_size)
+    settings.num_workers = int(data.num_workers) if settings.num_workers is None else settings.num_workers
+    settings.seed = int(top_settings(recipe).seed) if settings.seed is None else settings.seed
 
     # data: the train manifest with finetuning augmentation, labelled clips only
     train_set = finetune_dataset(run, settings, classes)

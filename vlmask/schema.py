@@ -94,6 +94,16 @@ class ModelSettings:
     init: str | None = None  # pretrained weights to start from (hook vlmask_load_init): a folder or a file
 
 
+@dataclass
+class RecordSettings:
+    """``config.yaml``'s ``record`` (written by the engine, ``vlmask.engine.Trainer._write_config``):
+    the fields read back when a run is reopened. It holds more (versions, device, effective
+    batch and LR), which nothing reads as a setting."""
+
+    total_steps: int | None = None  # the run's length in optimizer steps (the schedule's)
+    data: dict[str, Any] = field(default_factory=dict)  # TrainData.record(): train (manifest), clips, decoder
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSettings,
     "train": TrainSettings,
@@ -102,23 +112,37 @@ SECTIONS: dict[str, type] = {
     "model": ModelSettings,
 }
 
+#: Sections the engine writes and reads back, not settings of a recipe (not checked by ``validate``).
+WRITTEN: dict[str, type] = {"record": RecordSettings}
+
+
+@dataclass
+class TopSettings:
+    """A recipe's top-level keys that are not sections (:data:`TOP_LEVEL` is their types), with
+    the engine's defaults: read them through :func:`top_settings`, never ``recipe.get``."""
+
+    description: str = ""
+    seed: int = 0  # parts are built and masks drawn from it (every process builds the same model)
+    device: str = "auto"  # auto (this process's CUDA device, else the CPU) | cpu | cuda
+    masker: dict = field(default_factory=dict)  # plugin node, kind masker
+    teacher: typing.Optional[dict] = None  # plugin node, kind teacher
+    text_encoder: typing.Optional[dict] = None  # plugin node, kind text_encoder
+    targets: typing.Optional[dict] = None  # term name -> plugin node (kind target) or null (removed)
+    heads: typing.Optional[dict] = None  # term name -> plugin node (kind head) or null (removed)
+    loss_weights: dict = field(default_factory=dict)  # term name -> weight (null: removed)
+    loggers: typing.Optional[dict] = None  # name -> plugin node (kind logger) or null
+    evaluation: typing.Optional[dict] = None  # vlmask eval settings (vlmask.sections.EvaluationSettings)
+    finetune: typing.Optional[dict] = None  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
+    stages: typing.Optional[list] = None  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
+    record: typing.Optional[dict] = None  # written by the engine into config.yaml (RecordSettings)
+
+    def terms(self, section: str) -> dict[str, dict]:
+        """The plugin nodes of ``targets`` or ``heads`` that are set (null removes an inherited term)."""
+        return {k: v for k, v in (getattr(self, section) or {}).items() if v is not None}
+
+
 #: Top-level keys that are not sections, with their types.
-TOP_LEVEL: dict[str, Any] = {
-    "description": str,
-    "seed": int,
-    "device": str,
-    "masker": dict,
-    "teacher": typing.Optional[dict],
-    "text_encoder": typing.Optional[dict],
-    "targets": typing.Optional[dict],
-    "heads": typing.Optional[dict],
-    "loss_weights": dict,
-    "loggers": typing.Optional[dict],
-    "evaluation": typing.Optional[dict],
-    "finetune": typing.Optional[dict],  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
-    "stages": typing.Optional[list],  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
-    "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
-}
+TOP_LEVEL: dict[str, Any] = typing.get_type_hints(TopSettings)
 
 #: Where plugins sit in a recipe: dotted key (``*``: every entry of a mapping) -> (kind, required).
 PLUGIN_SLOTS: dict[str, tuple[str, bool]] = {
@@ -539,11 +563,18 @@ def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
 
 
 def settings(recipe: Recipe, section: str) -> Any:
-    """The typed settings of a section (defaults filled in)."""
-    schema = SECTIONS[section]
+    """The typed settings of a section (defaults filled in): the one place a setting's default
+    lives (``SECTIONS``, and ``record`` as the engine wrote it: :class:`RecordSettings`)."""
+    schema = SECTIONS.get(section) or WRITTEN[section]
     value = recipe.get(section) or {}
     names = {f.name for f in dataclasses.fields(schema)}
     return schema(**{k: v for k, v in value.items() if k in names})
+
+
+def top_settings(recipe: Recipe) -> TopSettings:
+    """The recipe's top-level keys (``seed``, ``device``, the plugin nodes ...), defaults filled in."""
+    names = {f.name for f in dataclasses.fields(TopSettings)}
+    return TopSettings(**{k: recipe.get(k) for k in names if recipe.get(k) is not None})
 
 
 def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dict[str, Any] | None = None, **extra: Any) -> Any:
@@ -607,9 +638,9 @@ def evaluation_settings(recipe: Recipe, registry: Registry) -> EvaluationSetting
             problems.append(f"{recipe.where('evaluation.' + str(key))}: unknown key evaluation.{key}; "
                             f"known: {', '.join(EVALUATION_KEYS)}")
     batch_size = section.get("batch_size")
-    batch_size = (recipe.get("train.batch_size") or 8) if batch_size is None else batch_size
+    batch_size = settings(recipe, "train").batch_size if batch_size is None else batch_size
     workers = section.get("num_workers")
-    workers = recipe.get("data.num_workers", 2) if workers is None else workers
+    workers = settings(recipe, "data").num_workers if workers is None else workers
     for key, value in (("batch_size", batch_size), ("num_workers", workers)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "batch_size" else 0):
             problems.append(f"{recipe.where('evaluation.' + key)}: key evaluation.{key}: {value!r} is not "

@@ -42,7 +42,7 @@ from vlmask.diagnostics import training_diagnostics
 from vlmask.hookspecs import RunInfo
 from vlmask.plugins import Plugins, new_manager
 from vlmask.schedules import lr_at
-from vlmask.schema import settings
+from vlmask.schema import settings, top_settings
 from vlmask.stages import read_stages, stage_plan, staged_total
 from vlmask.types import Batch, gather_tokens
 
@@ -99,7 +99,7 @@ def join_processes(recipe: Recipe) -> Process:
     processes it joins the default process group once (gloo for CPU tensors, NCCL for CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = resolve_device(str(recipe.get("device", "auto")))
+    device = resolve_device(top_settings(recipe).device)
     if world_size > 1 and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # CPU tensors too (FSDP set-up)
         if device.type == "cuda":
@@ -250,7 +250,7 @@ class TrainStep:
         self.parts = parts
         self.train_cfg = settings(recipe, "train")
         self.optim_cfg = settings(recipe, "optim")
-        self.seed = int(recipe.get("seed", 0))
+        self.seed = int(top_settings(recipe).seed)
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         process = process or join_processes(recipe)
         self.rank, self.world_size, self.device = process.rank, process.world_size, process.device
