@@ -212,8 +212,8 @@ def count_step_flops(train_step: TrainStep, batch_size: int = FLOP_COUNT_BATCH) 
     grid = train_step.grid
     batch = synthetic_batch(train_step, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
     student, teacher = train_step.student, train_step.teacher
-    named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}
-    named_parts = {name: module for name, module in named_parts.items() if module is not None}
+    named_parts = {name: module for name, module in (("encoder", student.encoder), ("predictor", student.predictor),
+                                                      ("projection", student.projection)) if module is not None}
     counter = FlopCounterMode(display=False, custom_mapping=_attention_math_convention())
     marks = _FlopMarks(counter)
     train_step.phase_watch = marks

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmask.config import Recipe, RecipeError
-from vlmask.kinds import no_weight_decay_of
+from vlmask.kinds import SwitchesAttention, no_weight_decay_of
 from vlmask.plugins import Plugins
 from vlmask.schema import build, settings, top_settings, validate
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
@@ -69,7 +69,7 @@ class Student(nn.Module):
             predictions=predictions,
             teacher_features=teacher_features,
             projection=self.projection,
-            teacher_projection=teacher.module("projection") if hasattr(teacher, "module") else None,
+            teacher_projection=teacher.module("projection") if teacher is not None else None,
             encoder=self.encoder,
             predictor=self.predictor,
         )
@@ -236,7 +236,7 @@ def set_attention_backends(components: Components, device: torch.device, request
     attention, reason = "sdpa", ""
     for part in (components.student, components.teacher):
         for module in part.modules() if part is not None else ():
-            if hasattr(module, "set_attention_backend"):
+            if isinstance(module, SwitchesAttention):
                 attention, reason = (module.set_attention_backend(device=device) if requested is None
                                      else module.set_attention_backend(requested, device=device))
     return attention, reason

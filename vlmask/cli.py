@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rank0:
         out.print(f"run directory: {trainer.run_dir}")
         console.print(trainer.describe(), markup=False, highlight=False, soft_wrap=True)
-        skipped = getattr(trainer.train_set, "skipped", [])
+        skipped = trainer.train_set.skipped
         if skipped:
             console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + escape("; ".join(str(s) for s in list(skipped)[:5])), highlight=False)
     columns = (

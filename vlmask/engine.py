@@ -36,6 +36,7 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.data_requirements import fill_data
 from vlmask.hookspecs import RunInfo
+from vlmask.kinds import DecodingDataset
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, run_manager
 from vlmask.provenance import git_commit, versions
@@ -142,7 +143,7 @@ class TrainData:
     @property
     def num_classes(self) -> int:
         """The dataset's classes (what parts that take ``num_classes`` are built with)."""
-        return len(getattr(self.dataset, "classes", []) or [])
+        return len(self.dataset.classes or [])
 
     def check_clip_shape(self, grid: TokenGrid) -> None:
         """The dataset's clips must be the (frames, height, width) the encoder's grid expects."""
@@ -181,8 +182,8 @@ class TrainData:
     def record(self) -> dict[str, Any]:
         """``config.yaml``'s ``record.data``."""
         return {"train": str(self.manifest), "clips": len(self.dataset),
-                "decoder": getattr(self.dataset, "decoder", None),
-                "decoder_reason": getattr(self.dataset, "decoder_reason", None),
+                **({"decoder": self.dataset.decoder, "decoder_reason": self.dataset.decoder_reason}
+                   if isinstance(self.dataset, DecodingDataset) else {"decoder": None, "decoder_reason": None}),
                 **({"read": str(self.read), "filled": self.filled} if self.filled else {})}
 
 
@@ -382,7 +383,7 @@ class Trainer:
         finally:
             if metrics_file is not None:
                 metrics_file.close()
-        skipped = [_as_record(s) for s in getattr(data.dataset, "skipped", [])]
+        skipped = [_as_record(s) for s in data.dataset.skipped]
         skipped += [{"line": line, "video": video, "reason": f"failed while training: {reason}"}
                     for line, video, reason in load_failures.values()]
         summary = {
@@ -493,9 +494,9 @@ class Trainer:
             f"device {step.device} ({step.precision}, world {step.world_size}"
             + (f", {step.parallel}" if step.world_size > 1 else "") + ")",
             f"attention {step.attention}" + (f" ({step.attention_reason})" if step.attention_reason else ""),
-            f"data {self.data.source}: {len(dataset)} clips, {len(getattr(dataset, 'skipped', []))} skipped",
-            f"decoder {getattr(dataset, 'decoder', 'n/a')}"
-            + (f" ({dataset.decoder_reason})" if getattr(dataset, "decoder_reason", None) else ""),
+            f"data {self.data.source}: {len(dataset)} clips, {len(dataset.skipped)} skipped",
+            (f"decoder {dataset.decoder}" + (f" ({dataset.decoder_reason})" if dataset.decoder_reason else ""))
+            if isinstance(dataset, DecodingDataset) else "decoder n/a",
             f"encoder {_human(_count(enc))} params, grid {step.grid.t}x{step.grid.h}x{step.grid.w}, "
             f"predictor {_human(_count(step.student.predictor))}",
             f"{self.total_steps} steps x {step.train_cfg.batch_size * step.world_size * accumulate} clips"

@@ -58,6 +58,7 @@ from vlmask.schedules import lr_at
 from vlmask.evaluate import (class_parts, eval_dataset, relative_path, split_features, val_manifest,
                              without_training_views, write_json)
 from vlmask.schema import build, factory_parameters
+from vlmask.kinds import HasBlocks, HasFinalNorm, LabelledDataset, VerbNounDataset
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
 from vlmask.schema import finetune_settings, top_settings
@@ -106,8 +107,8 @@ class VideoClassifier(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        dim = int(getattr(encoder, "embed_dim"))
-        if not keep_encoder_norm and isinstance(getattr(encoder, "norm", None), nn.Module):
+        dim = int(encoder.embed_dim)
+        if not keep_encoder_norm and isinstance(encoder, HasFinalNorm) and isinstance(encoder.norm, nn.Module):
             encoder.norm = nn.Identity()
         self.encoder = encoder
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -125,7 +126,7 @@ class VideoClassifier(nn.Module):
     @property
     def depth(self) -> int:
         """Transformer blocks of the encoder (0 when it has no ``blocks``)."""
-        blocks = getattr(self.encoder, "blocks", None)
+        blocks = self.encoder.blocks if isinstance(self.encoder, HasBlocks) else None
         return len(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else 0
 
     def forward(self, video: Tensor) -> Tensor:
@@ -321,8 +322,8 @@ def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], clas
         return {}
     kept = split.pooled["probabilities"]
     result = {"top1": top1(kept, split.labels, split.labelled), "clips": float(len(split.labels))}
-    for key, class_groups, truth, present in (("verb_top1", class_verbs, split.verbs, hasattr(dataset, "verbs")),
-                                              ("noun_top1", class_nouns, split.nouns, hasattr(dataset, "nouns"))):
+    present = isinstance(dataset, VerbNounDataset)
+    for key, class_groups, truth in (("verb_top1", class_verbs, split.verbs), ("noun_top1", class_nouns, split.nouns)):
         if not present:
             continue
         truth_rows = [value if labelled else None for value, labelled in zip(truth, split.labelled.tolist())]
@@ -415,7 +416,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     recipe: Recipe = run.recipe
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("vlmask finetune runs in one process; start it without torchrun")
-    classes = list(getattr(run.train_set, "classes", []) or [])
+    classes = list(run.train_set.classes or [])
     if not classes:
         raise ValueError(f"{run.train_manifest}: no clip has a label; finetuning needs labelled training clips")
     # settings that default to the run's
@@ -426,7 +427,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
 
     # data: the train manifest with finetuning augmentation, labelled clips only
     train_set = finetune_dataset(run, settings, classes)
-    rows = [i for i, label in enumerate(getattr(train_set, "label_ids", [])) if label >= 0]
+    rows = [i for i, label in enumerate(train_set.label_ids if isinstance(train_set, LabelledDataset) else []) if label >= 0]
     if len(rows) < settings.batch_size:
         raise RecipeError([f"{recipe.where('finetune.batch_size')}: key finetune.batch_size: {settings.batch_size} "
                            f"is more than the {len(rows)} labelled training clips of {run.train_manifest}"])

@@ -117,7 +117,7 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugin
     recipe, device, precision, train_manifest = run_recipe(run_dir, overrides, plugins)
     num_classes = 0
     if _needs_classes(recipe, plugins):
-        num_classes = len(getattr(_train_set(recipe, plugins, train_manifest), "classes", []) or [])
+        num_classes = len(_train_set(recipe, plugins, train_manifest).classes or [])
     total_steps = int(settings(recipe, "record").total_steps or settings(recipe, "train").max_steps or 1)
     parts = build_components(recipe, plugins, total_steps=total_steps, num_classes=num_classes, init=False)
     load_strict(parts.student, load_tensors(checkpoint / "student.safetensors"), checkpoint / "student.safetensors")

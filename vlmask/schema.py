@@ -138,7 +138,8 @@ class TopSettings:
 
     def terms(self, section: str) -> dict[str, dict]:
         """The plugin nodes of ``targets`` or ``heads`` that are set (null removes an inherited term)."""
-        return {k: v for k, v in (getattr(self, section) or {}).items() if v is not None}
+        nodes = {"targets": self.targets, "heads": self.heads}[section]
+        return {k: v for k, v in (nodes or {}).items() if v is not None}
 
 
 #: Top-level keys that are not sections, with their types.
