@@ -56,9 +56,9 @@ from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.schedules import lr_at
 from vlmask.evaluate import (class_parts, eval_dataset, relative_path, split_features, val_manifest,
-                             without_training_views, write_json)
-from vlmask.schema import build, factory_parameters
-from vlmask.kinds import HasBlocks, HasFinalNorm, LabelledDataset, VerbNounDataset
+                             write_json)
+from vlmask.schema import build
+from vlmask.kinds import WITHOUT_TRAINING_VIEWS, HasBlocks, HasFinalNorm, LabelledDataset, VerbNounDataset
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
 from vlmask.schema import finetune_settings, top_settings
@@ -397,19 +397,18 @@ def finetune_dataset(run: OpenRun, settings: FinetuneSettings, classes: list[str
     ``finetune.crop_scale`` and ``finetune.hflip``), ``classes`` and no training-only views
     (vlmask.evaluate.TRAINING_VIEWS: the classifier reads ``video`` alone)."""
     recipe: Recipe = run.recipe
-    entry = run.plugins.registry.get("dataset", section_settings(recipe, "data").dataset.get("name"))
-    params = factory_parameters(entry.factory)
-    extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True, **without_training_views(entry.factory)}
-    wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
+    wanted: dict[str, Any] = {"crop_scale": tuple(settings.crop_scale)}
     if settings.hflip is not None:
         wanted["hflip"] = settings.hflip
-    for key, value in wanted.items():
-        if key in params:
-            extra[key] = value
-        elif key != "classes":
-            raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
-                               f"{entry.name!r} has no argument {key!r}"])
-    return build(run.plugins.registry, recipe, "data.dataset", "dataset", **extra)
+    name = section_settings(recipe, "data").dataset.get("name")
+    if ("dataset", name) in run.plugins.registry:  # else build names the unknown dataset
+        takes = run.plugins.registry.get("dataset", name).signature.parameters
+        for key in wanted:
+            if key not in takes:
+                raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
+                                   f"{name!r} has no argument {key!r}"])
+    return build(run.plugins.registry, recipe, "data.dataset", "dataset", manifest=str(run.train_manifest), train=True,
+                 if_taken={**WITHOUT_TRAINING_VIEWS, "classes": classes}, **wanted)
 
 
 def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:

@@ -67,6 +67,11 @@ DATASET_VIEWS: dict[str, str] = {"flow": "flow", "second_clip": "second_clip"}
 #: with each set to None (off), as they turn off :data:`DATASET_VIEWS`.
 TRAINING_AUGMENTATIONS: tuple[str, ...] = ("color_jitter", "blur")
 
+#: What evaluation, ``embed`` and finetuning pass to a dataset factory that takes it (and only
+#: then): every :data:`DATASET_VIEWS` argument False, every :data:`TRAINING_AUGMENTATIONS` one None.
+WITHOUT_TRAINING_VIEWS: dict[str, bool | None] = ({argument: False for argument in DATASET_VIEWS.values()}
+                                                  | {argument: None for argument in TRAINING_AUGMENTATIONS})
+
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.
 DATA_REQUIREMENTS: frozenset[str] = frozenset({"action_box", "label"})
 
@@ -420,7 +425,7 @@ def _is_method(protocol: type, name: str) -> bool:
 
 
 __all__ = [
-    "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
+    "WITHOUT_TRAINING_VIEWS", "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
     "NoWeightDecay", "no_weight_decay_of", "OPTIONAL", "SwitchesAttention", "HasBlocks", "HasFinalNorm",
     "MirroringTeacher", "LabelledDataset", "VerbNounDataset", "DecodingDataset", "CollatingDataset",
     "CheckpointDefaults", "partial_optional_members",

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, requirements_of
-from vlmask.registry import Registry, RegistryError
+from vlmask.registry import Registry, RegistryError, factory_defaults
 from vlmask.stages import stage_problems
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
@@ -436,8 +436,7 @@ def _arguments(registry: Registry, kind: str, node: Any) -> dict[str, Any] | Non
     """A plugin node's arguments with the factory's defaults filled in (None: not a known plugin)."""
     if not isinstance(node, dict) or (kind, node.get("name")) not in registry:
         return None
-    factory = registry.get(kind, node["name"]).factory
-    values = {n: p.default for n, p in inspect.signature(factory).parameters.items() if p.default is not inspect.Parameter.empty}
+    values = factory_defaults(registry.get(kind, node["name"]).factory)
     values.update({k: v for k, v in node.items() if k != "name"})
     return values
 
@@ -578,9 +577,18 @@ def top_settings(recipe: Recipe) -> TopSettings:
     return TopSettings(**{k: recipe.get(k) for k in names if recipe.get(k) is not None})
 
 
-def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dict[str, Any] | None = None, **extra: Any) -> Any:
-    """Build the plugin at ``key`` of a recipe, filling injected arguments it declares."""
-    node = recipe.get(key)
+def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dict[str, Any] | None = None, *,
+          if_taken: dict[str, Any] | None = None, node: dict[str, Any] | None = None, **extra: Any) -> Any:
+    """Build the plugin at ``key`` of a recipe: THE construction path of every plugin kind
+    (parts, datasets for training, evaluation and finetuning; evaluators with ``node``).
+
+    The node's arguments, then ``extra`` (the caller's, over the recipe's: a dataset's
+    ``manifest``), then ``if_taken`` (over the recipe's too, but only those the factory takes:
+    evaluation turning training views off), then ``injected`` (only those the factory takes
+    and the recipe does not set). ``node`` is the plugin node when it is not the recipe's value
+    at ``key`` (an evaluator merged from defaults). The product must keep its kind's contract
+    (:func:`vlmask.kinds.missing_members`). Every problem is a RecipeError naming file and key."""
+    node = recipe.get(key) if node is None else node
     problems = check_plugin_node(registry, key, kind, node, recipe.where)
     if problems:
         raise RecipeError(problems)
@@ -588,6 +596,7 @@ def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dic
     kwargs = {k: v for k, v in node.items() if k != "name"}
     kwargs.update(extra)
     params = factory_parameters(entry.factory)
+    kwargs.update({name: value for name, value in (if_taken or {}).items() if name in params})
     for name, value in (injected or {}).items():
         if name in params and name not in kwargs:
             kwargs[name] = value
