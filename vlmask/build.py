@@ -133,7 +133,8 @@ def _empty_on_meta(tensor: Tensor) -> Tensor:
 
 
 def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_classes: int = 0,
-                     check_grid: Callable[[TokenGrid], None] | None = None, init: bool = True) -> Components:
+                     check_grid: Callable[[TokenGrid], None] | None = None, init: bool = True,
+                     validated: bool = False) -> Components:
     """Validate ``recipe`` and build its parts on the CPU, in the recipe's ``seed`` (so every
     process builds the same initial model). The caller's random state is left as it was.
 
@@ -142,9 +143,11 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
     token grid as soon as the encoder is built, before the other parts, under the same random
     state (the Trainer checks that its dataset's clips fit the encoder there; what the check
     draws is part of the recipe's initial model). ``init=False`` skips ``model.init`` (a caller
-    that loads a checkpoint over the parts anyway). Raises ``RecipeError`` naming file and key.
+    that loads a checkpoint over the parts anyway). ``validated=True``: the caller has just
+    validated this very recipe (the Trainer does, before it claims the run directory), so it is
+    not checked twice. Raises ``RecipeError`` naming file and key.
     """
-    problems = validate(recipe, plugins.registry)
+    problems = [] if validated else validate(recipe, plugins.registry)
     if problems:
         raise RecipeError(problems)
     registry = plugins.registry

@@ -215,7 +215,7 @@ class Trainer:
         self.lock: rundir.RunDirLock | None = None
         self._claim_run_dir(process.rank)  # at once: a second writer, or another recipe, is refused before any work
         try:
-            self.data, self.train_step = build_training(recipe, self.plugins, process, self._log)
+            self.data, self.train_step = build_training(recipe, self.plugins, process, self._log, validated=True)
         except BaseException:
             self._release_run_dir()
             raise
@@ -508,17 +508,18 @@ class Trainer:
 
 
 def build_training(recipe: Recipe, plugins: Plugins, process: Process, log: Callable[[str], None],
-                   ) -> tuple[TrainData, TrainStep]:
+                   validated: bool = False) -> tuple[TrainData, TrainStep]:
     """A run's data and TrainStep, as a Trainer (and ``vlmask bench --loader``) builds them:
     torch seeded with ``seed + rank``, the data (:class:`TrainData`: its length and classes),
     the parts (:func:`vlmask.build.build_components`, checking that the clips fit the encoder),
     the caption embeddings, then the TrainStep on a run manager of its own
-    (:func:`vlmask.plugins.run_manager`: the process's plugins, then the parts)."""
+    (:func:`vlmask.plugins.run_manager`: the process's plugins, then the parts). ``validated``:
+    the caller has validated ``recipe`` already (the Trainer), else the parts' build does."""
     manager = run_manager(plugins)
     torch.manual_seed(int(top_settings(recipe).seed) + process.rank)
     data = TrainData(recipe, plugins, manager.hook, process, log)
     parts = build_components(recipe, plugins, total_steps=data.total_steps, num_classes=data.num_classes,
-                             check_grid=data.check_clip_shape)
+                             check_grid=data.check_clip_shape, validated=validated)
     data.embed_captions(parts.text_encoder, process)
     train_step = TrainStep(parts, recipe, total_steps=data.total_steps, steps_per_epoch=data.steps_per_epoch,
                            process=process, manager=manager)
