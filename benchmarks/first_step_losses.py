@@ -12,7 +12,8 @@ checkpoint) on a tiny synthetic set made with a fixed seed, and records:
   the loss, every term and its statistics, ``grad_norm``, ``lr``, the feature diagnostics),
   floats as ``repr`` (all 17 significant digits); ``clips_per_s`` (a timing) is left out;
 - ``checkpoint``: the sha256 of each file of the last checkpoint (the weights after the
-  after-step work, e.g. the EMA teacher; ``state.pt``'s optimizer and RNG state);
+  after-step work, e.g. the EMA teacher); for ``state.pt`` that of its content without the
+  run's clock (``wall_s``, ``clips_per_s``): the optimizer and RNG state, the last loss;
 - ``gflops_per_clip`` and ``flops_breakdown``: ``vlmask.bench.count_flops`` at the same scale;
 - ``rehearsal``: the problems ``vlmask.rehearsal.rehearse`` finds (an empty list).
 
@@ -62,6 +63,35 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: ``state.pt`` entries that are timings (the run's clock, kept for a resume): never compared.
+TIMINGS = ("wall_s", "clips_per_s")
+
+
+def state_digest(path: Path) -> str:
+    """sha256 of ``state.pt``'s content without its timings: every tensor's bytes and every
+    other value's repr, by key (the file's own bytes hold the wall clock, different every run)."""
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k in sorted(value, key=str):
+                if not (key == "" and k in TIMINGS):
+                    feed(value[k], f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                feed(v, f"{key}[{i}]")
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}:".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{key}={value!r};".encode())
+
+    feed(torch.load(path, map_location="cpu", weights_only=True), "")
+    return digest.hexdigest()
+
+
 def exact(value: Any) -> Any:
     """Floats as their repr (every digit), the rest as it is."""
     if isinstance(value, float):
@@ -91,7 +121,8 @@ def one_recipe(recipe_path: Path, data: Path, work: Path, steps: int) -> dict[st
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     record["steps"] = [exact({k: v for k, v in row.items() if k != "clips_per_s"}) for row in rows]
     last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    record["checkpoint"] = {p.name: sha256(p) for p in sorted(last.iterdir()) if p.is_file()}
+    record["checkpoint"] = {p.name: sha256(p) for p in sorted(last.iterdir()) if p.is_file() and p.name != "state.pt"}
+    record["checkpoint"]["state.pt"] = state_digest(last / "state.pt")
     with torch.random.fork_rng(devices=[]):
         flops = count_flops(recipe_path, [o for o in overrides if not o.startswith("run.dir=")])
     record["gflops_per_clip"] = exact(flops["flops_per_clip"] / 1e9)

@@ -48,6 +48,7 @@ from vlmask.config import load_recipe
 from vlmask.engine import TrainData, build_training, peak_memory_mb
 from vlmask.kinds import DATASET_VIEWS
 from vlmask.plugins import Plugins, default_plugins, run_manager
+from vlmask.schema import settings
 from vlmask.step import ON_META, PhaseTimer, TrainStep, build_step, join_processes
 from vlmask.types import Batch, TokenGrid
 
@@ -109,7 +110,8 @@ def synthetic_batch(
         action_box=boxes,
         label=torch.randint(0, SYNTHETIC_CLASSES, (batch_size,), generator=generator),
     )
-    views = {need: bool(train_step.recipe.get(f"data.dataset.{argument}")) for need, argument in DATASET_VIEWS.items()}
+    dataset = settings(train_step.recipe, "data").dataset
+    views = {need: bool(dataset.get(argument)) for need, argument in DATASET_VIEWS.items()}
     flow, second = views["flow"], views["second_clip"]
     if flow:  # CoCLR's flow view, shaped like the clip
         batch.flow = torch.randn(video.shape, generator=generator)
@@ -210,8 +212,8 @@ def count_step_flops(train_step: TrainStep, batch_size: int = FLOP_COUNT_BATCH) 
     grid = train_step.grid
     batch = synthetic_batch(train_step, batch_size, "cpu", video=torch.zeros(()).expand(batch_size, *clip_shape(grid)))
     student, teacher = train_step.student, train_step.teacher
-    named_parts = {name: getattr(student, name) for name in ("encoder", "predictor", "projection")}
-    named_parts = {name: module for name, module in named_parts.items() if module is not None}
+    named_parts = {name: module for name, module in (("encoder", student.encoder), ("predictor", student.predictor),
+                                                      ("projection", student.projection)) if module is not None}
     counter = FlopCounterMode(display=False, custom_mapping=_attention_math_convention())
     marks = _FlopMarks(counter)
     train_step.phase_watch = marks

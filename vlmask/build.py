@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from vlmask.config import Recipe, RecipeError
+from vlmask.kinds import SwitchesAttention, no_weight_decay_of
 from vlmask.plugins import Plugins
-from vlmask.schema import build, validate
+from vlmask.schema import build, settings, top_settings, validate
 from vlmask.types import Batch, Mask, StepOutputs, TokenGrid
 
 LossTerm = Tensor | tuple[Tensor, dict[str, Tensor]]
@@ -47,6 +48,14 @@ class Student(nn.Module):
         self.objectives = objectives  # plain dict: the call order, kept outside the module tree
         self.objective_modules = nn.ModuleDict({k: v for k, v in objectives.items() if isinstance(v, nn.Module)})
 
+    def no_weight_decay(self) -> set[str]:
+        """What the parts declare exempt from weight decay (``vlmask.kinds.NoWeightDecay``),
+        under their paths here (``encoder.pos_embed``, ``objective_modules.<term>.logit_scale``):
+        the parts know which of their parameters are positions or tokens, the engine does not."""
+        parts = {"encoder": self.encoder, "predictor": self.predictor, "projection": self.projection,
+                 **{f"objective_modules.{k}": v for k, v in self.objective_modules.items()}}
+        return {f"{path}.{name}" for path, part in parts.items() for name in no_weight_decay_of(part)}
+
     def forward(self, batch: Batch, mask: Mask, grid: TokenGrid, teacher: nn.Module | None) -> dict[str, LossTerm]:
         """Encode the visible tokens, predict the masked ones, get the targets, score every term."""
         visible_features = self.encoder(batch.video, mask.visible)
@@ -60,7 +69,7 @@ class Student(nn.Module):
             predictions=predictions,
             teacher_features=teacher_features,
             projection=self.projection,
-            teacher_projection=teacher.module("projection") if hasattr(teacher, "module") else None,
+            teacher_projection=teacher.module("projection") if teacher is not None else None,
             encoder=self.encoder,
             predictor=self.predictor,
         )
@@ -124,7 +133,8 @@ def _empty_on_meta(tensor: Tensor) -> Tensor:
 
 
 def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_classes: int = 0,
-                     check_grid: Callable[[TokenGrid], None] | None = None, init: bool = True) -> Components:
+                     check_grid: Callable[[TokenGrid], None] | None = None, init: bool = True,
+                     validated: bool = False) -> Components:
     """Validate ``recipe`` and build its parts on the CPU, in the recipe's ``seed`` (so every
     process builds the same initial model). The caller's random state is left as it was.
 
@@ -133,15 +143,18 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
     token grid as soon as the encoder is built, before the other parts, under the same random
     state (the Trainer checks that its dataset's clips fit the encoder there; what the check
     draws is part of the recipe's initial model). ``init=False`` skips ``model.init`` (a caller
-    that loads a checkpoint over the parts anyway). Raises ``RecipeError`` naming file and key.
+    that loads a checkpoint over the parts anyway). ``validated=True``: the caller has just
+    validated this very recipe (the Trainer does, before it claims the run directory), so it is
+    not checked twice. Raises ``RecipeError`` naming file and key.
     """
-    problems = validate(recipe, plugins.registry)
+    problems = [] if validated else validate(recipe, plugins.registry)
     if problems:
         raise RecipeError(problems)
     registry = plugins.registry
+    top, model = top_settings(recipe), settings(recipe, "model")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(recipe.get("seed", 0)))
-        text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if recipe.get("text_encoder") else None
+        torch.manual_seed(int(top.seed))
+        text_encoder = build(registry, recipe, "text_encoder", "text_encoder") if top.text_encoder else None
         encoder = build(registry, recipe, "model.encoder", "encoder")
         grid: TokenGrid = encoder.grid
         if check_grid is not None:
@@ -149,31 +162,29 @@ def build_components(recipe: Recipe, plugins: Plugins, *, total_steps: int, num_
         injected: dict[str, Any] = {"grid": grid, "encoder": encoder, "encoder_dim": encoder.embed_dim, "total_steps": total_steps,
                                     "num_classes": num_classes}
         projection = None
-        if recipe.get("model.projection"):
+        if model.projection:
             if text_encoder is None:
                 raise RecipeError([f"{recipe.where('model.projection')}: key model.projection needs a text_encoder"])
             projection = nn.Linear(encoder.embed_dim, text_encoder.dim, bias=False)
             nn.init.normal_(projection.weight, std=encoder.embed_dim**-0.5)
         if text_encoder is not None:
             injected["text_dim"] = text_encoder.dim
-        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if recipe.get("model.predictor") else None
-        if init and recipe.get("model.init"):  # before the teacher: an EMA teacher copies the imported weights
+        predictor = build(registry, recipe, "model.predictor", "predictor", injected) if model.predictor else None
+        if init and model.init:  # before the teacher: an EMA teacher copies the imported weights
             load_init(recipe, plugins, encoder, predictor)
         objectives: dict[str, Any] = {}
         for section, kind in (("targets", "target"), ("heads", "head")):
-            for name, node in (recipe.get(section) or {}).items():
-                if node is None:  # a derived recipe removes an inherited term by setting it to null
-                    continue
+            for name in top.terms(section):  # a derived recipe removes an inherited term by setting it to null
                 objectives[name] = build(registry, recipe, f"{section}.{name}", kind, injected)
         student = Student(encoder, predictor, projection, objectives)
         injected["student"] = student
-        teacher = build(registry, recipe, "teacher", "teacher", injected) if recipe.get("teacher") else None
+        teacher = build(registry, recipe, "teacher", "teacher", injected) if top.teacher else None
         masker = build(registry, recipe, "masker", "masker", injected)
         loggers = {
             name: build(registry, recipe, f"loggers.{name}", "logger", injected)
-            for name, node in (recipe.get("loggers") or {}).items() if node is not None
+            for name, node in (top.loggers or {}).items() if node is not None
         }
-    loss_weights = {k: float(v) for k, v in (recipe.get("loss_weights") or {}).items() if v is not None}
+    loss_weights = {k: float(v) for k, v in top.loss_weights.items() if v is not None}
     return Components(student, teacher, masker, text_encoder, loggers, grid, loss_weights)
 
 
@@ -181,7 +192,7 @@ def load_init(recipe: Recipe, plugins: Plugins, encoder: nn.Module, predictor: n
     """Start the encoder (and predictor) from ``model.init`` through the ``vlmask_load_init`` hook
     (the built-in plugin reads VideoMAE checkpoints); returns the plugin's report of every key.
     Raises ``RecipeError`` with one line naming the key, the path and the first problem."""
-    path = Path(str(recipe.get("model.init")))
+    path = Path(str(settings(recipe, "model").init))
     where = f"{recipe.where('model.init')}: key model.init"
     try:
         report = plugins.manager.hook.vlmask_load_init(path=path, encoder=encoder, predictor=predictor)
@@ -228,7 +239,7 @@ def set_attention_backends(components: Components, device: torch.device, request
     attention, reason = "sdpa", ""
     for part in (components.student, components.teacher):
         for module in part.modules() if part is not None else ():
-            if hasattr(module, "set_attention_backend"):
+            if isinstance(module, SwitchesAttention):
                 attention, reason = (module.set_attention_backend(device=device) if requested is None
                                      else module.set_attention_backend(requested, device=device))
     return attention, reason

@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlmask.features import TOKENS, check_pooling, pool_tokens, reduce_tokens
+from vlmask.kinds import Encoder
 from vlmask.types import Batch, TokenGrid
 
 #: A text encoder (plugin kind ``text_encoder``): ``identity`` (str), ``dim`` (int) and
@@ -308,7 +309,7 @@ class _Progress:
 
 @torch.no_grad()
 def extract_features(
-    encoder: nn.Module,
+    encoder: Encoder,
     dataset: Dataset,
     collate: Callable[[list[Any]], Batch],
     batch_size: int = 16,
@@ -329,7 +330,7 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = len(dataset)  # type: ignore[arg-type]
-    grid: TokenGrid | None = getattr(encoder, "grid", None)
+    grid: TokenGrid = encoder.grid
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vlmask.kinds import CheckpointDefaults
 from vlmask.parallel import load_full_state_dict
 
 STEP_PREFIX = "step_"
@@ -270,9 +271,8 @@ def with_checkpoint_defaults(module: torch.nn.Module, tensors: dict[str, torch.T
     are kept as they are, and any other missing key stays an error of :func:`load_strict`."""
     filled = dict(tensors)
     for prefix, submodule in module.named_modules():
-        defaults = getattr(submodule, "checkpoint_defaults", None)
-        if callable(defaults):
-            for name, value in defaults().items():
+        if isinstance(submodule, CheckpointDefaults):
+            for name, value in submodule.checkpoint_defaults().items():
                 filled.setdefault(f"{prefix}.{name}" if prefix else name, value)
     return filled
 

@@ -72,9 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from vlmask.engine import Trainer
     from vlmask.rundir import check_same_recipe
+    from vlmask.schema import settings
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = recipe.get("run.dir")
+    run_dir = settings(recipe, "run").dir
     if run_dir:  # the Trainer checks again under the run directory's lock; this answers before any work
         check = check_same_recipe(run_dir, OmegaConf.to_container(recipe.config, resolve=True), recipe.overrides,
                                   recipe=str(recipe.path))
@@ -89,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rank0:
         out.print(f"run directory: {trainer.run_dir}")
         console.print(trainer.describe(), markup=False, highlight=False, soft_wrap=True)
-        skipped = getattr(trainer.train_set, "skipped", [])
+        skipped = trainer.train_set.skipped
         if skipped:
             console.print(f"[yellow]{len(skipped)} manifest line(s) skipped[/], first: " + escape("; ".join(str(s) for s in list(skipped)[:5])), highlight=False)
     columns = (

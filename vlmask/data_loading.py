@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vlmask.kinds import CollatingDataset
+
 
 class SeededItems(Dataset):
     """Wraps a dataset so ``dataset[(index, seed)]`` loads item ``index`` under RNG seed ``seed``."""
@@ -71,7 +73,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
     """A dataset's collate function: its ``collate`` attribute, else its module's ``collate``."""
-    return getattr(dataset, "collate", None) or getattr(sys.modules[type(dataset).__module__], "collate")
+    return dataset.collate if isinstance(dataset, CollatingDataset) else sys.modules[type(dataset).__module__].collate
 
 
 def worker_init(_: int) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import REQUIREMENTS
 from vlmask.registry import Registry
-from vlmask.schema import data_requirers, requirements_report
+from vlmask.schema import data_requirers, requirements_report, settings
 
 
 def _has_action_box(row: dict[str, Any]) -> bool:
@@ -103,7 +103,7 @@ def check_data(recipe: Recipe, registry: Registry, hooks: Any, cache_root: Path)
     reading the manifest (not the videos) and building nothing. Without ``data.train`` the
     notes say what the default data must provide; a ``data.train`` that is not a file is left to
     the caller to report."""
-    manifest = recipe.get("data.train")
+    manifest = settings(recipe, "data").train
     if not manifest:
         return [], requirements_report(recipe, registry)
     path = Path(str(manifest)).expanduser()

@@ -36,11 +36,12 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.data_requirements import fill_data
 from vlmask.hookspecs import RunInfo
+from vlmask.kinds import DecodingDataset
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, run_manager
 from vlmask.provenance import git_commit, versions
 from vlmask.schedules import lr_at  # noqa: F401  (a public name of this module before vlmask.step)
-from vlmask.schema import build, settings, validate
+from vlmask.schema import build, settings, top_settings, validate
 from vlmask.stages import staged_total
 from vlmask.step import FeatureTap, PhaseTimer, Process, TrainStep, join_processes, weighted_sum  # noqa: F401
 from vlmask.types import Batch, TokenGrid
@@ -110,7 +111,7 @@ class TrainData:
         self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank,
                                            world_size, log)
         self.dataset = build(plugins.registry, recipe, "data.dataset", "dataset", manifest=str(self.read), train=True)
-        self.batches = EpochBatches(len(self.dataset), train.batch_size, int(recipe.get("seed", 0)), rank, world_size)
+        self.batches = EpochBatches(len(self.dataset), train.batch_size, int(top_settings(recipe).seed), rank, world_size)
         workers = data.num_workers
         self.loader = DataLoader(
             SeededItems(self.dataset),
@@ -142,7 +143,7 @@ class TrainData:
     @property
     def num_classes(self) -> int:
         """The dataset's classes (what parts that take ``num_classes`` are built with)."""
-        return len(getattr(self.dataset, "classes", []) or [])
+        return len(self.dataset.classes or [])
 
     def check_clip_shape(self, grid: TokenGrid) -> None:
         """The dataset's clips must be the (frames, height, width) the encoder's grid expects."""
@@ -181,8 +182,8 @@ class TrainData:
     def record(self) -> dict[str, Any]:
         """``config.yaml``'s ``record.data``."""
         return {"train": str(self.manifest), "clips": len(self.dataset),
-                "decoder": getattr(self.dataset, "decoder", None),
-                "decoder_reason": getattr(self.dataset, "decoder_reason", None),
+                **({"decoder": self.dataset.decoder, "decoder_reason": self.dataset.decoder_reason}
+                   if isinstance(self.dataset, DecodingDataset) else {"decoder": None, "decoder_reason": None}),
                 **({"read": str(self.read), "filled": self.filled} if self.filled else {})}
 
 
@@ -214,7 +215,7 @@ class Trainer:
         self.lock: rundir.RunDirLock | None = None
         self._claim_run_dir(process.rank)  # at once: a second writer, or another recipe, is refused before any work
         try:
-            self.data, self.train_step = build_training(recipe, self.plugins, process, self._log)
+            self.data, self.train_step = build_training(recipe, self.plugins, process, self._log, validated=True)
         except BaseException:
             self._release_run_dir()
             raise
@@ -382,7 +383,7 @@ class Trainer:
         finally:
             if metrics_file is not None:
                 metrics_file.close()
-        skipped = [_as_record(s) for s in getattr(data.dataset, "skipped", [])]
+        skipped = [_as_record(s) for s in data.dataset.skipped]
         skipped += [{"line": line, "video": video, "reason": f"failed while training: {reason}"}
                     for line, video, reason in load_failures.values()]
         summary = {
@@ -493,9 +494,9 @@ class Trainer:
             f"device {step.device} ({step.precision}, world {step.world_size}"
             + (f", {step.parallel}" if step.world_size > 1 else "") + ")",
             f"attention {step.attention}" + (f" ({step.attention_reason})" if step.attention_reason else ""),
-            f"data {self.data.source}: {len(dataset)} clips, {len(getattr(dataset, 'skipped', []))} skipped",
-            f"decoder {getattr(dataset, 'decoder', 'n/a')}"
-            + (f" ({dataset.decoder_reason})" if getattr(dataset, "decoder_reason", None) else ""),
+            f"data {self.data.source}: {len(dataset)} clips, {len(dataset.skipped)} skipped",
+            (f"decoder {dataset.decoder}" + (f" ({dataset.decoder_reason})" if dataset.decoder_reason else ""))
+            if isinstance(dataset, DecodingDataset) else "decoder n/a",
             f"encoder {_human(_count(enc))} params, grid {step.grid.t}x{step.grid.h}x{step.grid.w}, "
             f"predictor {_human(_count(step.student.predictor))}",
             f"{self.total_steps} steps x {step.train_cfg.batch_size * step.world_size * accumulate} clips"
@@ -507,17 +508,18 @@ class Trainer:
 
 
 def build_training(recipe: Recipe, plugins: Plugins, process: Process, log: Callable[[str], None],
-                   ) -> tuple[TrainData, TrainStep]:
+                   validated: bool = False) -> tuple[TrainData, TrainStep]:
     """A run's data and TrainStep, as a Trainer (and ``vlmask bench --loader``) builds them:
     torch seeded with ``seed + rank``, the data (:class:`TrainData`: its length and classes),
     the parts (:func:`vlmask.build.build_components`, checking that the clips fit the encoder),
     the caption embeddings, then the TrainStep on a run manager of its own
-    (:func:`vlmask.plugins.run_manager`: the process's plugins, then the parts)."""
+    (:func:`vlmask.plugins.run_manager`: the process's plugins, then the parts). ``validated``:
+    the caller has validated ``recipe`` already (the Trainer), else the parts' build does."""
     manager = run_manager(plugins)
-    torch.manual_seed(int(recipe.get("seed", 0)) + process.rank)
+    torch.manual_seed(int(top_settings(recipe).seed) + process.rank)
     data = TrainData(recipe, plugins, manager.hook, process, log)
     parts = build_components(recipe, plugins, total_steps=data.total_steps, num_classes=data.num_classes,
-                             check_grid=data.check_clip_shape)
+                             check_grid=data.check_clip_shape, validated=validated)
     data.embed_captions(parts.text_encoder, process)
     train_step = TrainStep(parts, recipe, total_steps=data.total_steps, steps_per_epoch=data.steps_per_epoch,
                            process=process, manager=manager)

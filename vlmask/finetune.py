@@ -55,13 +55,14 @@ from vlmask.checkpoint import load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe, parse_override
 from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
 from vlmask.schedules import lr_at
-from vlmask.evaluate import (class_parts, data_record, eval_dataset, keep_previous_eval, split_features, val_manifest,
-                             without_training_views)
+from vlmask.evaluate import class_parts, data_record, eval_dataset, keep_previous_eval, split_features, val_manifest
 from vlmask.io import relative_path, write_json
-from vlmask.schema import build, factory_parameters
+from vlmask.schema import build
+from vlmask.kinds import WITHOUT_TRAINING_VIEWS, HasBlocks, HasFinalNorm, LabelledDataset, VerbNounDataset
 from vlmask.metrics import group_top1, top1
 from vlmask.runs import OpenRun, open_run
-from vlmask.schema import finetune_settings
+from vlmask.schema import finetune_settings, top_settings
+from vlmask.schema import settings as section_settings
 from vlmask.sections import FinetuneSettings
 
 __all__ = [
@@ -107,8 +108,8 @@ class VideoClassifier(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        dim = int(getattr(encoder, "embed_dim"))
-        if not keep_encoder_norm and isinstance(getattr(encoder, "norm", None), nn.Module):
+        dim = int(encoder.embed_dim)
+        if not keep_encoder_norm and isinstance(encoder, HasFinalNorm) and isinstance(encoder.norm, nn.Module):
             encoder.norm = nn.Identity()
         self.encoder = encoder
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -126,7 +127,7 @@ class VideoClassifier(nn.Module):
     @property
     def depth(self) -> int:
         """Transformer blocks of the encoder (0 when it has no ``blocks``)."""
-        blocks = getattr(self.encoder, "blocks", None)
+        blocks = self.encoder.blocks if isinstance(self.encoder, HasBlocks) else None
         return len(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else 0
 
     def forward(self, video: Tensor) -> Tensor:
@@ -322,8 +323,8 @@ def evaluate_classifier(model: nn.Module, dataset: Any, classes: list[str], clas
         return {}
     kept = split.pooled["probabilities"]
     result = {"top1": top1(kept, split.labels, split.labelled), "clips": float(len(split.labels))}
-    for key, class_groups, truth, present in (("verb_top1", class_verbs, split.verbs, hasattr(dataset, "verbs")),
-                                              ("noun_top1", class_nouns, split.nouns, hasattr(dataset, "nouns"))):
+    present = isinstance(dataset, VerbNounDataset)
+    for key, class_groups, truth in (("verb_top1", class_verbs, split.verbs), ("noun_top1", class_nouns, split.nouns)):
         if not present:
             continue
         truth_rows = [value if labelled else None for value, labelled in zip(truth, split.labelled.tolist())]
@@ -420,37 +421,37 @@ def finetune_dataset(run: OpenRun, settings: FinetuneSettings, classes: list[str
     ``finetune.crop_scale`` and ``finetune.hflip``), ``classes`` and no training-only views
     (vlmask.evaluate.TRAINING_VIEWS: the classifier reads ``video`` alone)."""
     recipe: Recipe = run.recipe
-    entry = run.plugins.registry.get("dataset", recipe.get("data.dataset.name"))
-    params = factory_parameters(entry.factory)
-    extra: dict[str, Any] = {"manifest": str(run.train_manifest), "train": True, **without_training_views(entry.factory)}
-    wanted = {"classes": classes, "crop_scale": tuple(settings.crop_scale)}
+    wanted: dict[str, Any] = {"crop_scale": tuple(settings.crop_scale)}
     if settings.hflip is not None:
         wanted["hflip"] = settings.hflip
-    for key, value in wanted.items():
-        if key in params:
-            extra[key] = value
-        elif key != "classes":
-            raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
-                               f"{entry.name!r} has no argument {key!r}"])
-    return build(run.plugins.registry, recipe, "data.dataset", "dataset", **extra)
+    name = section_settings(recipe, "data").dataset.get("name")
+    if ("dataset", name) in run.plugins.registry:  # else build names the unknown dataset
+        takes = run.plugins.registry.get("dataset", name).signature.parameters
+        for key in wanted:
+            if key not in takes:
+                raise RecipeError([f"{recipe.where('finetune.' + key)}: key finetune.{key}: dataset "
+                                   f"{name!r} has no argument {key!r}"])
+    return build(run.plugins.registry, recipe, "data.dataset", "dataset", manifest=str(run.train_manifest), train=True,
+                 if_taken={**WITHOUT_TRAINING_VIEWS, "classes": classes}, **wanted)
 
 
 def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress: bool) -> dict[str, Any]:
     recipe: Recipe = run.recipe
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("vlmask finetune runs in one process; start it without torchrun")
-    classes = list(getattr(run.train_set, "classes", []) or [])
+    classes = list(run.train_set.classes or [])
     if not classes:
         raise ValueError(f"{run.train_manifest}: no clip has a label; finetuning needs labelled training clips")
     requested = finetune_record(recipe, settings, run.device, run.precision, run.train_manifest, val_manifest(run))
     # settings that default to the run's
-    settings.batch_size = settings.batch_size or int(recipe.get("train.batch_size") or 8)
-    settings.num_workers = int(recipe.get("data.num_workers", 2)) if settings.num_workers is None else settings.num_workers
-    settings.seed = int(recipe.get("seed", 0)) if settings.seed is None else settings.seed
+    train, data = section_settings(recipe, "train"), section_settings(recipe, "data")
+    settings.batch_size = settings.batch_size or int(train.batch_size)
+    settings.num_workers = int(data.num_workers) if settings.num_workers is None else settings.num_workers
+    settings.seed = int(top_settings(recipe).seed) if settings.seed is None else settings.seed
 
     # data: the train manifest with finetuning augmentation, labelled clips only
     train_set = finetune_dataset(run, settings, classes)
-    rows = [i for i, label in enumerate(getattr(train_set, "label_ids", [])) if label >= 0]
+    rows = [i for i, label in enumerate(train_set.label_ids if isinstance(train_set, LabelledDataset) else []) if label >= 0]
     if len(rows) < settings.batch_size:
         raise RecipeError([f"{recipe.where('finetune.batch_size')}: key finetune.batch_size: {settings.batch_size} "
                            f"is more than the {len(rows)} labelled training clips of {run.train_manifest}"])

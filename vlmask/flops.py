@@ -58,8 +58,7 @@ def record_train_flops(run_dir: str | Path, train_step: TrainStep, summary: dict
     from vlmask.bench import count_step_flops
 
     train = train_step.train_cfg
-    clips = int(summary.get("steps") or 0) * int(train.batch_size or 1) * int(summary.get("world_size") or 1) \
-        * int(train.accumulate or 1)
+    clips = int(summary.get("steps") or 0) * train.batch_size * int(summary.get("world_size") or 1) * train.accumulate
     try:
         with torch.random.fork_rng(devices=[]), train_step.on_meta() as on_meta:
             summary["train_flops"] = float(count_step_flops(on_meta)["gflops_per_clip"] * 1e9) * clips

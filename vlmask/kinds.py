@@ -67,6 +67,11 @@ DATASET_VIEWS: dict[str, str] = {"flow": "flow", "second_clip": "second_clip"}
 #: with each set to None (off), as they turn off :data:`DATASET_VIEWS`.
 TRAINING_AUGMENTATIONS: tuple[str, ...] = ("color_jitter", "blur")
 
+#: What evaluation, ``embed`` and finetuning pass to a dataset factory that takes it (and only
+#: then): every :data:`DATASET_VIEWS` argument False, every :data:`TRAINING_AUGMENTATIONS` one None.
+WITHOUT_TRAINING_VIEWS: dict[str, bool | None] = ({argument: False for argument in DATASET_VIEWS.values()}
+                                                  | {argument: None for argument in TRAINING_AUGMENTATIONS})
+
 #: Requirements that the data, not the recipe, provides: reported as notes by ``validate``.
 DATA_REQUIREMENTS: frozenset[str] = frozenset({"action_box", "label"})
 
@@ -104,12 +109,131 @@ def requirements_of(factory: Callable[..., Any], arguments: dict[str, Any]) -> f
 
 
 @runtime_checkable
+class NoWeightDecay(Protocol):
+    """An optional member of encoders, predictors and heads with parameters (timm's convention):
+    ``no_weight_decay()`` names the part's own parameters (relative to the part, e.g.
+    ``{"pos_embed"}``) that AdamW must not decay. The engine exempts them, with every 1-D
+    parameter and every bias, under the part's path in the student (``encoder.pos_embed``); a
+    part without the method declares nothing (a Protocol cannot make a member optional, so the
+    engine asks ``isinstance(part, NoWeightDecay)`` instead of requiring it). A part holding
+    another part (a predictor wrapping a transformer) declares the inner names with their prefix.
+    """
+
+    def no_weight_decay(self) -> set[str]: ...
+
+
+@runtime_checkable
+class SwitchesAttention(Protocol):
+    """An optional member of any module of the student or teacher (encoders, predictors):
+    ``set_attention_backend(requested=None, device=None) -> (backend, reason)`` picks its
+    attention kernel for ``device`` (``requested``: that backend instead of its own choice).
+    The engine calls it on every module that has it once the parts are placed."""
+
+    def set_attention_backend(self, requested: str | None = None,
+                              device: torch.device | str | None = None) -> tuple[str, str]: ...
+
+
+@runtime_checkable
+class HasBlocks(Protocol):
+    """An optional member of encoders and predictors: ``blocks``, the transformer blocks in
+    order (an ``nn.ModuleList``). FSDP shards each block apart (else the part as a whole);
+    finetuning's layer-wise lr decay counts them (without: ``finetune.layer_decay`` must be 1)."""
+
+    blocks: torch.nn.Module
+
+
+@runtime_checkable
+class HasFinalNorm(Protocol):
+    """An optional member of encoders: ``norm``, the final LayerNorm, which finetuning replaces
+    by the identity (VideoMAE: ``fc_norm`` after pooling takes its place)."""
+
+    norm: torch.nn.Module
+
+
+@runtime_checkable
+class MirroringTeacher(Protocol):
+    """An optional member of teachers: ``mirrored``, the names of the student parts it keeps a
+    copy of (``module(name)`` gives each); FSDP shards each apart. Without it: encoder and
+    projection."""
+
+    mirrored: Sequence[str]
+
+
+@runtime_checkable
+class LabelledDataset(Protocol):
+    """An optional member of datasets: ``label_ids``, the class index of every clip (-1:
+    unlabelled), in ``classes``; finetuning trains on the labelled clips."""
+
+    label_ids: Sequence[int]
+
+
+@runtime_checkable
+class VerbNounDataset(Protocol):
+    """Optional members of datasets whose classes are (verb, noun) pairs (EPIC-KITCHENS style):
+    ``verbs`` and ``nouns``, one per clip (None: unknown); accuracy is then also scored on each."""
+
+    verbs: Sequence[Any]
+    nouns: Sequence[Any]
+
+
+@runtime_checkable
+class DecodingDataset(Protocol):
+    """Optional members of datasets: ``decoder``, the video decoder chosen, and
+    ``decoder_reason``, why (printed at the start of a run, recorded in ``config.yaml``)."""
+
+    decoder: str | None
+    decoder_reason: str | None
+
+
+@runtime_checkable
+class CollatingDataset(Protocol):
+    """An optional member of datasets: ``collate(items) -> Batch``; without it, the
+    ``collate`` function of the dataset's module (see :class:`Dataset`)."""
+
+    def collate(self, items: list[Any]) -> Batch: ...
+
+
+@runtime_checkable
+class CheckpointDefaults(Protocol):
+    """An optional member of any module of a checkpointed part: ``checkpoint_defaults() ->
+    {local name: tensor}``, the state that checkpoints written before the module had it stand
+    for (``vlmask.checkpoint.with_checkpoint_defaults``)."""
+
+    def checkpoint_defaults(self) -> dict[str, Tensor]: ...
+
+
+#: kind -> the optional members its components may have, each a Protocol to test with
+#: ``isinstance`` (never a probe by name): what the engine reads when present.
+OPTIONAL: dict[str, tuple[type, ...]] = {
+    "encoder": (NoWeightDecay, SwitchesAttention, HasBlocks, HasFinalNorm, CheckpointDefaults),
+    "predictor": (NoWeightDecay, SwitchesAttention, HasBlocks, CheckpointDefaults),
+    "target": (NoWeightDecay, CheckpointDefaults),
+    "head": (NoWeightDecay, CheckpointDefaults),
+    "teacher": (MirroringTeacher, SwitchesAttention, CheckpointDefaults),
+    "dataset": (LabelledDataset, VerbNounDataset, DecodingDataset, CollatingDataset),
+}
+
+
+def no_weight_decay_of(part: Any) -> set[str]:
+    """The parameter names ``part`` exempts from weight decay (empty when it declares none).
+
+    >>> class Learned:
+    ...     def no_weight_decay(self) -> set[str]:
+    ...         return {"pos_embed"}
+    >>> sorted(no_weight_decay_of(Learned())), no_weight_decay_of(object())
+    (['pos_embed'], set())
+    """
+    return set(part.no_weight_decay()) if isinstance(part, NoWeightDecay) else set()
+
+
+@runtime_checkable
 class Encoder(Protocol):
     """kind ``encoder``: the student video encoder (an ``nn.Module``).
 
     ``grid`` is its token grid (the engine checks the clips against it), ``embed_dim`` its
     feature width D; ``forward(video, index)`` maps clips (B, C, T, H, W) and the visible token
-    indices (B, Nv) (or None: every token) to features (B, Nv, D).
+    indices (B, Nv) (or None: every token) to features (B, Nv, D). Optional:
+    ``no_weight_decay()`` (:class:`NoWeightDecay`).
     """
 
     grid: TokenGrid
@@ -120,7 +244,8 @@ class Encoder(Protocol):
 
 @runtime_checkable
 class Predictor(Protocol):
-    """kind ``predictor``: ``forward(visible_features (B, Nv, D), mask) -> (B, Np, D_out)``."""
+    """kind ``predictor``: ``forward(visible_features (B, Nv, D), mask) -> (B, Np, D_out)``.
+    Optional: ``no_weight_decay()`` (:class:`NoWeightDecay`)."""
 
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor: ...
 
@@ -133,7 +258,8 @@ class Teacher(Protocol):
     called once per optimizer step (an EMA moves, a frozen teacher does nothing);
     ``module(name)`` returns the teacher's copy of a student part (``"projection"``) or None;
     ``init_share(step)`` is the share of its initial weights it still holds after ``step`` updates
-    (1.0 for a teacher that never moves; logged as ``teacher_init_share``).
+    (1.0 for a teacher that never moves; logged as ``teacher_init_share``). Optional:
+    ``mirrored`` (:class:`MirroringTeacher`).
     """
 
     def forward(self, video: Tensor) -> Tensor: ...
@@ -166,7 +292,8 @@ class Dataset(Protocol):
     ``__getitem__`` returns a dict the dataset's collate function (its ``collate`` attribute or
     its module's ``collate``) turns into a :class:`vlmask.types.Batch`. ``captions`` (one string
     per clip, "" when none), ``classes`` (the class names) and ``skipped`` (lines that could not
-    be read) are read by the engine, evaluation and finetuning.
+    be read) are read by the engine, evaluation and finetuning. Optional members
+    (:data:`OPTIONAL`): ``label_ids``, ``verbs``/``nouns``, ``decoder``/``decoder_reason``, ``collate``.
     """
 
     captions: Sequence[str]
@@ -257,6 +384,28 @@ def missing_members(kind: str, component: Any) -> list[str]:
     return best or []
 
 
+def partial_optional_members(kind: str, component: Any) -> list[str]:
+    """The optional members (:data:`OPTIONAL`) that ``component`` has only in part (``verbs``
+    without ``nouns``) or with a method that is not callable: an optional member is all or
+    nothing, since the engine reads it through ``isinstance`` with its Protocol.
+
+    >>> class Half:
+    ...     verbs = ["cut"]
+    >>> partial_optional_members("dataset", Half())
+    ['VerbNounDataset: nouns']
+    """
+    broken = []
+    for protocol in OPTIONAL.get(kind, ()):
+        members = sorted(_protocol_members(protocol))
+        if not any(hasattr(component, m) for m in members):
+            continue
+        lacking = [m for m in members if not hasattr(component, m)
+                   or (_is_method(protocol, m) and not callable(getattr(component, m)))]
+        if lacking:
+            broken.append(f"{protocol.__name__}: {', '.join(lacking)}")
+    return broken
+
+
 def conforms(kind: str, component: Any) -> bool:
     """Whether ``component`` satisfies one of its kind's protocols (``isinstance``)."""
     return any(isinstance(component, protocol) for protocol in PROTOCOLS[kind])
@@ -276,7 +425,10 @@ def _is_method(protocol: type, name: str) -> bool:
 
 
 __all__ = [
-    "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
+    "WITHOUT_TRAINING_VIEWS", "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
+    "NoWeightDecay", "no_weight_decay_of", "OPTIONAL", "SwitchesAttention", "HasBlocks", "HasFinalNorm",
+    "MirroringTeacher", "LabelledDataset", "VerbNounDataset", "DecodingDataset", "CollatingDataset",
+    "CheckpointDefaults", "partial_optional_members",
     "Masker", "Objective", "Encoder", "Predictor", "Teacher", "TextEncoder", "Dataset",
     "ActionAreaDetector", "Captioner", "RowCaptioner", "Evaluator", "Logger", "Batch",
     "missing_members", "conforms",

@@ -38,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from vlmask.kinds import HasBlocks, MirroringTeacher, Teacher
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -56,17 +58,19 @@ def wrap_ddp(student: nn.Module, device: torch.device, find_unused_parameters: b
 
 def _shard_part(part: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, ignored: set[nn.Parameter],
                 reshard_after_forward: bool | None = None) -> None:
-    for block in getattr(part, "blocks", ()):
+    for block in part.blocks if isinstance(part, HasBlocks) else ():
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
     fully_shard(part, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
 
 
-def teacher_parts(teacher: nn.Module) -> list[nn.Module]:
-    """The separately called parts of a teacher (``teacher.module(name)`` for its ``mirrored``
-    names, by default encoder and projection), or the teacher itself when it offers none."""
-    lookup = getattr(teacher, "module", None)
-    names = getattr(teacher, "mirrored", ("encoder", "projection"))
-    parts = [lookup(name) for name in names] if callable(lookup) else []
+def teacher_parts(teacher: Any) -> list[nn.Module]:
+    """The separately called parts of a teacher (kind ``teacher``: ``teacher.module(name)`` for
+    its ``mirrored`` names, by default encoder and projection), or the teacher itself when it
+    offers none (a module that is not a ``vlmask.kinds.Teacher``)."""
+    if not isinstance(teacher, Teacher):
+        return [teacher]
+    names = teacher.mirrored if isinstance(teacher, MirroringTeacher) else ("encoder", "projection")
+    parts = [teacher.module(name) for name in names]
     return [part for part in parts if part is not None] or [teacher]
 
 
@@ -82,9 +86,8 @@ def shard_fsdp(student: nn.Module, teacher: nn.Module | None, precision: str, de
             broadcast_from_rank0(module)
     replicated = [p for p in student.parameters() if p.ndim == 0]
     ignored = set(replicated)
-    for name in ("encoder", "predictor"):
-        part = getattr(student, name, None)
-        if part is not None and any(True for _ in part.parameters()):
+    for part in (student.encoder, student.predictor):  # a vlmask.build.Student: predictor may be None
+        if isinstance(part, nn.Module) and any(True for _ in part.parameters()):
             _shard_part(part, mesh, mp_policy, ignored)
     fully_shard(student, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
     if teacher is not None:
@@ -154,7 +157,7 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
             yield
         finally:
             inner.set_requires_gradient_sync(True)
-    elif hasattr(inner, "no_sync"):
+    elif isinstance(inner, DistributedDataParallel):
         with inner.no_sync():
             yield
     else:

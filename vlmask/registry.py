@@ -52,9 +52,26 @@ class Entry:
         return inspect.signature(self.factory)
 
     @property
+    def defaults(self) -> dict[str, Any]:
+        """The factory's keyword arguments that have a default, with it (:func:`factory_defaults`)."""
+        return factory_defaults(self.factory)
+
+    @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.factory) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    """``{argument: default}`` for every argument of ``factory`` that has a default: the one
+    place a plugin's defaults are read (validation fills them in, ``eval.json`` records them).
+
+    >>> def masker(ratio: float, mode: str = "tube", *args, **kwargs): ...
+    >>> factory_defaults(masker)
+    {'mode': 'tube'}
+    """
+    return {name: p.default for name, p in inspect.signature(factory).parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def _nearest(name: str, options: list[str]) -> str:

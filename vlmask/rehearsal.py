@@ -40,6 +40,7 @@ from torch import nn
 from vlmask.bench import SYNTHETIC_CLASSES, clip_shape, synthetic_batch
 from vlmask.config import Recipe, RecipeError
 from vlmask.plugins import Plugins
+from vlmask.schema import settings, top_settings
 from vlmask.step import ON_META, TrainStep, build_step
 
 
@@ -158,7 +159,8 @@ def _rehearse_steps(recipe: Recipe, train_step: TrainStep) -> list[str]:
                         ("model.projection", student.projection), ("teacher", train_step.teacher)):
         if isinstance(module, nn.Module):
             handles += blame.watch(module, key)
-    keys = {name: f"{section}.{name}" for section in ("targets", "heads") for name in (recipe.get(section) or {})}
+    top = top_settings(recipe)
+    keys = {name: f"{section}.{name}" for section in ("targets", "heads") for name in top.terms(section)}
     objectives = student.objectives
     owners = {id(part): keys.get(name, name) for name, part in objectives.items()}  # whose after-step hook fails
     owners.update({id(part): key for key, part in (("masker", train_step.masker), ("teacher", train_step.teacher))
@@ -166,7 +168,7 @@ def _rehearse_steps(recipe: Recipe, train_step: TrainStep) -> list[str]:
     student.objectives = {name: _attributed(blame, keys.get(name, name), part) for name, part in objectives.items()}
     train_step.masker = _attributed(blame, "masker", train_step.masker)
     train_step.phase_watch = _AfterStep(blame, owners)
-    batch_size = int(recipe.get("train.batch_size", 1) or 1)
+    batch_size = settings(recipe, "train").batch_size
     stages = train_step.stages.stages
     firsts = [0] + train_step.stages.ends[:-1] if stages else [0]
     try:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 LOCK_NAME = ".lock"
 
@@ -636,7 +637,7 @@ def non_finite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of parameters holding a NaN or an infinity (one sync; call it before a save: a
     gradient that was not finite can leave the weights so while the logged loss still was)."""
     params = [(name, p.detach()) for name, p in module.named_parameters() if p.is_floating_point()]
-    params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in params]  # FSDP: this rank's shard
+    params = [(name, p.to_local() if isinstance(p, DTensor) else p) for name, p in params]  # FSDP: this rank's shard
     if not params:
         return []
     flags = torch.stack([torch.isfinite(p).all() for _, p in params]).cpu()

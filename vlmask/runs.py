@@ -21,7 +21,7 @@ from vlmask.checkpoint import CheckpointError, latest_checkpoint, load_strict, l
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins
-from vlmask.schema import build, factory_parameters, settings
+from vlmask.schema import build, factory_parameters, settings, top_settings
 
 
 class OpenRun:
@@ -64,7 +64,7 @@ class OpenRun:
 
 def train_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
     """``data.train``, else the manifest the run recorded, else the default data's (a plugin's)."""
-    train = recipe.get("data.train") or recipe.get("record.data.train")
+    train = settings(recipe, "data").train or settings(recipe, "record").data.get("train")
     if train:
         return Path(train)
     manifests = plugins.manager.hook.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=False)
@@ -80,10 +80,10 @@ def _train_set(recipe: Recipe, plugins: Plugins, manifest: Path | None) -> Any:
 def _needs_classes(recipe: Recipe, plugins: Plugins) -> bool:
     """Whether a target, head or predictor of the recipe takes the injected ``num_classes``."""
     for section, kind in (("targets", "target"), ("heads", "head")):
-        for node in (recipe.get(section) or {}).values():
-            if node is not None and "num_classes" in factory_parameters(plugins.registry.get(kind, node["name"]).factory):
+        for node in top_settings(recipe).terms(section).values():
+            if "num_classes" in factory_parameters(plugins.registry.get(kind, node["name"]).factory):
                 return True
-    node = recipe.get("model.predictor")
+    node = settings(recipe, "model").predictor
     return bool(node) and "num_classes" in factory_parameters(plugins.registry.get("predictor", node["name"]).factory)
 
 
@@ -93,7 +93,7 @@ def run_recipe(run_dir: str | Path, overrides: Sequence[str], plugins: Plugins) 
     Nothing is built or loaded (``vlmask compare`` uses it to know what an evaluation would be)."""
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "config.yaml", [*overrides, f"run.dir={run_dir}"])
-    device = resolve_device(str(recipe.get("device", "auto")))
+    device = resolve_device(top_settings(recipe).device)
     precision = resolve_precision(recipe, settings(recipe, "train").precision, device)
     return recipe, device, precision, train_manifest_of(recipe, plugins)
 
@@ -117,8 +117,8 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugin
     recipe, device, precision, train_manifest = run_recipe(run_dir, overrides, plugins)
     num_classes = 0
     if _needs_classes(recipe, plugins):
-        num_classes = len(getattr(_train_set(recipe, plugins, train_manifest), "classes", []) or [])
-    total_steps = int(recipe.get("record.total_steps") or settings(recipe, "train").max_steps or 1)
+        num_classes = len(_train_set(recipe, plugins, train_manifest).classes or [])
+    total_steps = int(settings(recipe, "record").total_steps or settings(recipe, "train").max_steps or 1)
     parts = build_components(recipe, plugins, total_steps=total_steps, num_classes=num_classes, init=False)
     load_strict(parts.student, load_tensors(checkpoint / "student.safetensors"), checkpoint / "student.safetensors")
     if parts.teacher is not None:

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, requirements_of
-from vlmask.registry import Registry, RegistryError
+from vlmask.registry import Registry, RegistryError, factory_defaults
 from vlmask.stages import stage_problems
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
@@ -94,6 +94,16 @@ class ModelSettings:
     init: str | None = None  # pretrained weights to start from (hook vlmask_load_init): a folder or a file
 
 
+@dataclass
+class RecordSettings:
+    """``config.yaml``'s ``record`` (written by the engine, ``vlmask.engine.Trainer._write_config``):
+    the fields read back when a run is reopened. It holds more (versions, device, effective
+    batch and LR), which nothing reads as a setting."""
+
+    total_steps: int | None = None  # the run's length in optimizer steps (the schedule's)
+    data: dict[str, Any] = field(default_factory=dict)  # TrainData.record(): train (manifest), clips, decoder
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSettings,
     "train": TrainSettings,
@@ -102,23 +112,38 @@ SECTIONS: dict[str, type] = {
     "model": ModelSettings,
 }
 
+#: Sections the engine writes and reads back, not settings of a recipe (not checked by ``validate``).
+WRITTEN: dict[str, type] = {"record": RecordSettings}
+
+
+@dataclass
+class TopSettings:
+    """A recipe's top-level keys that are not sections (:data:`TOP_LEVEL` is their types), with
+    the engine's defaults: read them through :func:`top_settings`, never ``recipe.get``."""
+
+    description: str = ""
+    seed: int = 0  # parts are built and masks drawn from it (every process builds the same model)
+    device: str = "auto"  # auto (this process's CUDA device, else the CPU) | cpu | cuda
+    masker: dict = field(default_factory=dict)  # plugin node, kind masker
+    teacher: typing.Optional[dict] = None  # plugin node, kind teacher
+    text_encoder: typing.Optional[dict] = None  # plugin node, kind text_encoder
+    targets: typing.Optional[dict] = None  # term name -> plugin node (kind target) or null (removed)
+    heads: typing.Optional[dict] = None  # term name -> plugin node (kind head) or null (removed)
+    loss_weights: dict = field(default_factory=dict)  # term name -> weight (null: removed)
+    loggers: typing.Optional[dict] = None  # name -> plugin node (kind logger) or null
+    evaluation: typing.Optional[dict] = None  # vlmask eval settings (vlmask.sections.EvaluationSettings)
+    finetune: typing.Optional[dict] = None  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
+    stages: typing.Optional[list] = None  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
+    record: typing.Optional[dict] = None  # written by the engine into config.yaml (RecordSettings)
+
+    def terms(self, section: str) -> dict[str, dict]:
+        """The plugin nodes of ``targets`` or ``heads`` that are set (null removes an inherited term)."""
+        nodes = {"targets": self.targets, "heads": self.heads}[section]
+        return {k: v for k, v in (nodes or {}).items() if v is not None}
+
+
 #: Top-level keys that are not sections, with their types.
-TOP_LEVEL: dict[str, Any] = {
-    "description": str,
-    "seed": int,
-    "device": str,
-    "masker": dict,
-    "teacher": typing.Optional[dict],
-    "text_encoder": typing.Optional[dict],
-    "targets": typing.Optional[dict],
-    "heads": typing.Optional[dict],
-    "loss_weights": dict,
-    "loggers": typing.Optional[dict],
-    "evaluation": typing.Optional[dict],
-    "finetune": typing.Optional[dict],  # vlmask finetune settings (vlmask.finetune.FinetuneSettings)
-    "stages": typing.Optional[list],  # training in stages (vlmask.stages): [{steps, overrides, freeze}, ...]
-    "record": typing.Optional[dict],  # written by the engine into config.yaml: versions, device, effective batch and LR
-}
+TOP_LEVEL: dict[str, Any] = typing.get_type_hints(TopSettings)
 
 #: Where plugins sit in a recipe: dotted key (``*``: every entry of a mapping) -> (kind, required).
 PLUGIN_SLOTS: dict[str, tuple[str, bool]] = {
@@ -411,8 +436,7 @@ def _arguments(registry: Registry, kind: str, node: Any) -> dict[str, Any] | Non
     """A plugin node's arguments with the factory's defaults filled in (None: not a known plugin)."""
     if not isinstance(node, dict) or (kind, node.get("name")) not in registry:
         return None
-    factory = registry.get(kind, node["name"]).factory
-    values = {n: p.default for n, p in inspect.signature(factory).parameters.items() if p.default is not inspect.Parameter.empty}
+    values = factory_defaults(registry.get(kind, node["name"]).factory)
     values.update({k: v for k, v in node.items() if k != "name"})
     return values
 
@@ -539,16 +563,32 @@ def _check_loss_weights(config: dict[str, Any], recipe: Recipe) -> list[str]:
 
 
 def settings(recipe: Recipe, section: str) -> Any:
-    """The typed settings of a section (defaults filled in)."""
-    schema = SECTIONS[section]
+    """The typed settings of a section (defaults filled in): the one place a setting's default
+    lives (``SECTIONS``, and ``record`` as the engine wrote it: :class:`RecordSettings`)."""
+    schema = SECTIONS.get(section) or WRITTEN[section]
     value = recipe.get(section) or {}
     names = {f.name for f in dataclasses.fields(schema)}
     return schema(**{k: v for k, v in value.items() if k in names})
 
 
-def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dict[str, Any] | None = None, **extra: Any) -> Any:
-    """Build the plugin at ``key`` of a recipe, filling injected arguments it declares."""
-    node = recipe.get(key)
+def top_settings(recipe: Recipe) -> TopSettings:
+    """The recipe's top-level keys (``seed``, ``device``, the plugin nodes ...), defaults filled in."""
+    names = {f.name for f in dataclasses.fields(TopSettings)}
+    return TopSettings(**{k: recipe.get(k) for k in names if recipe.get(k) is not None})
+
+
+def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dict[str, Any] | None = None, *,
+          if_taken: dict[str, Any] | None = None, node: dict[str, Any] | None = None, **extra: Any) -> Any:
+    """Build the plugin at ``key`` of a recipe: THE construction path of every plugin kind
+    (parts, datasets for training, evaluation and finetuning; evaluators with ``node``).
+
+    The node's arguments, then ``extra`` (the caller's, over the recipe's: a dataset's
+    ``manifest``), then ``if_taken`` (over the recipe's too, but only those the factory takes:
+    evaluation turning training views off), then ``injected`` (only those the factory takes
+    and the recipe does not set). ``node`` is the plugin node when it is not the recipe's value
+    at ``key`` (an evaluator merged from defaults). The product must keep its kind's contract
+    (:func:`vlmask.kinds.missing_members`). Every problem is a RecipeError naming file and key."""
+    node = recipe.get(key) if node is None else node
     problems = check_plugin_node(registry, key, kind, node, recipe.where)
     if problems:
         raise RecipeError(problems)
@@ -556,6 +596,7 @@ def build(registry: Registry, recipe: Recipe, key: str, kind: str, injected: dic
     kwargs = {k: v for k, v in node.items() if k != "name"}
     kwargs.update(extra)
     params = factory_parameters(entry.factory)
+    kwargs.update({name: value for name, value in (if_taken or {}).items() if name in params})
     for name, value in (injected or {}).items():
         if name in params and name not in kwargs:
             kwargs[name] = value
@@ -607,9 +648,9 @@ def evaluation_settings(recipe: Recipe, registry: Registry) -> EvaluationSetting
             problems.append(f"{recipe.where('evaluation.' + str(key))}: unknown key evaluation.{key}; "
                             f"known: {', '.join(EVALUATION_KEYS)}")
     batch_size = section.get("batch_size")
-    batch_size = (recipe.get("train.batch_size") or 8) if batch_size is None else batch_size
+    batch_size = settings(recipe, "train").batch_size if batch_size is None else batch_size
     workers = section.get("num_workers")
-    workers = recipe.get("data.num_workers", 2) if workers is None else workers
+    workers = settings(recipe, "data").num_workers if workers is None else workers
     for key, value in (("batch_size", batch_size), ("num_workers", workers)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "batch_size" else 0):
             problems.append(f"{recipe.where('evaluation.' + key)}: key evaluation.{key}: {value!r} is not "

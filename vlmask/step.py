@@ -42,7 +42,7 @@ from vlmask.diagnostics import training_diagnostics
 from vlmask.hookspecs import RunInfo
 from vlmask.plugins import Plugins, new_manager
 from vlmask.schedules import lr_at
-from vlmask.schema import settings
+from vlmask.schema import settings, top_settings
 from vlmask.stages import read_stages, stage_plan, staged_total
 from vlmask.types import Batch, gather_tokens
 
@@ -66,8 +66,10 @@ def weighted_sum(terms: dict[str, LossTerm], weights: dict[str, float]) -> tuple
     return total, logged
 
 
-def _no_weight_decay(name: str, param: Tensor) -> bool:
-    return param.ndim <= 1 or any(k in name for k in ("pos_embed", "mask_token", "cls_token", "logit_scale"))
+def _no_weight_decay(name: str, param: Tensor, declared: set[str]) -> bool:
+    """timm's rule (``param_groups_weight_decay``): no decay for 1-D parameters, biases and the
+    names the model declares (``Student.no_weight_decay``)."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in declared
 
 
 def _resolved(recipe: Recipe) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def join_processes(recipe: Recipe) -> Process:
     processes it joins the default process group once (gloo for CPU tensors, NCCL for CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = resolve_device(str(recipe.get("device", "auto")))
+    device = resolve_device(top_settings(recipe).device)
     if world_size > 1 and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # CPU tensors too (FSDP set-up)
         if device.type == "cuda":
@@ -255,7 +257,7 @@ class TrainStep:
         self.parts = parts
         self.train_cfg = settings(recipe, "train")
         self.optim_cfg = settings(recipe, "optim")
-        self.seed = int(recipe.get("seed", 0))
+        self.seed = int(top_settings(recipe).seed)
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         process = process or join_processes(recipe)
         self.rank, self.world_size, self.device = process.rank, process.world_size, process.device
@@ -337,9 +339,10 @@ class TrainStep:
 
     def _setup_optimizer(self) -> None:
         decay, no_decay = [], []
+        declared = self.student.no_weight_decay()
         for name, p in self.student.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_weight_decay(name, p) else decay).append(p)
+                (no_decay if _no_weight_decay(name, p, declared) else decay).append(p)
         cfg = self.optim_cfg
         effective_batch = self.train_cfg.batch_size * self.world_size * self.train_cfg.accumulate
         scale = effective_batch / cfg.base_batch_size if cfg.lr_scaling == "linear" else 1.0

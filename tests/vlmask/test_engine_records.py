@@ -211,3 +211,24 @@ def test_a_checkpoint_of_an_older_vlmask_gives_null_figures_not_zeros_when_nothi
     rates = clock.start()
     rates.append(12.5)
     assert clock.wall_s(trained=True) >= 0.0 and clock.clips_per_s() == 12.5
+
+
+def test_vlmask_run_validates_the_recipe_once(tiny_synth, tiny_scale, tmp_path, isolated_cache, monkeypatch):
+    """``vlmask run`` checks its recipe once (the Trainer, before it claims the run directory);
+    building the parts, the data and the FLOP count do not check it again."""
+    import sys
+
+    import vlmask.schema
+
+    calls: list[str] = []
+    real_validate = vlmask.schema.validate
+
+    def counted(recipe, registry):
+        calls.append(str(recipe.path))
+        return real_validate(recipe, registry)
+
+    for module in [m for name, m in sys.modules.items() if name == "vlmask" or name.startswith("vlmask.")]:
+        if getattr(module, "validate", None) is real_validate:  # every module that imported it by name
+            monkeypatch.setattr(module, "validate", counted)
+    assert main(["run", str(RECIPES / "mae.yaml"), *tiny(tiny_synth, tiny_scale, tmp_path / "run", "train.max_steps=1")]) == 0
+    assert len(calls) == 1, calls

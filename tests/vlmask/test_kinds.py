@@ -21,7 +21,7 @@ from torch import nn
 
 import vlmask
 from vlmask.config import RecipeError, load_recipe
-from vlmask.kinds import PROTOCOLS, REQUIREMENTS, conforms, missing_members, requirements_of
+from vlmask.kinds import PROTOCOLS, REQUIREMENTS, conforms, missing_members, partial_optional_members, requirements_of
 from vlmask.plugins import default_plugins, load_plugins
 from vlmask.registry import KINDS, Entry
 from vlmask.schema import build
@@ -295,6 +295,8 @@ def check_entry(entry: Entry, tmp_path: Path, data: Any) -> None:
     assert not missing and conforms(entry.kind, component), (
         f"{entry.kind} {entry.name!r} (from {entry.provider}) breaks the {entry.kind} contract: lacks {', '.join(missing)}"
     )
+    partial = partial_optional_members(entry.kind, component)
+    assert not partial, f"{entry.kind} {entry.name!r} has optional members in part (vlmask.kinds.OPTIONAL): {partial}"
     requirements_of(entry.factory, {k: v for k, v in arguments.items() if k not in ("student", "total_steps", "encoder")})
     exercise(entry.kind, component, data)
 
@@ -382,3 +384,20 @@ def test_requirements_are_declared_from_the_closed_set_and_read_without_building
 def test_a_logger_needs_the_step_hook() -> None:
     assert not conforms("logger", SimpleNamespace(vlmask_train_end=lambda summary, run: None))
     assert missing_members("logger", SimpleNamespace()) == ["vlmask_step_end"]
+
+
+def test_optional_members_are_read_through_their_protocols() -> None:
+    """A dataset with ``label_ids`` and ``verbs``/``nouns``, an encoder with ``blocks``: what the
+    engine reads when present; half a member (``verbs`` alone, a ``collate`` that is not
+    callable) is refused by name."""
+    from vlmask.kinds import CollatingDataset, HasBlocks, LabelledDataset, VerbNounDataset
+
+    encoder = tiny_encoder()
+    assert isinstance(encoder, HasBlocks) and not isinstance(nn.Linear(2, 2), HasBlocks)
+    full = SimpleNamespace(label_ids=[0, -1], verbs=["cut", None], nouns=["onion", None])
+    assert isinstance(full, LabelledDataset) and isinstance(full, VerbNounDataset)
+    assert partial_optional_members("dataset", full) == []
+    assert partial_optional_members("dataset", SimpleNamespace(verbs=[], collate=None)) == [
+        "VerbNounDataset: nouns", "CollatingDataset: collate"]
+    assert not isinstance(SimpleNamespace(verbs=[]), VerbNounDataset)
+    assert isinstance(SimpleNamespace(collate=list), CollatingDataset)

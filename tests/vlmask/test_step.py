@@ -100,3 +100,28 @@ def test_on_meta_copies_the_parts_shapes_not_their_weights_and_leaves_the_step_a
             count_step_flops(step)  # a step that computes is never counted
     from_recipe = count_flops(RECIPES / "fils.yaml", TINY)["gflops_per_clip"]
     assert counted["gflops_per_clip"] == pytest.approx(from_recipe, abs=1e-3)
+
+
+def _old_rule(name: str, param: torch.Tensor) -> bool:
+    """The engine's rule before the parts declared ``no_weight_decay()``: names matched by substring."""
+    return param.ndim <= 1 or any(k in name for k in ("pos_embed", "mask_token", "cls_token", "logit_scale"))
+
+
+@pytest.mark.parametrize("recipe_name, overrides, declared", [
+    ("fils.yaml", [], {"encoder.pos_embed", "predictor.mask_token", "objective_modules.actclip.logit_scale"}),
+    ("mae.yaml", [], {"encoder.pos_embed", "predictor.mask_token"}),  # a sin-cos buffer: declared, not a parameter
+    ("mae.yaml", ["model.encoder.pos_embed=learned"], {"predictor.mask_token", "encoder.pos_embed"}),
+])
+def test_weight_decay_groups_come_from_the_parts_declarations(recipe_name: str, overrides: list[str],
+                                                             declared: set[str]) -> None:
+    """AdamW's two groups hold exactly the parameters the old name-matching rule put there: the
+    parts' ``no_weight_decay()`` (timm's convention) plus 1-D parameters and biases."""
+    recipe = load_recipe(RECIPES / recipe_name, [*TINY, *overrides])
+    with build_step(recipe, default_plugins()) as step:
+        assert step.student.no_weight_decay() == declared
+        names = {id(p): n for n, p in step.student.named_parameters()}
+        decay, no_decay = ([names[id(p)] for p in group["params"]] for group in step.optimizer.param_groups)
+        expected = [n for n, p in step.student.named_parameters() if p.requires_grad]
+        assert no_decay == [n for n in expected if _old_rule(n, step.student.get_parameter(n))]
+        assert decay == [n for n in expected if not _old_rule(n, step.student.get_parameter(n))]
+        assert {"predictor.mask_token"} <= set(no_decay) and "predictor.head.weight" in decay

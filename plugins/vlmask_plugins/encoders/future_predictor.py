@@ -123,6 +123,10 @@ class FuturePredictor(nn.Module):
         else:
             self.register_parameter("memory", None)
 
+    def no_weight_decay(self) -> set[str]:
+        """The transformer's exemptions (its mask token); MemDPC's memory is decayed, as in its code."""
+        return {f"aggregate.{name}" for name in self.aggregate.no_weight_decay()}
+
     def predict_slot(self, context: Tensor, context_index: Tensor, query_index: Tensor) -> Tensor:
         """One prediction step: features (B, Nq, encoder_dim) at ``query_index`` from the context."""
         out = self.aggregate(context, Mask(visible=context_index, predict=query_index))

@@ -99,6 +99,10 @@ class TransformerPredictor(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def no_weight_decay(self) -> set[str]:
+        """VideoMAE / timm: the learned mask token is not decayed (the positions are a buffer)."""
+        return {"mask_token"}
+
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor:
         """(B, Nv, encoder_dim) features of ``mask.visible`` -> (B, Np, out_width) at ``mask.predict``."""
         batch, num_visible, width = visible_features.shape

@@ -186,6 +186,10 @@ class VideoViT(nn.Module):
         self.attention_backend, self.attention_reason = set_attention_backend(self, requested, device)
         return self.attention_backend, self.attention_reason
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's ViT: the positions are not decayed (a learned table; the sin-cos one is a buffer)."""
+        return {"pos_embed"}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

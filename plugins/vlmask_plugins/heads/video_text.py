@@ -109,6 +109,10 @@ class VideoTextInfoNCEHead(nn.Module):
         self.turbo_weight = bool(turbo_weight)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
+    def no_weight_decay(self) -> set[str]:
+        """open_clip / timm's CLIP: the temperature is not decayed."""
+        return {"logit_scale"}
+
     @vlmask.hookimpl
     def vlmask_after_optimizer_step(self, step: int) -> None:
         """open_clip: clamp the learnable log logit scale to ``[0, log(max_logit_scale)]``."""
