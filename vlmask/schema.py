@@ -102,6 +102,8 @@ class RecordSettings:
 
     total_steps: int | None = None  # the run's length in optimizer steps (the schedule's)
     data: dict[str, Any] = field(default_factory=dict)  # TrainData.record(): train (manifest), clips, decoder
+    recipe: str | None = None  # the recipe file the run was started from
+    device: str | None = None  # the device it trained on ("cpu", "cuda:0")
 
 
 SECTIONS: dict[str, type] = {

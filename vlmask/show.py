@@ -53,7 +53,7 @@ from vlmask.pictures import (
 )
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.runs import OpenRun, open_run
-from vlmask.schema import build, factory_parameters
+from vlmask.schema import build, factory_parameters, settings, top_settings
 from vlmask.step import mask_generator
 from vlmask.types import Batch, Mask, TokenGrid
 
@@ -99,11 +99,11 @@ class ShownClips:
         of step 0, rank 0) and given a batch of ``train.batch_size`` rows (the clips, repeated),
         so row i is the mask the run's first step drew for row i of its batch."""
         recipe = self.run.recipe
-        rows = max(int(recipe.get("train.batch_size") or 1), self.batch.size)
+        rows = max(settings(recipe, "train").batch_size, self.batch.size)
         take = torch.arange(rows, device=self.batch.video.device) % self.batch.size
         batch = _take(self.batch, take)
         device = self.mask_device or self.batch.video.device
-        generator = mask_generator(int(recipe.get("seed", 0)), step=0, rank=0, device=device)
+        generator = mask_generator(top_settings(recipe).seed, step=0, rank=0, device=device)
         with torch.no_grad():
             mask = self.run.parts.masker(batch.to(device), self.grid, generator)
         return Mask(mask.visible[: self.batch.size].to(self.batch.video.device),
@@ -321,13 +321,13 @@ def run_names(run_dirs: Sequence[Path]) -> list[str]:
 
 def recipe_name(run: OpenRun) -> str:
     """The recipe a run was made from (``record.recipe`` of its config.yaml, else config.yaml)."""
-    return str(run.recipe.get("record.recipe") or run.recipe.path)
+    return str(settings(run.recipe, "record").recipe or run.recipe.path)
 
 
 def show_dataset(run: OpenRun, manifest: Path) -> Any:
     """The run's dataset plugin on ``manifest`` in evaluation mode (``train=False``: centre
     crop, no flip), without training-only views; labels stay names (no class list is read)."""
-    entry = run.plugins.registry.get("dataset", run.recipe.get("data.dataset.name"))
+    entry = run.plugins.registry.get("dataset", settings(run.recipe, "data").dataset.get("name"))
     extra = {"manifest": str(manifest), "train": False, **without_training_views(entry.factory)}
     if "probe_workers" in factory_parameters(entry.factory):
         extra["probe_workers"] = 2
@@ -385,7 +385,7 @@ def clip_texts(dataset: Any, rows: Sequence[int], text: str | None) -> tuple[str
 def mask_device_of(run: OpenRun) -> tuple[torch.device, str | None]:
     """Where the run's masks were drawn (``record.device`` of config.yaml; torch generators
     differ between CPU and CUDA), and a note when that device is not available here."""
-    trained = str(run.recipe.get("record.device") or run.device.type)
+    trained = str(settings(run.recipe, "record").device or run.device.type)
     kind = trained.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         return torch.device("cpu"), (f"{run.run_dir} trained on {trained}; masks are drawn on the cpu here, "

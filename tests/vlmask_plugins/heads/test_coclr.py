@@ -320,7 +320,7 @@ def test_a_run_on_two_clips_excludes_their_queued_keys_and_resumes_from_an_old_c
 
     recipe = RECIPES / "coclr" / "infonce.yaml"
     with Trainer(load_recipe(recipe, args)) as trainer:
-        head = trainer.student.objective_modules["coclr"]
+        head = trainer.train_step.student.objective_modules["coclr"]
         handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
         trainer.train()
         for handle in handles:
@@ -341,7 +341,7 @@ def test_a_run_on_two_clips_excludes_their_queued_keys_and_resumes_from_an_old_c
     del tensors["objective_modules.coclr.queue_clips"]
     save_file(tensors, str(weights))
     with Trainer(load_recipe(recipe, [*args, "train.max_steps=4"])) as trainer:
-        head = trainer.student.objective_modules["coclr"]
+        head = trainer.train_step.student.objective_modules["coclr"]
         assert trainer.start_step == 3 and head.queue_clips.tolist() == [-1] * 8  # filled: nothing known of any clip
         assert torch.equal(head.rgb_queue, tensors["objective_modules.coclr.rgb_queue"])
         trainer.train()
