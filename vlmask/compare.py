@@ -38,7 +38,8 @@ from vlmask.rehearsal import rehearse
 from vlmask.report import comparison_plot, comparison_table
 from vlmask.rundir import RunDirBusy, RunDirMismatch, busy_holder, check_same_recipe
 from vlmask.runs import run_recipe
-from vlmask.schema import evaluation_settings, finetune_settings, validate
+from vlmask.schema import evaluation_settings, finetune_settings, top_settings, validate
+from vlmask.schema import settings as section_settings
 from vlmask.statistics import PairedDifference, SeedStats, paired_difference, seed_stats
 
 __all__ = [
@@ -134,8 +135,8 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
                 finetune_settings(recipe)
             except RecipeError as exc:
                 found += exc.problems
-        for key in ("data.train", "data.val"):
-            manifest = recipe.get(key)
+        data = section_settings(recipe, "data")
+        for key, manifest in (("data.train", data.train), ("data.val", data.val)):
             if manifest and not Path(str(manifest)).is_file():
                 found.append(f"{recipe.where(key)}: key {key}: manifest {manifest} does not exist")
         if not found:  # the data must carry what the recipe needs, or a plugin must fill it (action boxes)
@@ -144,7 +145,7 @@ def plan_compare(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequen
         if not found:  # build it and take each stage's first step on meta (vlmask.rehearsal)
             found += rehearse(recipe, plugins)
         problems += found
-        run_seeds = list(seeds) if seeds is not None else [int(recipe.get("seed", 0))]
+        run_seeds = list(seeds) if seeds is not None else [top_settings(recipe).seed]
         for seed in run_seeds:
             run_dir = out / _run_name(recipe_path, taken, seed)
             run_overrides = [*overrides, f"seed={seed}", f"run.dir={run_dir}"]
@@ -280,9 +281,8 @@ def _train_flops_of(recipe_path: str, run_overrides: list[str], summary: dict[st
 def trained_clips(recipe: Recipe, summary: dict[str, Any]) -> int:
     """Clips trained: steps x batch size x world size x accumulation (from the run's summary)."""
     steps = int(summary.get("steps") or 0)
-    batch = int(recipe.get("train.batch_size") or 1)
-    accumulate = int(recipe.get("train.accumulate") or 1)
-    return steps * batch * int(summary.get("world_size") or 1) * accumulate
+    train = section_settings(recipe, "train")  # its defaults, not a second set (a batch size of 1 undercounted 8x)
+    return steps * train.batch_size * int(summary.get("world_size") or 1) * train.accumulate
 
 
 def training_loss(run_dir: Path, summary: dict[str, Any]) -> TrainingLoss:

@@ -57,6 +57,7 @@ from vlmask.registry import Registry
 from vlmask.rundir import ABSENT, flatten_keys
 from vlmask.runs import OpenRun, open_run
 from vlmask.schema import INJECTED, build, evaluation_settings, factory_parameters
+from vlmask.schema import settings as section_settings
 from vlmask.sections import DEFAULT_EVALUATORS, EvaluationSettings
 
 __all__ = [
@@ -158,7 +159,7 @@ def data_record(recipe: Recipe, train: Path | None, val: Path | None) -> dict[st
     train_path, train_digest = manifest(train)
     val_path, val_digest = manifest(val)
     return {"train": train_path, "train_sha256": train_digest, "val": val_path, "val_sha256": val_digest,
-            "dataset": json.loads(json.dumps(recipe.get("data.dataset"), default=str))}
+            "dataset": json.loads(json.dumps(section_settings(recipe, "data").dataset, default=str))}
 
 
 def _show(key: str, value: Any) -> str:
@@ -267,10 +268,10 @@ def val_manifest(run: OpenRun) -> Path | None:
 
 def val_manifest_of(recipe: Recipe, plugins: Plugins) -> Path | None:
     """:func:`val_manifest` of a run's recipe, without opening the run."""
-    val = recipe.get("data.val")
-    if val:
-        return Path(val)
-    if recipe.get("data.train"):
+    data = section_settings(recipe, "data")
+    if data.val:
+        return Path(data.val)
+    if data.train:
         return None
     manifests = plugins.manager.hook.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=False)
     return Path(manifests[1]) if manifests is not None else None
@@ -297,7 +298,7 @@ def eval_dataset(run: OpenRun, manifest: Path) -> Any:
     views (:data:`TRAINING_VIEWS`)."""
     registry: Registry = run.plugins.registry
     recipe: Recipe = run.recipe
-    entry = registry.get("dataset", recipe.get("data.dataset.name"))
+    entry = registry.get("dataset", section_settings(recipe, "data").dataset.get("name"))
     extra: dict[str, Any] = {"manifest": str(manifest), "train": False, **without_training_views(entry.factory)}
     classes = getattr(run.train_set, "classes", None)
     if classes is not None and "classes" in factory_parameters(entry.factory):
@@ -313,7 +314,7 @@ def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: Evaluatio
     checkpoint: Path = run.checkpoint
     cache = FeatureCache(Path(run.run_dir) / "features")
     data_settings = {
-        "dataset": run.recipe.get("data.dataset"),
+        "dataset": section_settings(run.recipe, "data").dataset,
         "precision": run.precision,
         "device": run.device.type,
         "clips": len(dataset),
