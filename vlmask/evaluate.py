@@ -33,7 +33,6 @@ many tokens per clip), extracted and cached once for the largest budget asked.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import collate_of
 from vlmask.io import relative_path, write_json
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
-from vlmask.kinds import DATASET_VIEWS, TRAINING_AUGMENTATIONS
+from vlmask.kinds import DATASET_VIEWS, WITHOUT_TRAINING_VIEWS
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins
 from vlmask.registry import Registry
@@ -91,18 +90,11 @@ def build_evaluators(settings: EvaluationSettings, recipe: Recipe, registry: Reg
             continue
         key = f"evaluation.evaluators.{name}"
         entry = registry.get("evaluator", node["name"])
-        kwargs = {k: v for k, v in node.items() if k != "name"}
-        unknown_injected = [p for p in factory_parameters(entry.factory) if p in INJECTED and p not in kwargs]
+        unknown_injected = [p for p in factory_parameters(entry.factory) if p in INJECTED and p not in node]
         if unknown_injected:
             raise RecipeError([f"{recipe.where(key)}: key {key}: evaluators get no injected arguments "
                                f"({', '.join(unknown_injected)}); set them in the recipe"])
-        try:
-            evaluator = entry.factory(**kwargs)
-        except (ValueError, TypeError) as exc:
-            raise RecipeError([f"{recipe.where(key)}: key {key} (evaluator {node['name']!r}): {exc}"]) from exc
-        if not callable(getattr(evaluator, "evaluate", None)):
-            raise RecipeError([f"{recipe.where(key)}: evaluator {node['name']!r} ({entry.provider}) has no evaluate(features) method"])
-        built[name] = evaluator
+        built[name] = build(registry, recipe, key, "evaluator", node=node)  # the one construction path
     return built
 
 
@@ -113,16 +105,8 @@ def evaluator_node(registry: Registry, node: dict[str, Any]) -> dict[str, Any]:
     """An evaluator node with every argument of its factory: the recipe's values, the factory's
     defaults for the others (so that ``{name: attentive_probe}`` and ``{name: attentive_probe,
     epochs: 20}`` are one setting, and a changed default is a changed setting); JSON values."""
-    full: dict[str, Any] = {"name": node["name"]}
-    factory = registry.get("evaluator", node["name"]).factory
-    for name, parameter in inspect.signature(factory).parameters.items():
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        if name in node:
-            full[name] = node[name]
-        elif parameter.default is not parameter.empty:
-            full[name] = parameter.default
-    full.update({k: v for k, v in node.items() if k not in full})  # arguments taken by **kwargs
+    defaults = registry.get("evaluator", node["name"]).defaults  # vlmask.registry.factory_defaults
+    full: dict[str, Any] = {"name": node["name"], **defaults, **{k: v for k, v in node.items() if k != "name"}}
     return json.loads(json.dumps(full, default=str))
 
 
@@ -285,11 +269,11 @@ TRAINING_VIEWS = tuple(DATASET_VIEWS.values())
 
 
 def without_training_views(factory: Any) -> dict[str, bool | None]:
-    """``{argument: False}`` for each of :data:`TRAINING_VIEWS` that the dataset factory takes,
-    ``{argument: None}`` for each pretraining augmentation (:data:`vlmask.kinds.TRAINING_AUGMENTATIONS`)."""
+    """The entries of :data:`vlmask.kinds.WITHOUT_TRAINING_VIEWS` that the dataset factory takes
+    (views off, pretraining augmentations None); :func:`vlmask.schema.build`'s ``if_taken`` does
+    this selection itself."""
     parameters = factory_parameters(factory)
-    return ({name: False for name in TRAINING_VIEWS if name in parameters}
-            | {name: None for name in TRAINING_AUGMENTATIONS if name in parameters})
+    return {name: value for name, value in WITHOUT_TRAINING_VIEWS.items() if name in parameters}
 
 
 def eval_dataset(run: OpenRun, manifest: Path) -> Any:
@@ -298,12 +282,9 @@ def eval_dataset(run: OpenRun, manifest: Path) -> Any:
     views (:data:`TRAINING_VIEWS`)."""
     registry: Registry = run.plugins.registry
     recipe: Recipe = run.recipe
-    entry = registry.get("dataset", section_settings(recipe, "data").dataset.get("name"))
-    extra: dict[str, Any] = {"manifest": str(manifest), "train": False, **without_training_views(entry.factory)}
-    classes = getattr(run.train_set, "classes", None)
-    if classes is not None and "classes" in factory_parameters(entry.factory):
-        extra["classes"] = list(classes)
-    return build(registry, recipe, "data.dataset", "dataset", **extra)
+    classes = run.train_set.classes  # vlmask.kinds.Dataset declares it
+    if_taken = {**WITHOUT_TRAINING_VIEWS, **({"classes": list(classes)} if classes is not None else {})}
+    return build(registry, recipe, "data.dataset", "dataset", manifest=str(manifest), train=False, if_taken=if_taken)
 
 
 def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: EvaluationSettings, progress: bool,

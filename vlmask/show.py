@@ -23,7 +23,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from vlmask.caches import _progress_bar
 from vlmask.checkpoint import CheckpointError
 from vlmask.config import RecipeError
 from vlmask.data_loading import collate_of
-from vlmask.evaluate import val_manifest, without_training_views
+from vlmask.evaluate import val_manifest
+from vlmask.kinds import WITHOUT_TRAINING_VIEWS
 from vlmask.pictures import (
     STILL_SUFFIXES,
     Column,
@@ -53,7 +54,7 @@ from vlmask.pictures import (
 )
 from vlmask.plugins import Plugins, default_plugins
 from vlmask.runs import OpenRun, open_run
-from vlmask.schema import build, factory_parameters, settings, top_settings
+from vlmask.schema import build, settings, top_settings
 from vlmask.step import mask_generator
 from vlmask.types import Batch, Mask, TokenGrid
 
@@ -327,12 +328,9 @@ def recipe_name(run: OpenRun) -> str:
 def show_dataset(run: OpenRun, manifest: Path) -> Any:
     """The run's dataset plugin on ``manifest`` in evaluation mode (``train=False``: centre
     crop, no flip), without training-only views; labels stay names (no class list is read)."""
-    entry = run.plugins.registry.get("dataset", settings(run.recipe, "data").dataset.get("name"))
-    extra = {"manifest": str(manifest), "train": False, **without_training_views(entry.factory)}
-    if "probe_workers" in factory_parameters(entry.factory):
-        extra["probe_workers"] = 2
     try:
-        return build(run.plugins.registry, run.recipe, "data.dataset", "dataset", **extra)
+        return build(run.plugins.registry, run.recipe, "data.dataset", "dataset", manifest=str(manifest), train=False,
+                     if_taken={**WITHOUT_TRAINING_VIEWS, "probe_workers": 2})
     except (ValueError, OSError) as error:
         raise ShowError(f"{manifest}: {str(error).splitlines()[0]}") from None
 
