@@ -49,7 +49,7 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import collate_of
 from vlmask.io import relative_path, write_json
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
-from vlmask.kinds import DATASET_VIEWS, WITHOUT_TRAINING_VIEWS
+from vlmask.kinds import DATASET_VIEWS, WITHOUT_TRAINING_VIEWS, LabelledDataset, VerbNounDataset
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins
 from vlmask.registry import Registry
@@ -322,11 +322,13 @@ def split_features(dataset: Any, pooled: dict[str, Tensor]) -> tuple[SplitFeatur
     n = len(dataset)
     keep = finite_rows(pooled)
     rows = keep.nonzero().flatten().tolist()
-    label_ids = list(getattr(dataset, "label_ids", [-1] * n))
-    names = list(getattr(dataset, "labels", [None] * n))
-    captions = [c or "" for c in getattr(dataset, "captions", [""] * n)]
-    verbs = list(getattr(dataset, "verbs", [None] * n))
-    nouns = list(getattr(dataset, "nouns", [None] * n))
+    labelled = isinstance(dataset, LabelledDataset)  # optional members: vlmask.kinds.OPTIONAL
+    label_ids = list(dataset.label_ids) if labelled else [-1] * n
+    names = list(dataset.labels) if labelled else [None] * n
+    captions = [c or "" for c in dataset.captions]  # vlmask.kinds.Dataset declares them
+    with_parts = isinstance(dataset, VerbNounDataset)
+    verbs = list(dataset.verbs) if with_parts else [None] * n
+    nouns = list(dataset.nouns) if with_parts else [None] * n
     split = SplitFeatures(
         pooled={p: v[keep] for p, v in pooled.items() if p != TOKENS},
         tokens=pooled[TOKENS][keep] if TOKENS in pooled else None,
@@ -344,7 +346,9 @@ def class_parts(dataset: Any, classes: list[str]) -> tuple[list[str | None], lis
     verbs: list[str | None] = [None] * len(classes)
     nouns: list[str | None] = [None] * len(classes)
     index = {c: i for i, c in enumerate(classes)}
-    for label, verb, noun in zip(getattr(dataset, "labels", []), getattr(dataset, "verbs", []), getattr(dataset, "nouns", [])):
+    if not (isinstance(dataset, LabelledDataset) and isinstance(dataset, VerbNounDataset)):
+        return verbs, nouns
+    for label, verb, noun in zip(dataset.labels, dataset.verbs, dataset.nouns):
         c = index.get(label) if label is not None else None
         if c is not None and verb is not None and noun is not None and verbs[c] is None:
             verbs[c], nouns[c] = verb, noun
@@ -377,7 +381,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     settings = evaluation_settings(evaluation_recipe, registry)
     built = build_evaluators(settings, evaluation_recipe, registry, evaluators)
     checkpoint = Path(run.checkpoint)
-    classes = list(getattr(run.train_set, "classes", []) or [])
+    classes = list(run.train_set.classes or [])
     result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
     if classes:
         result["chance_top1"] = 1.0 / len(classes)
@@ -407,7 +411,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
                 result[name] = {k: float(v) for k, v in section.items()}
         data.update({
             "train_clips": len(train_split), "val_clips": len(val_split),
-            "skipped_lines": {"train": len(getattr(train_set, "skipped", [])), "val": len(getattr(val_set, "skipped", []))},
+            "skipped_lines": {"train": len(train_set.skipped), "val": len(val_set.skipped)},
             "unloadable_clips": {"train": train_dropped, "val": val_dropped},
         })
     used = {name: settings.evaluators[name] for name in built if name in result}
@@ -431,7 +435,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
 
 
 def _projector(run: OpenRun) -> Callable[[Tensor], Tensor] | None:
-    projection = getattr(run.student, "projection", None)
+    projection = run.student.projection  # None without a text space
     if projection is None:
         return None
     device = next(projection.parameters()).device
@@ -444,7 +448,7 @@ def _projector(run: OpenRun) -> Callable[[Tensor], Tensor] | None:
 
 
 def _text_encoder(run: OpenRun) -> Callable[[list[str]], Tensor] | None:
-    encoder = getattr(run, "text_encoder", None)
+    encoder = run.text_encoder
     if encoder is None:
         return None
     cache = CaptionEmbeddingCache(cache_dir() / "text")
@@ -545,7 +549,7 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     rows = np.full((len(lines), features.shape[1]), np.nan, dtype=np.float32)
     for row, line in enumerate(line_numbers):
         rows[line - 1] = features[row]
-    reasons = {s.line: s.reason for s in getattr(dataset, "skipped", [])}
+    reasons = {s.line: s.reason for s in dataset.skipped}
     nan_lines = [
         {"line": i + 1, "reason": reasons.get(i + 1) or ("blank line" if not lines[i].strip() else "did not load")}
         for i in range(len(lines)) if not np.isfinite(rows[i]).all()

@@ -161,10 +161,12 @@ class MirroringTeacher(Protocol):
 
 @runtime_checkable
 class LabelledDataset(Protocol):
-    """An optional member of datasets: ``label_ids``, the class index of every clip (-1:
-    unlabelled), in ``classes``; finetuning trains on the labelled clips."""
+    """Optional members of datasets: ``label_ids``, the class index of every clip (-1:
+    unlabelled), in ``classes``, and ``labels``, the class name of every clip (None:
+    unlabelled); finetuning trains on the labelled clips, evaluation scores them."""
 
     label_ids: Sequence[int]
+    labels: Sequence[Any]
 
 
 @runtime_checkable

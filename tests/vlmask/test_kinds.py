@@ -394,7 +394,7 @@ def test_optional_members_are_read_through_their_protocols() -> None:
 
     encoder = tiny_encoder()
     assert isinstance(encoder, HasBlocks) and not isinstance(nn.Linear(2, 2), HasBlocks)
-    full = SimpleNamespace(label_ids=[0, -1], verbs=["cut", None], nouns=["onion", None])
+    full = SimpleNamespace(label_ids=[0, -1], labels=["cut onion", None], verbs=["cut", None], nouns=["onion", None])
     assert isinstance(full, LabelledDataset) and isinstance(full, VerbNounDataset)
     assert partial_optional_members("dataset", full) == []
     assert partial_optional_members("dataset", SimpleNamespace(verbs=[], collate=None)) == [
