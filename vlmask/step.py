@@ -40,7 +40,7 @@ from vlmask.build import (Components, LossTerm, Student, autocast_of, build_comp
 from vlmask.config import Recipe, RecipeError
 from vlmask.diagnostics import training_diagnostics
 from vlmask.hookspecs import RunInfo
-from vlmask.plugins import Plugins, new_manager
+from vlmask.plugins import Plugins, new_manager, unknown_hooks
 from vlmask.schedules import lr_at
 from vlmask.schema import settings, top_settings
 from vlmask.stages import read_stages, stage_plan, staged_total
@@ -222,6 +222,15 @@ class FeatureTap:
 
 # ---------------------------------------------------------------------------------------- the step
 
+
+def _part_key(name: str, recipe: Recipe) -> str:
+    """The recipe key of a part named as :meth:`vlmask.build.Components.hook_parts` names it."""
+    if name.startswith("logger."):
+        return "loggers." + name.removeprefix("logger.")
+    if name in ("masker", "teacher"):
+        return name
+    return f"targets.{name}" if name in top_settings(recipe).terms("targets") else f"heads.{name}"
+
 def mask_generator(seed: int, step: int, rank: int, device: torch.device | str | None) -> torch.Generator:
     """The generator the masker gets at ``step`` (0-based) on ``rank``: it depends only on (seed,
     step, rank), so masks are identical after a resume and differ per rank; ``vlmask show masks``
@@ -276,6 +285,10 @@ class TrainStep:
         for name, component in parts.hook_parts().items():  # the parts take part in the run's hooks
             if not self.manager.is_registered(component):
                 self.manager.register(component, name=f"run:{name}:{id(component)}")
+                if misspelt := unknown_hooks(self.manager, component):  # else registered silently, never called
+                    self.manager.unregister(component)
+                    key = _part_key(name, recipe)
+                    raise RecipeError([f"{recipe.where(key)}: key {key}: {'; '.join(misspelt)}"])
         self.hooks = self.manager.hook
         #: What lifecycle hooks learn about the run (the Trainer gives its own, with the run directory).
         self.run = RunInfo(Path("."), recipe, self.device, self.rank, self.world_size, 0, total_steps, self.attention)

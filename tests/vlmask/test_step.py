@@ -12,7 +12,7 @@ import torch
 
 from vlmask import hookimpl
 from vlmask.bench import count_flops, count_step_flops, synthetic_batch
-from vlmask.config import load_recipe
+from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import default_plugins, load_plugins, run_manager
 from vlmask.step import ON_META, TrainStep, build_step
 
@@ -125,3 +125,33 @@ def test_weight_decay_groups_come_from_the_parts_declarations(recipe_name: str, 
         assert no_decay == [n for n in expected if _old_rule(n, step.student.get_parameter(n))]
         assert decay == [n for n in expected if not _old_rule(n, step.student.get_parameter(n))]
         assert {"predictor.mask_token"} <= set(no_decay) and "predictor.head.weight" in decay
+
+
+class MisspeltHead(torch.nn.Module):
+    """A head whose clamp is spelt the British way: pluggy would register it and never call it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    @hookimpl
+    def vlmask_after_optimiser_step(self, step: int) -> None:
+        self.scale.data.clamp_(0.0, 1.0)
+
+    def forward(self, out):
+        return out.visible_features.mean() * self.scale
+
+
+class MisspeltHeadPlugin:
+    @hookimpl
+    def vlmask_register_plugins(self, register):
+        register("head", "misspelt", MisspeltHead)
+
+
+def test_a_part_with_a_misspelt_hook_is_refused_naming_its_key_and_the_nearest_hook() -> None:
+    plugins = load_plugins(extra=[("misspelt-head", MisspeltHeadPlugin())])
+    recipe = load_recipe(RECIPES / "mae.yaml", [*TINY, "heads.clamp={name: misspelt}", "loss_weights.clamp=1.0"])
+    with pytest.raises(RecipeError) as refused:
+        build_step(recipe, plugins, manager=run_manager(plugins))
+    [problem] = refused.value.problems
+    assert "key heads.clamp:" in problem and "did you mean vlmask_after_optimizer_step?" in problem, problem
