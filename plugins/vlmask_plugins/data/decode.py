@@ -476,7 +476,9 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: 
                 if frame is None:
                     raise DecodeError(path, "no decodable frame in the segment")
                 if id(frame) not in converted:
-                    converted[id(frame)] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                    # threads=1: swscale's slice threads (PyAV's default, threads=0) deadlock in a forked
+                    # DataLoader worker whose parent converted frames before (seen with PyAV 18.1)
+                    converted[id(frame)] = frame.to_ndarray(width=width, height=height, format="rgb24", threads=1)
                 out.append(converted[id(frame)])
     except DecodeError:
         raise
