@@ -171,6 +171,7 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("evaluator", "zero_shot"): lambda tmp, data: {},
     ("logger", "csv"): lambda tmp, data: {},
     ("logger", "tensorboard"): lambda tmp, data: {},
+    ("logger", "wandb"): lambda tmp, data: pytest.importorskip("wandb") and {"mode": "disabled"},  # an optional extra
 }
 
 
