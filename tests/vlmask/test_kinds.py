@@ -157,6 +157,8 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("text_encoder", "open_clip"): lambda tmp, data: _open_clip_checkpoint(tmp),
     ("dataset", "video_manifest"): lambda tmp, data: {"manifest": str(data[0]), "num_frames": 4, "size": 32,
                                                       "hflip": False, "probe_workers": 1},
+    ("dataset", "mixture"): lambda tmp, data: {"manifest": str(data[1]), "num_frames": 4, "size": 32, "hflip": False,
+                                               "sources": [{"path": str(_shards(tmp, data[0])), "weight": 2}]},
     ("dataset", "video_shards"): lambda tmp, data: {"manifest": str(_shards(tmp, data[0])), "num_frames": 4, "size": 32,
                                                     "hflip": False},
     ("action_area", "flow"): lambda tmp, data: {"preset": "ultrafast", "pairs": 2, "size": 32},

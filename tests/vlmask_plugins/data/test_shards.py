@@ -136,3 +136,44 @@ def test_a_run_trains_from_shards(shards, tiny_scale, tmp_path):
         summary = trainer.train()
     assert summary["steps"] == 3
     assert (tmp_path / "run" / "config.yaml").read_text().count("video_shards") >= 1
+
+
+# ---------------------------------------------------------------------------- mixture
+
+
+def test_a_mixture_draws_each_source_by_weight_reproducibly(tiny_synth, shards):
+    from vlmask_plugins.data.mixture import MixtureDataset
+
+    def mixture(seed: int) -> MixtureDataset:
+        return MixtureDataset(str(tiny_synth[1]), sources=[{"path": f"{shards}/shard-{{000000..000004}}.tar", "weight": 1}],
+                              weight=3, seed=seed, num_frames=2, size=32, hflip=False, decoder="pyav", train=False)
+
+    mix = mixture(0)  # 6 val clips at weight 3, 18 shard clips at weight 1: 24 draws, 18 and 6
+    assert [(m["clips"], m["draws"]) for m in mix.mix] == [(6, 18), (18, 6)]
+    assert mix.table == mixture(0).table and mix.table != mixture(1).table
+    item = mix[len(mix) - 1]
+    assert item["index"] == len(mix) - 1 and item["caption"] == mix.captions[-1] and item["video"].shape == (3, 2, 32, 32)
+
+
+@pytest.mark.parametrize("sources, weight, message", [
+    ([{"path": "nowhere.jsonl", "weight": 1}], 1, r"sources\[0\]\.path: no such manifest or shard set: nowhere.jsonl"),
+    ([{"path": "SHARDS", "weight": 0}], 1, r"sources\[0\]\.weight: must be a number > 0, got 0"),
+    ([{"path": "SHARDS", "weight": -2}], 1, r"sources\[0\]\.weight: must be a number > 0, got -2"),
+    ([{"path": "SHARDS", "weight": 1}], 0, r"^weight: must be a number > 0, got 0"),
+    ([{"path": "SHARDS"}, {"path": "SHARDS", "wieght": 1}], 1, r"sources\[1\]: needs path and weight only"),
+])
+def test_a_mixture_names_the_bad_entry(tiny_synth, shards, sources, weight, message):
+    from vlmask_plugins.data.mixture import MixtureDataset
+
+    sources = [{k: (str(shards) if v == "SHARDS" else v) for k, v in s.items()} for s in sources]
+    with pytest.raises(ValueError, match=message):
+        MixtureDataset(str(tiny_synth[1]), sources=sources, weight=weight, num_frames=2, size=32)
+
+
+def test_a_mixture_of_empty_sources_is_refused_naming_the_source(tiny_synth, tmp_path):
+    from vlmask_plugins.data.mixture import MixtureDataset
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"sources\[0\]\.path: manifest .*empty.jsonl has no usable clip \(it is empty\)"):
+        MixtureDataset(str(tiny_synth[1]), sources=[{"path": str(empty), "weight": 1}], num_frames=2, size=32)
