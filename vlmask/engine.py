@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from vlmask import checkpoint as ckpt
 from vlmask import parallel, rundir
@@ -111,15 +111,23 @@ class TrainData:
         self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank,
                                            world_size, log)
         self.dataset = build(plugins.registry, recipe, "data.dataset", "dataset", manifest=str(self.read), train=True)
-        self.batches = EpochBatches(len(self.dataset), train.batch_size, int(top_settings(recipe).seed), rank, world_size)
+        seed = top_settings(recipe).seed
+        # A stream (an IterableDataset, e.g. video_shards) orders and splits its own clips: its plan(...) is
+        # EpochBatches' contract (epoch, start_batch, batches_per_epoch); workers are not persistent, so
+        # each epoch's workers see the epoch it sets.
+        streamed = isinstance(self.dataset, IterableDataset)
+        self.batches = (self.dataset.plan(train.batch_size, seed, rank, world_size) if streamed  # type: ignore[attr-defined]
+                        else EpochBatches(len(self.dataset), train.batch_size, seed, rank, world_size))
         workers = data.num_workers
         self.loader = DataLoader(
-            SeededItems(self.dataset),
-            batch_sampler=self.batches,
+            self.dataset if streamed else SeededItems(self.dataset),
+            batch_sampler=None if streamed else self.batches,
+            batch_size=train.batch_size if streamed else 1,
+            drop_last=streamed,
             num_workers=workers,
             collate_fn=collate_of(self.dataset),
             pin_memory=process.device.type == "cuda",
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and not streamed,
             worker_init_fn=worker_init,
             prefetch_factor=4 if workers > 0 else None,
         )

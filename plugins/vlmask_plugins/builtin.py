@@ -6,7 +6,7 @@ built-in plugin starts ``model.init`` from VideoMAE checkpoints (``vlmask_load_i
 default data (the synthetic video-caption set, through ``vlmask_default_manifests``), action boxes
 detected before training where a recipe needs them and the manifest lacks them
 (``vlmask_plan_requirement`` / ``vlmask_fill_requirement``), the commands
-``vlmask data synth|boxes|captions|import`` and ``vlmask export`` (through ``vlmask_add_commands``)
+``vlmask data synth|boxes|captions|import|shard`` and ``vlmask export`` (through ``vlmask_add_commands``)
 and the pictures ``vlmask show masks|reconstruction|attention`` (through ``vlmask_picture_kinds``).
 """
 

@@ -1,4 +1,4 @@
-"""The built-in plugin's commands: ``vlmask data synth|boxes|captions|import`` and ``vlmask export``.
+"""The built-in plugin's commands: ``vlmask data synth|boxes|captions|import|shard`` and ``vlmask export``.
 
 They reach the command line through the ``vlmask_add_commands`` hook (see ``vlmask.hookspecs``)
 implemented in ``vlmask_plugins.builtin``; ``vlmask.cli`` imports none of them.
@@ -50,6 +50,14 @@ def cmd_data_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    from vlmask_plugins.data.shards import write_shards
+
+    report = write_shards(Path(args.manifest), Path(args.out), shard_size=args.shard_size, seed=args.seed)
+    out.print(report.summary(), highlight=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmask_plugins.interop import export_hf_videomae
 
@@ -82,6 +90,13 @@ def add_commands(subparsers: argparse._SubParsersAction, data: argparse._SubPars
     captions.add_argument("--workers", type=int, default=1)
     captions.add_argument("--stats", help="also write the statistics as JSON here")
     captions.set_defaults(func=cmd_data_captions)
+
+    shard = data.add_parser("shard", help="write a manifest's clips as WebDataset tar shards (dataset video_shards streams them)")
+    shard.add_argument("manifest")
+    shard.add_argument("--out", required=True, help="an empty folder: shard-000000.tar, ... and shards.json")
+    shard.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the order clips are written in (default 0)")
+    shard.set_defaults(func=cmd_data_shard)
 
     from vlmask_plugins.data.importers import add_import_command
 

@@ -123,6 +123,13 @@ def _student() -> nn.Module:
 
 
 #: (kind, name) -> tiny-scale arguments, given (tmp_path, tiny_synth manifests).
+
+def _shards(tmp: Path, manifest: Path) -> Path:
+    """The manifest written as WebDataset shards (``vlmask data shard``); the index's path."""
+    from vlmask_plugins.data.shards import write_shards
+
+    return write_shards(manifest, tmp / "shards", shard_size=4).index
+
 TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("masker", "tube"): lambda tmp, data: {"ratio": 0.75},
     ("masker", "random"): lambda tmp, data: {"ratio": 0.75},
@@ -150,6 +157,10 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("text_encoder", "open_clip"): lambda tmp, data: _open_clip_checkpoint(tmp),
     ("dataset", "video_manifest"): lambda tmp, data: {"manifest": str(data[0]), "num_frames": 4, "size": 32,
                                                       "hflip": False, "probe_workers": 1},
+    ("dataset", "mixture"): lambda tmp, data: {"manifest": str(data[1]), "num_frames": 4, "size": 32, "hflip": False,
+                                               "sources": [{"path": str(_shards(tmp, data[0])), "weight": 2}]},
+    ("dataset", "video_shards"): lambda tmp, data: {"manifest": str(_shards(tmp, data[0])), "num_frames": 4, "size": 32,
+                                                    "hflip": False},
     ("action_area", "flow"): lambda tmp, data: {"preset": "ultrafast", "pairs": 2, "size": 32},
     ("captioner", "template"): lambda tmp, data: {},
     ("captioner", "hf_image_to_text"): lambda tmp, data: {"path": _captioner_folder(tmp), "frames_per_clip": 1,
@@ -162,6 +173,7 @@ TINY: dict[tuple[str, str], Callable[[Path, Any], dict[str, Any]]] = {
     ("evaluator", "zero_shot"): lambda tmp, data: {},
     ("logger", "csv"): lambda tmp, data: {},
     ("logger", "tensorboard"): lambda tmp, data: {},
+    ("logger", "wandb"): lambda tmp, data: pytest.importorskip("wandb") and {"mode": "disabled"},  # an optional extra
 }
 
 

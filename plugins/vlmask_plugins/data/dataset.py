@@ -175,47 +175,11 @@ class VideoManifestDataset(Dataset):
         color_jitter: ColorJitter | None = None,
         blur: Blur | None = None,
     ) -> None:
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        if sampling not in ("dynamic", "fixed"):
-            raise ValueError(f"sampling must be 'dynamic' or 'fixed', got {sampling!r}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        crop_scale = tuple(float(v) for v in crop_scale)  # type: ignore[assignment]
-        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std must have 3 values and std must be > 0, got mean={mean}, std={std}")
-        if decode_device not in ("cpu", "cuda"):
-            raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
-        self.decoder, self.decoder_reason = resolve_decoder(decoder)  # one-line error naming the key
-        self.requested_decoder = decoder
-        if decode_device == "cuda" and self.decoder != "torchcodec":
-            raise ValueError(f"decode_device='cuda' needs decoder torchcodec, got {self.decoder} ({self.decoder_reason})")
-        self.decode_device = decode_device
-        self.flow = bool(flow)
-        self.second_clip = bool(second_clip)
-        if not flow_bound > 0:
-            raise ValueError(f"flow_bound must be > 0 (pixels), got {flow_bound}")
-        self.flow_bound = float(flow_bound)
-        self.color_augment = ClipColorAugment(color_jitter, blur)  # ValueError naming color_jitter.KEY / blur.KEY
-        if decode_short_side is not None and decode_short_side < size:
-            raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
         if probe_workers < 1:
             raise ValueError(f"probe_workers must be >= 1, got {probe_workers}")
-
+        self._configure(num_frames, size, sampling, stride, train, crop_scale, hflip, mean, std, decoder,
+                        decode_short_side, decode_device, flow, second_clip, flow_bound, color_jitter, blur)
         self.manifest = Path(manifest)
-        self.sampler = FrameSampler(num_frames, sampling, stride)
-        self.size = size
-        self.train = train
-        self.crop_scale: tuple[float, float] = crop_scale  # type: ignore[assignment]
-        self.hflip = hflip
-        self.decode_short_side = decode_short_side or size
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        #: Stacks items into a Batch that carries this dataset's mean/std (``collate_of`` finds it).
-        self.collate = functools.partial(collate, mean=self.mean, std=self.std)
 
         report = read_manifest(self.manifest)
         self.manifest_skipped: list[SkippedClip] = list(report.skipped)
@@ -250,6 +214,52 @@ class VideoManifestDataset(Dataset):
                 "mirrors those actions and contradicts the text; set hflip: false for such data",
                 stacklevel=2,
             )
+
+    def _configure(self, num_frames: int, size: int, sampling: str, stride: int, train: bool,
+                   crop_scale: tuple[float, float], hflip: bool, mean: tuple[float, float, float],
+                   std: tuple[float, float, float], decoder: str, decode_short_side: int | None,
+                   decode_device: str, flow: bool, second_clip: bool, flow_bound: float,
+                   color_jitter: ColorJitter | None, blur: Blur | None) -> None:
+        """Check and keep the sampling, decoding and augmentation settings (shared with
+        ``vlmask_plugins.data.shards.VideoShardsDataset``, which reads its clips elsewhere)."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if sampling not in ("dynamic", "fixed"):
+            raise ValueError(f"sampling must be 'dynamic' or 'fixed', got {sampling!r}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        crop_scale = tuple(float(v) for v in crop_scale)  # type: ignore[assignment]
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have 3 values and std must be > 0, got mean={mean}, std={std}")
+        if decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
+        self.decoder, self.decoder_reason = resolve_decoder(decoder)  # one-line error naming the key
+        self.requested_decoder = decoder
+        if decode_device == "cuda" and self.decoder != "torchcodec":
+            raise ValueError(f"decode_device='cuda' needs decoder torchcodec, got {self.decoder} ({self.decoder_reason})")
+        self.decode_device = decode_device
+        self.flow = bool(flow)
+        self.second_clip = bool(second_clip)
+        if not flow_bound > 0:
+            raise ValueError(f"flow_bound must be > 0 (pixels), got {flow_bound}")
+        self.flow_bound = float(flow_bound)
+        self.color_augment = ClipColorAugment(color_jitter, blur)  # ValueError naming color_jitter.KEY / blur.KEY
+        if decode_short_side is not None and decode_short_side < size:
+            raise ValueError(f"decode_short_side must be >= size ({size}) or None, got {decode_short_side}")
+
+        self.sampler = FrameSampler(num_frames, sampling, stride)
+        self.size = size
+        self.train = train
+        self.crop_scale: tuple[float, float] = crop_scale  # type: ignore[assignment]
+        self.hflip = hflip
+        self.decode_short_side = decode_short_side or size
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        #: Stacks items into a Batch that carries this dataset's mean/std (``collate_of`` finds it).
+        self.collate = functools.partial(collate, mean=self.mean, std=self.std)
 
     # ------------------------------------------------------------------ bookkeeping
 

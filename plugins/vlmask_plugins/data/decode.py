@@ -39,9 +39,10 @@ the segment is shorter than the span (VideoMAE's loader does the same).
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -64,6 +65,29 @@ class DecodeError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # survive pickling out of DataLoader workers
         return (DecodeError, (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class MemoryVideo:
+    """A video file's bytes held in memory (a clip read out of a shard), decoded without
+    touching the disk: PyAV and decord read a ``BytesIO``, torchcodec the bytes. ``name`` (e.g.
+    ``shard-000003.tar#000000042.mp4``) stands for the file in errors; every function of this
+    module that takes a path also takes one of these."""
+
+    name: str
+    data: bytes = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _source(path: Path | MemoryVideo) -> Any:
+    """What PyAV (and decord) open: the path as a string, or a fresh BytesIO of the bytes."""
+    return io.BytesIO(path.data) if isinstance(path, MemoryVideo) else str(path)
+
+
+def _as_path(path: str | Path | MemoryVideo) -> Path | MemoryVideo:
+    return path if isinstance(path, MemoryVideo) else Path(path)
 
 
 @dataclass(frozen=True)
@@ -145,7 +169,7 @@ def short_side_size(width: int, height: int, short_side: int | None) -> tuple[in
 # --------------------------------------------------------------------------- probing (validation time only)
 
 
-def probe_video(path: str | Path, decode: bool = True, full_decode_below: int = 64) -> VideoInfo:
+def probe_video(path: str | Path | MemoryVideo, decode: bool = True, full_decode_below: int = 64) -> VideoInfo:
     """Open ``path`` with PyAV and read its video stream's header. With ``decode``, also decode
     frames: all of them when the header says there are at most ``full_decode_below``, else the
     first two and two about two seconds before the end (catches truncated files and streams the
@@ -156,15 +180,15 @@ def probe_video(path: str | Path, decode: bool = True, full_decode_below: int = 
     """
     import av
 
-    path = Path(path)
+    path = _as_path(path)
     try:
-        size = path.stat().st_size
+        size = len(path.data) if isinstance(path, MemoryVideo) else path.stat().st_size
     except OSError as error:
         raise DecodeError(path, f"cannot stat file: {error.strerror or error}") from None
     if size == 0:
         raise DecodeError(path, "empty file (0 bytes)")
     try:
-        container = av.open(str(path), mode="r")
+        container = av.open(_source(path), mode="r")
     except Exception as error:  # av.error.* (InvalidDataError, ...) or OSError
         raise DecodeError(path, f"not a readable video container ({type(error).__name__}: {_first_line(error)})") from None
     try:
@@ -209,7 +233,7 @@ def _check_end(path: Path, seconds: float) -> None:
 
     for target in (seconds, seconds / 2):
         # A fresh container: some decoders (RealVideo) refuse to resume after an earlier decode.
-        with av.open(str(path), mode="r") as container:
+        with av.open(_source(path), mode="r") as container:
             stream = container.streams.video[0]
             try:
                 container.seek((stream.start_time or 0) + int(target / stream.time_base),
@@ -340,7 +364,7 @@ def frames_at(pts: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 
 def decode_clip(
-    path: str | Path,
+    path: str | Path | MemoryVideo,
     sampler: FrameSampler,
     train: bool = False,
     short_side: int | None = None,
@@ -361,7 +385,7 @@ def decode_clip(
     :func:`probe_video`) saves reading the header again. Raises DecodeError.
     """
     name, _ = resolve_decoder(decoder)
-    path = Path(path)
+    path = _as_path(path)
     if info is None:
         info = probe_video(path, decode=False)
     width, height = short_side_size(info.width, info.height, short_side)
@@ -413,7 +437,7 @@ def _decode_pyav(path: Path, times: np.ndarray, width: int, height: int, stats: 
     wanted = np.unique(times)  # ascending
     chosen: dict[float, Any] = {}
     try:
-        with av.open(str(path), mode="r") as container:
+        with av.open(_source(path), mode="r") as container:
             stream = container.streams.video[0]
             time_base = float(stream.time_base)
             origin = (stream.start_time or 0) * time_base
@@ -522,7 +546,7 @@ def _decode_decord(path: Path, times: np.ndarray, width: int, height: int) -> np
 
     def open_reader(w: int, h: int) -> Any:
         try:
-            return decord.VideoReader(str(path), width=w, height=h, num_threads=1)
+            return decord.VideoReader(_source(path), width=w, height=h, num_threads=1)
         except Exception as error:
             raise DecodeError(path, f"cannot open ({type(error).__name__}: {_first_line(error)})") from None
 
@@ -555,7 +579,7 @@ def _stream_start(path: Path) -> float:
     """The video stream's start time in seconds (decord counts from it)."""
     import av
 
-    with av.open(str(path), mode="r") as container:
+    with av.open(_source(path), mode="r") as container:
         stream = container.streams.video[0]
         return float((stream.start_time or 0) * stream.time_base)
 
@@ -573,7 +597,7 @@ def _decode_torchcodec(path: Path, times: np.ndarray, width: int, height: int, d
     except Exception as error:
         raise DecodeError(path, f"torchcodec is not importable ({_first_line(error)})") from None
     try:
-        reader = VideoDecoder(str(path), dimension_order="NHWC", seek_mode="exact", device=device,
+        reader = VideoDecoder(path.data if isinstance(path, MemoryVideo) else str(path), dimension_order="NHWC", seek_mode="exact", device=device,
                               transforms=[Resize(size=(height, width))])
         meta = reader.metadata
         begin = float(meta.begin_stream_seconds or 0.0)
