@@ -49,7 +49,8 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import collate_of
 from vlmask.io import relative_path, write_json
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
-from vlmask.kinds import DATASET_VIEWS, WITHOUT_TRAINING_VIEWS, LabelledDataset, VerbNounDataset
+from vlmask.kinds import (DATASET_VIEWS, WITHOUT_TRAINING_VIEWS, LabelledDataset, ManifestLinesDataset, TokenEvaluator,
+                          VerbNounDataset)
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins
 from vlmask.registry import Registry
@@ -394,7 +395,7 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     elif built:
         train_set = eval_dataset(run, run.train_manifest)
         val_set = eval_dataset(run, val_path)
-        budgets = [int(b) for b in (getattr(e, "token_budget", None) for e in built.values()) if b is not None]
+        budgets = [int(e.token_budget) for e in built.values() if isinstance(e, TokenEvaluator)]
         budget = max(budgets) if budgets else None  # evaluators asking for fewer tokens pool further
         train_split, train_dropped = split_features(train_set, run_features(
             run, train_set, run.train_manifest, settings, progress, "features: train", budget))
@@ -539,9 +540,8 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
         lines = [text for text in handle]
     while lines and not lines[-1].strip():
         lines.pop()
-    clips = getattr(dataset, "clips", None)
-    if clips is not None:
-        line_numbers = [int(clip.line) for clip in clips]
+    if isinstance(dataset, ManifestLinesDataset):
+        line_numbers = [int(clip.line) for clip in dataset.clips]
     elif len(dataset) == len(lines):
         line_numbers = list(range(1, len(lines) + 1))
     else:

@@ -196,6 +196,24 @@ class CollatingDataset(Protocol):
 
 
 @runtime_checkable
+class ManifestLinesDataset(Protocol):
+    """An optional member of datasets: ``clips``, one record per row whose ``line`` is the
+    manifest line it came from (1-based); ``vlmask embed`` and ``vlmask show`` name lines with it.
+    Without it, rows are taken to be the manifest's lines in order."""
+
+    clips: Sequence[Any]
+
+
+@runtime_checkable
+class TokenEvaluator(Protocol):
+    """An optional member of evaluators: ``token_budget``, the most tokens per clip it reads from
+    ``features.*.tokens`` (extraction keeps that many, pooling spatially above it); without it,
+    no tokens are extracted for it."""
+
+    token_budget: int
+
+
+@runtime_checkable
 class CheckpointDefaults(Protocol):
     """An optional member of any module of a checkpointed part: ``checkpoint_defaults() ->
     {local name: tensor}``, the state that checkpoints written before the module had it stand
@@ -212,7 +230,8 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "target": (NoWeightDecay, CheckpointDefaults),
     "head": (NoWeightDecay, CheckpointDefaults),
     "teacher": (MirroringTeacher, SwitchesAttention, CheckpointDefaults),
-    "dataset": (LabelledDataset, VerbNounDataset, DecodingDataset, CollatingDataset),
+    "dataset": (LabelledDataset, VerbNounDataset, DecodingDataset, CollatingDataset, ManifestLinesDataset),
+    "evaluator": (TokenEvaluator,),
 }
 
 
@@ -430,7 +449,7 @@ __all__ = [
     "WITHOUT_TRAINING_VIEWS", "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
     "NoWeightDecay", "no_weight_decay_of", "OPTIONAL", "SwitchesAttention", "HasBlocks", "HasFinalNorm",
     "MirroringTeacher", "LabelledDataset", "VerbNounDataset", "DecodingDataset", "CollatingDataset",
-    "CheckpointDefaults", "partial_optional_members",
+    "ManifestLinesDataset", "TokenEvaluator", "CheckpointDefaults", "partial_optional_members",
     "Masker", "Objective", "Encoder", "Predictor", "Teacher", "TextEncoder", "Dataset",
     "ActionAreaDetector", "Captioner", "RowCaptioner", "Evaluator", "Logger", "Batch",
     "missing_members", "conforms",

@@ -35,7 +35,7 @@ from vlmask.checkpoint import CheckpointError
 from vlmask.config import RecipeError
 from vlmask.data_loading import collate_of
 from vlmask.evaluate import val_manifest
-from vlmask.kinds import WITHOUT_TRAINING_VIEWS
+from vlmask.kinds import WITHOUT_TRAINING_VIEWS, LabelledDataset, ManifestLinesDataset
 from vlmask.pictures import (
     STILL_SUFFIXES,
     Column,
@@ -338,11 +338,11 @@ def show_dataset(run: OpenRun, manifest: Path) -> Any:
 def dataset_row(dataset: Any, clip: int, manifest: Path) -> int:
     """The dataset row of ``--clip clip``: the clip of line ``clip + 1`` of the manifest (when
     the dataset says which line each row came from), else row ``clip``."""
-    lines = [getattr(c, "line", None) for c in getattr(dataset, "clips", [])]
-    if lines and None not in lines:
+    lines = [int(c.line) for c in dataset.clips] if isinstance(dataset, ManifestLinesDataset) else []
+    if lines:
         if clip + 1 in lines:
             return lines.index(clip + 1)
-        skipped = {s.line: s for s in getattr(dataset, "skipped", [])}
+        skipped = {s.line: s for s in dataset.skipped}
         if clip + 1 in skipped:
             raise ShowError(f"clip {clip} (line {clip + 1} of {manifest}) cannot be shown: {skipped[clip + 1].reason}")
         count = max([*lines, *skipped]) if skipped else max(lines)
@@ -368,8 +368,8 @@ def load_clips(dataset: Any, rows: Sequence[int], clips: Sequence[int], manifest
 
 def clip_texts(dataset: Any, rows: Sequence[int], text: str | None) -> tuple[str | None, ...]:
     """Per row: ``text`` when given, else the clip's caption, else its label, else None."""
-    captions = list(getattr(dataset, "captions", []) or [])
-    labels = list(getattr(dataset, "labels", []) or [])
+    captions = list(dataset.captions or [])  # vlmask.kinds.Dataset declares them
+    labels = list(dataset.labels) if isinstance(dataset, LabelledDataset) else []
 
     def of(row: int) -> str | None:
         if text:
