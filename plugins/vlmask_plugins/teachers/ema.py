@@ -82,6 +82,7 @@ class EMATeacher(nn.Module):
         self.constant_tau = (
             2.0 ** (-1.0 / (self.half_life_fraction * total_steps)) if self.half_life_fraction is not None else None
         )
+        self._share: tuple[int, float] = (0, 1.0)  # (step, init_share(step)) last computed
         if getattr(student, "encoder", None) is None:
             raise ValueError("teacher 'ema' needs a student with an encoder")
         self.copies = nn.ModuleDict(
@@ -131,7 +132,12 @@ class EMATeacher(nn.Module):
             return 1.0
         if self.constant_tau is not None:
             return self.constant_tau**step
-        return float(np.prod([self.tau(s) for s in range(1, step + 1)]))
+        # the loop asks at every log step, counting up: extend the last product instead of
+        # multiplying every tau again (O(log interval) a call, not O(step) over a long run)
+        done, share = self._share if self._share[0] <= step else (0, 1.0)
+        share *= float(np.prod([self.tau(s) for s in range(done + 1, step + 1)]))
+        self._share = (step, share)
+        return share
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:

@@ -183,6 +183,9 @@ def test_init_share_is_the_product_of_the_taus_and_matches_a_real_teacher() -> N
             assert share == pytest.approx(math.prod(teacher.tau(s) for s in range(1, step + 1)))
             torch.testing.assert_close(teacher.module("projection").weight, initial * share)
         assert teacher.init_share(0) == 1.0
+        # asked out of order (a resume, another caller): the same products
+        assert teacher.init_share(7) == pytest.approx(math.prod(teacher.tau(s) for s in range(1, 8)))
+        assert teacher.init_share(12) == pytest.approx(math.prod(teacher.tau(s) for s in range(1, 13)))
 
 
 def test_half_life_fraction_halves_the_initial_share_every_fraction_of_the_run() -> None:
