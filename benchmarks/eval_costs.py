@@ -4,8 +4,10 @@ Everything is measured in ONE process, on the recipe's device with the same torc
 the ratios hold on a loaded machine where absolute times do not:
 
 (a) ``train_step``: one ``TrainStep.step`` of the recipe (``vlmask.step.build_step`` and
-    ``vlmask.bench.synthetic_batch``, as ``vlmask bench`` builds and feeds it): median of
-    ``--steps`` timed steps after ``--warmup`` untimed ones;
+    ``vlmask.bench.synthetic_batch``, as ``vlmask bench`` builds and feeds it): ``--steps``
+    timed steps after ``--warmup`` untimed ones, again after (b) and after (e); the reference is
+    the median of all of them, and the ratios with the slowest and the fastest round's median
+    are kept beside (``ratios_with_the_slowest_and_fastest_round``: how much the load moved);
 (b) ``finetune_step``: one optimizer step of ``vlmask finetune`` on a batch of the same size
     (``finetune.batch_size``, default ``train.batch_size``): ``vlmask.finetune.VideoClassifier``
     on a freshly built encoder with the finetune ``drop_path`` (as ``vlmask finetune`` opens the
@@ -93,10 +95,14 @@ def seconds(device: torch.device, fn: Callable[[], Any]) -> float:
     return _now(device) - start
 
 
-def median_seconds(device: torch.device, fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+def timings(device: torch.device, fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    return statistics.median(seconds(device, fn) for _ in range(repeats))
+    return [seconds(device, fn) for _ in range(repeats)]
+
+
+def median_seconds(device: torch.device, fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    return statistics.median(timings(device, fn, repeats, warmup))
 
 
 # ---------------------------------------------------------------------------------------- the built-in set
@@ -315,19 +321,27 @@ def main(argv: list[str] | None = None) -> int:
             step[0] += 1
 
         train_step.student.train()
-        train_s = median_seconds(device, train_once, args.steps, args.warmup)
+        # training steps timed before, between and after the other measurements: the reference is
+        # the median of all of them, and the rounds' medians bound it (the load changes meanwhile)
+        rounds = [timings(device, train_once, args.steps, args.warmup)]
         finetune = finetune_costs(args.recipe, list(args.overrides), train_step, plugins, sizes, args.steps, args.warmup)
+        train_step.student.train()
+        rounds.append(timings(device, train_once, args.steps, 0))
         evaluation = eval_costs(train_step, plugins, sizes)
-        train_again_s = median_seconds(device, train_once, args.steps, 0)  # the load may have changed meanwhile
+        rounds.append(timings(device, train_once, args.steps, 0))
+        train_s = statistics.median(t for samples in rounds for t in samples)
+        round_medians = [statistics.median(samples) for samples in rounds]
         pretraining = steps_without_data(recipe)
+        bounds = [ratios(t, finetune, evaluation, sizes, pretraining) for t in (max(round_medians), min(round_medians))]
         report = {
             "recipe": args.recipe, "overrides": args.overrides, "device": str(device), "device_name": device_name(device),
             "threads": torch.get_num_threads(), "precision": train_step.precision, "torch": str(torch.__version__),
             "data": "synthetic tensors (decoding and augmentation left out of every side)",
             "builtin_set": {"train": sizes["train"], "val": sizes["val"], "classes": len(sizes["classes"])},
             "train_batch_size": int(train_step.train_cfg.batch_size),
-            "train_step_s": {"before": train_s, "after": train_again_s},
+            "train_step_s": {"reference": train_s, "round_medians": round_medians, "rounds": rounds},
             "ratios_to_one_training_step": ratios(train_s, finetune, evaluation, sizes, pretraining),
+            "ratios_with_the_slowest_and_fastest_round": {"slowest": bounds[0], "fastest": bounds[1]},
             "finetune": finetune, "evaluation": evaluation,
             "note": "absolute seconds on a shared, loaded machine: compare the ratios, not the times",
             "wall_s": round(time.perf_counter() - started, 1),
