@@ -5,15 +5,17 @@ the ratios hold on a loaded machine where absolute times do not:
 
 (a) ``train_step``: one ``TrainStep.step`` of the recipe (``vlmask.step.build_step`` and
     ``vlmask.bench.synthetic_batch``, as ``vlmask bench`` builds and feeds it): ``--steps``
-    timed steps after ``--warmup`` untimed ones, again after (b) and after (e); the reference is
-    the median of all of them, and the ratios with the slowest and the fastest round's median
-    are kept beside (``ratios_with_the_slowest_and_fastest_round``: how much the load moved);
+    timed steps after ``--warmup`` untimed ones, alternating with (b)'s steps, then again after
+    (b) and after (e); the reference is the median of all of them, and the ratios with the
+    slowest and the fastest round's median are kept beside
+    (``ratios_with_the_slowest_and_fastest_round``: how much the load moved);
 (b) ``finetune_step``: one optimizer step of ``vlmask finetune`` on a batch of the same size
     (``finetune.batch_size``, default ``train.batch_size``): ``vlmask.finetune.VideoClassifier``
     on a freshly built encoder with the finetune ``drop_path`` (as ``vlmask finetune`` opens the
     run), AdamW over the layer-decay groups (``finetune_optimizer``), the per-step lr and the
     smoothed (or mixed) targets, then ``finetune_step``, the very function ``_finetune`` calls;
-    median after the same warm-up. ``finetune_val_forward_per_clip``: the classifier's forward
+    median after the same warm-up (``finetune_step_paired``: the median ratio of the
+    alternating pairs, the figure least moved by the load). ``finetune_val_forward_per_clip``: the classifier's forward
     per clip in eval mode, what the final validation costs per validation clip;
 (c) ``features_per_clip``: ``vlmask.caches.extract_features`` (what ``vlmask eval``'s
     ``run_features`` calls) with the student encoder, ``evaluation.batch_size`` and the token
@@ -148,8 +150,11 @@ def split_of(extracted: dict[str, Tensor], rows: slice, classes: list[str]) -> S
 
 # ---------------------------------------------------------------------------------------- (b) fine-tuning
 def finetune_costs(recipe_path: str, overrides: list[str], train_step: TrainStep, plugins: Plugins,
-                   sizes: dict[str, Any], repeats: int, warmup: int) -> dict[str, Any]:
-    """Seconds per ``vlmask finetune`` step and per validation clip, and its default step count."""
+                   sizes: dict[str, Any], train_once: Callable[[], None], repeats: int, warmup: int) -> dict[str, Any]:
+    """Seconds per ``vlmask finetune`` step and per validation clip, and its default step count.
+    Finetune steps alternate with training steps (``train_once``), so that each pair sees the
+    same load: ``train_s`` are those training steps, ``paired_ratio`` the median of the pairs'
+    ratios."""
     ft = finetune_settings(train_step.recipe)
     extra = [f"model.encoder.drop_path={ft.drop_path}"] if ft.drop_path is not None else []
     recipe = load_recipe(recipe_path, [*overrides, *extra])
@@ -185,7 +190,10 @@ def finetune_costs(recipe_path: str, overrides: list[str], train_step: TrainStep
         step[0] += 1
 
     model.train()
-    step_s = median_seconds(device, one_step, repeats, warmup)
+    for _ in range(warmup):
+        train_once()
+        one_step()
+    pairs = [(seconds(device, train_once), seconds(device, one_step)) for _ in range(repeats)]
     model.eval()
 
     @torch.no_grad()
@@ -194,8 +202,10 @@ def finetune_costs(recipe_path: str, overrides: list[str], train_step: TrainStep
             model(batch.video)
 
     val_s = median_seconds(device, validate, repeats, 1) / batch_size
-    return {"step_s": step_s, "val_forward_per_clip_s": val_s, "batch_size": batch_size, "default_steps": total,
-            "epochs": ft.epochs, "batches_per_epoch": batches.batches_per_epoch}
+    return {"step_s": statistics.median(f for _, f in pairs), "val_forward_per_clip_s": val_s,
+            "train_s": [t for t, _ in pairs], "paired_ratio": statistics.median(f / t for t, f in pairs),
+            "batch_size": batch_size, "default_steps": total, "epochs": ft.epochs,
+            "batches_per_epoch": batches.batches_per_epoch}
 
 
 # ---------------------------------------------------------------------------------------- (c)-(e) evaluation
@@ -271,6 +281,7 @@ def ratios(train_s: float, finetune: dict[str, Any], evaluation: dict[str, Any],
     evaluators = evaluation["evaluators"]
     table: dict[str, Any] = {
         "finetune_step": r(finetune["step_s"]),
+        "finetune_step_paired": round(finetune["paired_ratio"], 4),  # median over alternating pairs
         "finetune_val_forward_per_clip": r(finetune["val_forward_per_clip_s"]),
         "features_per_clip": r(evaluation["features_per_clip_s"]),
     }
@@ -323,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         train_step.student.train()
         # training steps timed before, between and after the other measurements: the reference is
         # the median of all of them, and the rounds' medians bound it (the load changes meanwhile)
-        rounds = [timings(device, train_once, args.steps, args.warmup)]
-        finetune = finetune_costs(args.recipe, list(args.overrides), train_step, plugins, sizes, args.steps, args.warmup)
+        finetune = finetune_costs(args.recipe, list(args.overrides), train_step, plugins, sizes, train_once,
+                                  args.steps, args.warmup)
+        rounds = [finetune.pop("train_s")]  # alternating with the finetune steps
         train_step.student.train()
         rounds.append(timings(device, train_once, args.steps, 0))
         evaluation = eval_costs(train_step, plugins, sizes)
