@@ -72,8 +72,10 @@ __all__ = [
     "VideoClassifier",
     "evaluate_classifier",
     "finetune_record",
+    "finetune_optimizer",
     "finetune_run",
     "finetune_settings",
+    "finetune_step",
     "layer_decay_groups",
     "layer_id",
     "load_finetuned",
@@ -182,6 +184,37 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's lr = ``lr * group["lr_scale"]`` (VideoMAE's per-iteration schedule)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def finetune_optimizer(model: VideoClassifier, settings: FinetuneSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`layer_decay_groups` (VideoMAE ``optim_factory.create_optimizer``):
+    ``settings.weight_decay``, ``layer_decay``, ``betas`` and ``eps``, starting at ``warmup_lr``
+    (:func:`set_group_lrs` sets each step's lr); fused on CUDA."""
+    groups = layer_decay_groups(model, settings.weight_decay, settings.layer_decay)
+    return torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=settings.warmup_lr, betas=(settings.betas[0], settings.betas[1]), eps=settings.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def finetune_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, video: Tensor,
+                  targets: Tensor, autocast: Callable[[], Any], grad_clip: float | None) -> Tensor:
+    """One optimizer step of finetuning (VideoMAE ``engine_for_finetuning.train_one_epoch``):
+    forward under ``autocast``, :func:`soft_target_cross_entropy` on ``targets``, backward
+    through ``scaler`` (a no-op unless fp16), gradient clipping at ``grad_clip`` when set, the
+    optimizer step. Returns the loss (not synchronised)."""
+    with autocast():
+        logits = model(video)
+    loss = soft_target_cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
 
 
 # --------------------------------------------------------------------------- targets
@@ -478,12 +511,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
     if settings.layer_decay < 1 and model.depth == 0:
         raise RecipeError([f"{recipe.where('finetune.layer_decay')}: key finetune.layer_decay: the encoder "
                            f"{type(model.encoder).__name__} has no .blocks to decay over; set finetune.layer_decay=1.0"])
-    groups = layer_decay_groups(model, settings.weight_decay, settings.layer_decay)
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=settings.warmup_lr, betas=(settings.betas[0], settings.betas[1]), eps=settings.eps,
-        fused=device.type == "cuda",
-    )
+    optimizer = finetune_optimizer(model, settings, device)
     scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")
     mixing = MixupCutmix(settings.mixup, settings.cutmix, settings.mixup_prob, settings.mixup_switch_prob,
                          settings.label_smoothing, len(classes))
@@ -511,16 +539,7 @@ def _finetune(run: OpenRun, run_dir: Path, settings: FinetuneSettings, progress:
                 video, targets, _ = mixing(video, labels, generator)
             else:
                 targets = smoothed_targets(labels, len(classes), settings.label_smoothing)
-            with run.autocast():
-                logits = model(video)
-            loss = soft_target_cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if settings.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = finetune_step(model, optimizer, scaler, video, targets, run.autocast, settings.grad_clip)
             loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
             done = step + 1
             evaluate_now = done == total or (settings.eval_every is not None and done % settings.eval_every == 0)

@@ -21,8 +21,10 @@ from vlmask.finetune import (
     VideoClassifier,
     evaluate_classifier,
     finetune_dataset,
+    finetune_optimizer,
     finetune_run,
     finetune_settings,
+    finetune_step,
     layer_decay_groups,
     layer_id,
     load_finetuned,
@@ -275,3 +277,35 @@ def test_timm_soft_target_loss_equals_the_hand_written_one():
     targets = torch.softmax(torch.randn(6, 5, generator=g), dim=-1)  # mixup-like soft targets
     by_hand = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
     assert torch.allclose(soft_target_cross_entropy(logits, targets), by_hand, atol=1e-6)
+
+
+def test_finetune_step_is_one_clipped_layer_decay_adamw_step():
+    """``finetune_optimizer`` + ``finetune_step`` (what ``vlmask finetune`` and
+    benchmarks/eval_costs.py run) equal the step written out: AdamW over the layer-decay groups
+    at ``warmup_lr``, soft-target cross-entropy, backward, clipping at ``grad_clip``."""
+    import copy
+    from contextlib import nullcontext
+
+    torch.manual_seed(0)
+    encoder = VideoViT(num_frames=4, img_size=16, patch=8, embed_dim=16, depth=2, num_heads=2)
+    model = VideoClassifier(encoder, num_classes=3, head_init_scale=1.0)
+    reference = copy.deepcopy(model)
+    settings = FinetuneSettings(layer_decay=0.5, weight_decay=0.05, betas=[0.8, 0.99], eps=1e-7, grad_clip=0.01,
+                                warmup_lr=0.1)
+    optimizer = finetune_optimizer(model, settings, torch.device("cpu"))
+    groups = layer_decay_groups(reference, 0.05, 0.5)
+    assert [g["lr_scale"] for g in optimizer.param_groups] == [g["lr_scale"] for g in groups]
+    assert {(g["lr"], g["betas"], g["eps"]) for g in optimizer.param_groups} == {(0.1, (0.8, 0.99), 1e-7)}
+    video, targets = torch.randn(2, 3, 4, 16, 16), smoothed_targets(torch.tensor([0, 2]), 3, 0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss = finetune_step(model, optimizer, scaler, video, targets, nullcontext, settings.grad_clip)
+
+    by_hand = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.1,
+                                betas=(0.8, 0.99), eps=1e-7)
+    expected = soft_target_cross_entropy(reference(video), targets)
+    expected.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    by_hand.step()
+    assert torch.equal(loss.detach(), expected.detach())
+    for (name, value), (_, wanted) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(value, wanted), name
