@@ -327,6 +327,16 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(argv)
+    code = _dispatch(args)
+    if code != 0 and "torch.distributed" in sys.modules:  # a failed rank leaves its group (vlmask.step.leave_processes)
+        from vlmask.step import leave_processes
+
+        leave_processes(wait=False)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The command's exit code; a user-facing error is one line on stderr (no traceback)."""
     try:
         return int(args.func(args) or 0)
     except (RunDirBusy, RunDirMismatch, RunDirNotShared) as exc:  # another writer, recipe, disk: the user's to settle

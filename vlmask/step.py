@@ -115,13 +115,15 @@ def join_processes(recipe: Recipe) -> Process:
     return Process(rank, world_size, device, launch.local_rank())
 
 
-def leave_processes() -> None:
-    """The end of a job of several processes (``vlmask run`` under torchrun): wait for every
-    rank, then leave the default process group. A process that exits without leaving it can
-    die of SIGABRT while Python shuts down (Gloo's threads still hold tensors; pytorch#190489),
-    which a rank that finishes first meets at random. Nothing when no group was joined."""
+def leave_processes(wait: bool = True) -> None:
+    """The end of a job of several processes (``vlmask run`` under torchrun or srun): wait for
+    every rank (``wait``; not on the way out of an error, where a peer may be gone), then leave
+    the default process group. A process that exits without leaving it can die of SIGABRT while
+    Python shuts down (Gloo's threads still hold tensors; pytorch#190489), which a rank that
+    finishes first meets at random. Nothing when no group was joined."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

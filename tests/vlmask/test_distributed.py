@@ -175,3 +175,21 @@ def test_srun_tasks_without_torchrun_train_like_torchrun(runs):
     assert sum(out.count("run directory:") for out, _ in outputs) == 2, "only rank 0 prints (start and end)"
     assert losses(run_dir) == losses(root / "ddp"), "step for step, torchrun's numbers"
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_run_directory_stop_with_one_line(runs):
+    """Each "node" its own run.dir (a disk of its own): every process exits 2 naming the rule,
+    and no process dies at exit (leaving the process group on the way out). ~10 s."""
+    root = runs["root"]
+    slurm = {"SLURM_JOB_ID": "4243", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    commands = [[sys.executable, *fils_run(runs["train"], root / f"unshared-{r}")] for r in (0, 1)]
+    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                env=clean_env(root, **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+               for r, c in enumerate(commands)]
+    outputs = [p.communicate(timeout=600) for p in started]
+    assert [p.returncode for p in started] == [2, 2], [err[-2000:] for _, err in outputs]
+    for _, err in outputs:
+        assert "RunDirNotShared:" in err and "run.dir must be on a disk every node shares" in err, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
