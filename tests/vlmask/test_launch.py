@@ -153,3 +153,21 @@ def test_in_turn_goes_rank_0_then_each_nodes_first_then_the_rest(tmp_path, faili
 
 def test_in_turn_in_one_process_just_works():
     assert in_turn(0, 0, 1, lambda progress: progress) is True
+
+
+def test_the_sbatch_template_parses_and_runs_vlmask_under_srun():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).parents[2]
+    template = root / "docs" / "slurm" / "vlmask.sbatch"
+    text = template.read_text()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(template)], check=True)
+    options = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    assert {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=B:USR1@120", "--requeue"} <= set(options)
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "python -m vlmask run recipes/paper/fils.yaml" in srun and "--kill-on-bad-exit=1" in srun
+    assert (root / "recipes" / "paper" / "fils.yaml").is_file()
+    assert "requeue when vlmask exits with the preemption code (README, Preemption)" in text
+    assert "torchrun --nnodes" in text and "--rdzv-backend c10d" in text, "the torchrun-per-node variant"
