@@ -56,18 +56,36 @@ def torchrun_fils(train: Path, run_dir: Path, parallel: str, cwd: Path) -> subpr
     return result
 
 
-def together(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path) -> list[tuple[str, str]]:
-    """Start every command at once (the processes of one job), wait for all; (stdout, stderr) each."""
-    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=cwd)
-               for c, e in zip(commands, envs, strict=True)]
-    try:
-        outputs = [p.communicate(timeout=600) for p in started]
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(started, outputs):
-        assert p.returncode == 0, err[-3000:]
+def together(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path,
+             codes: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
+    """Start every command at once (the processes of one job) and wait for all: (stdout, stderr)
+    each. Each must exit with its code in ``codes`` (default 0); one that exits otherwise ends the
+    others at once, so a failed start fails the test rather than leave its peers waiting."""
+    import tempfile
+    import time
+
+    codes = codes or (0,) * len(commands)
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(Path(logs) / f"{i}.out", "w+"), open(Path(logs) / f"{i}.err", "w+")) for i in range(len(commands))]
+        started = [subprocess.Popen(c, stdout=o, stderr=e, text=True, env=env, cwd=cwd)
+                   for c, env, (o, e) in zip(commands, envs, files, strict=True)]
+        deadline = time.monotonic() + 600
+        try:
+            while any(p.poll() is None for p in started) and time.monotonic() < deadline:
+                if any(p.returncode is not None and p.returncode != code for p, code in zip(started, codes)):
+                    break
+                time.sleep(0.2)
+        finally:
+            for p in started:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outputs = []
+        for o, e in files:
+            o.seek(0), e.seek(0)
+            outputs.append((o.read(), e.read()))
+            o.close(), e.close()
+    assert [p.returncode for p in started] == list(codes), [err[-3000:] for _, err in outputs]
     return outputs
 
 
@@ -185,11 +203,8 @@ def test_nodes_that_do_not_share_the_run_directory_stop_with_one_line(runs):
     slurm = {"SLURM_JOB_ID": "4243", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
              "MASTER_PORT": str(free_port())}
     commands = [[sys.executable, *fils_run(runs["train"], root / f"unshared-{r}")] for r in (0, 1)]
-    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
-                                env=clean_env(root, **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
-               for r, c in enumerate(commands)]
-    outputs = [p.communicate(timeout=600) for p in started]
-    assert [p.returncode for p in started] == [2, 2], [err[-2000:] for _, err in outputs]
+    outputs = together(commands, [clean_env(root, **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (0, 1)],
+                       root, codes=(2, 2))
     for _, err in outputs:
         assert "RunDirNotShared:" in err and "run.dir must be on a disk every node shares" in err, err[-2000:]
         assert "Traceback" not in err, err[-2000:]
