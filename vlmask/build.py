@@ -205,12 +205,22 @@ def load_init(recipe: Recipe, plugins: Plugins, encoder: nn.Module, predictor: n
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto``: this process's CUDA device (``LOCAL_RANK``) when torch sees CUDA, else the CPU."""
+    """``auto``: this process's CUDA device when torch sees CUDA, else the CPU.
+
+    This process's device is ``cuda:LOCAL_RANK`` (its index on its node, never the global
+    ``RANK``); when torch sees a single device (``srun --gpus-per-task=1`` and other bindings
+    that leave each process one GPU in ``CUDA_VISIBLE_DEVICES``) it is that one, ``cuda:0``.
+    A local rank beyond the devices torch sees is an error naming both."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise RecipeError(["key device: 'cuda' was asked for but torch sees no CUDA device"])
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise RecipeError([f"key device: this process's LOCAL_RANK is {local_rank} but torch sees {count} CUDA "
+                           "devices on its node: start at most one process per GPU"])
     return torch.device("cuda", local_rank)
 
 

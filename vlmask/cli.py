@@ -16,7 +16,7 @@ from rich.table import Table
 
 from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import PluginError, Plugins, default_plugins
-from vlmask.rundir import RunDirBusy, RunDirMismatch
+from vlmask.rundir import RunDirBusy, RunDirMismatch, RunDirNotShared
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, markup=False)  # machine-read lines (paths, JSON): never wrapped, never markup
@@ -71,9 +71,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from vlmask.engine import Trainer
+    from vlmask.launch import adopt_slurm, outside_srun
     from vlmask.rundir import check_same_recipe
     from vlmask.schema import settings
 
+    adopt_slurm()  # under srun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's variables
+    if note := outside_srun():  # a batch script's own shell: one process, said so
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = settings(recipe, "run").dir
     if run_dir:  # the Trainer checks again under the run directory's lock; this answers before any work
@@ -323,9 +327,19 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(argv)
+    code = _dispatch(args)
+    if code != 0 and "torch.distributed" in sys.modules:  # a failed rank leaves its group (vlmask.step.leave_processes)
+        from vlmask.step import leave_processes
+
+        leave_processes(wait=False)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The command's exit code; a user-facing error is one line on stderr (no traceback)."""
     try:
         return int(args.func(args) or 0)
-    except (RunDirBusy, RunDirMismatch) as exc:  # another writer, another recipe: the user's to settle
+    except (RunDirBusy, RunDirMismatch, RunDirNotShared) as exc:  # another writer, recipe, disk: the user's to settle
         console.print(f"[red]{type(exc).__name__}:[/] {escape(str(exc))}", highlight=False)
         return 2
     except RecipeError as exc:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch.distributed as dist
-
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import REQUIREMENTS
+from vlmask.launch import in_turn
 from vlmask.registry import Registry
 from vlmask.schema import data_requirers, requirements_report, settings
 
@@ -121,27 +120,23 @@ def check_data(recipe: Recipe, registry: Registry, hooks: Any, cache_root: Path)
 
 
 def fill_data(recipe: Recipe, registry: Registry, hooks: Any, manifest: Path, cache_root: Path, rank: int = 0,
-              world_size: int = 1, log: Callable[[str], None] = print) -> tuple[Path, dict[str, dict[str, int]]]:
+              world_size: int = 1, log: Callable[[str], None] = print, *,
+              local_rank: int = 0) -> tuple[Path, dict[str, dict[str, int]]]:
     """The manifest to train on: ``manifest`` itself when its lines carry every data field the
     recipe needs, else the manifest a plugin filled (hook ``vlmask_fill_requirement``: rank 0
-    first, the other ranks after a barrier, so they read what rank 0 cached). Returns it with
-    the counts per filled field; ``log`` gets one line per field (rank 0). Raises RecipeError
-    naming the manifest and the field when lines lack a field that no plugin fills."""
+    first, then each node's first process, then the rest, :func:`vlmask.launch.in_turn`, so
+    they read what was cached). Returns it with the counts per filled field; ``log`` gets one
+    line per field (rank 0). Raises RecipeError naming the manifest and the field when lines
+    lack a field that no plugin fills."""
     counts: dict[str, dict[str, int]] = {}
     current = manifest
     for need in measure(recipe, registry, hooks, manifest, cache_root):
         if not need.lacking:
             continue
-        if rank != 0:
-            dist.barrier()
         filled = None
-        try:
-            if need.plan is not None:
-                filled = hooks.vlmask_fill_requirement(requirement=need.requirement, manifest=current,
-                                                       cache_dir=cache_root, progress=rank == 0)
-        finally:  # the other ranks go on even when rank 0 failed: they fail too, rather than wait for ever
-            if rank == 0 and world_size > 1:
-                dist.barrier()
+        if need.plan is not None:
+            filled = in_turn(rank, local_rank, world_size, lambda progress: hooks.vlmask_fill_requirement(
+                requirement=need.requirement, manifest=current, cache_dir=cache_root, progress=progress))
         if filled is None:
             raise RecipeError([f"{recipe.where('data.train')}: key data.train: "
                                f"{need.error() or f'{manifest}: no plugin filled {need.requirement}'}"])

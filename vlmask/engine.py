@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator
 
 import pluggy
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -37,6 +36,7 @@ from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite,
 from vlmask.data_requirements import fill_data
 from vlmask.hookspecs import RunInfo
 from vlmask.kinds import DecodingDataset
+from vlmask.launch import in_turn
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, run_manager
 from vlmask.provenance import git_commit, versions
@@ -96,12 +96,9 @@ class TrainData:
         train_path = data.train
         #: Where the clips come from, for the run's first line.
         self.source = train_path or "built-in synthetic"
-        if train_path is None:
-            if rank != 0:  # rank 0 makes the default set on first use; the others wait, then read it
-                dist.barrier()
-            manifests = hooks.vlmask_default_manifests(recipe=recipe, cache_dir=cache_dir(), progress=rank == 0)
-            if rank == 0 and world_size > 1:
-                dist.barrier()
+        if train_path is None:  # rank 0 makes the default set on first use, then each node's first process
+            manifests = in_turn(rank, process.local_rank, world_size, lambda progress: hooks.vlmask_default_manifests(
+                recipe=recipe, cache_dir=cache_dir(), progress=progress))
             if manifests is None:
                 raise RecipeError([f"{recipe.path}: key data.train: not set, and no plugin provides default data "
                                    "(is the built-in plugin blocked?)"])
@@ -109,7 +106,7 @@ class TrainData:
         self.manifest = Path(train_path)
         # fields the recipe needs that lines lack (action boxes) are filled by a plugin first (vlmask.data_requirements)
         self.read, self.filled = fill_data(recipe, plugins.registry, hooks, self.manifest, cache_dir(), rank,
-                                           world_size, log)
+                                           world_size, log, local_rank=process.local_rank)
         self.dataset = build(plugins.registry, recipe, "data.dataset", "dataset", manifest=str(self.read), train=True)
         seed = top_settings(recipe).seed
         # A stream (an IterableDataset, e.g. video_shards) orders and splits its own clips: its plan(...) is
@@ -165,18 +162,14 @@ class TrainData:
 
     def embed_captions(self, text_encoder: Any | None, process: Process) -> None:
         """Embed every clip's caption with the frozen text encoder once, through the cache
-        (rank 0 fills it; the others then read it), into :attr:`text_table` on the device."""
+        (rank 0 fills it, then each node's first process, :func:`vlmask.launch.in_turn`; the
+        others read it), into :attr:`text_table` on the device."""
         if text_encoder is None:
             return
         cache = CaptionEmbeddingCache(cache_dir() / "text")
         captions = list(self.dataset.captions)
-        table: Tensor | None = None
-        if process.rank == 0:
-            table = cache.embed(text_encoder, captions, progress=True)
-        if process.world_size > 1:
-            dist.barrier()
-        if process.rank != 0:
-            table = cache.embed(text_encoder, captions, progress=False)
+        table = in_turn(process.rank, process.local_rank, process.world_size,
+                        lambda progress: cache.embed(text_encoder, captions, progress=progress))
         assert table is not None
         self.text_table = table.to(self.device)
 
@@ -229,6 +222,7 @@ class Trainer:
             raise
         try:
             self._resume_run_dir()
+            rundir.check_shared(self.run_dir, self.start_step, process.rank, process.world_size)  # several nodes
         except BaseException:
             self.close()
             raise

@@ -332,6 +332,36 @@ def busy_holder(run_dir: str | Path) -> str | None:
         os.close(fd)
 
 
+class RunDirNotShared(RuntimeError):
+    """The processes of a job of several nodes do not see one run directory."""
+
+
+def check_shared(run_dir: str | Path, start_step: int, rank: int, world_size: int) -> None:
+    """Several processes, maybe on several nodes, train into one run directory: rank 0 locks it
+    and writes it (``config.yaml``, ``metrics.jsonl``, checkpoints) and every rank resumes from
+    its latest checkpoint, so it must be on a disk every node shares. Each rank reads the holder
+    rank 0 wrote into the lock file and says which step it resumes at; a rank that sees another
+    holder (a node's own disk, where the directory is empty or holds an old run) or another step
+    raises :class:`RunDirNotShared` naming it and its host, on every rank alike (so no rank waits
+    for ever). A collective of the default group (a barrier, then one ``all_gather_object``)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()  # rank 0 holds the lock, with its identity written, by now
+    mine = (socket.gethostname(), _read_holder(Path(run_dir) / LOCK_NAME), start_step)
+    seen: list[Any] = [None] * world_size
+    dist.all_gather_object(seen, mine)
+    host0, holder0, step0 = seen[0]
+    for other, (host, holder, step) in enumerate(seen):
+        if holder != holder0:
+            raise RunDirNotShared(f"{run_dir}: rank {other} (host {host}) does not see the lock that rank 0 (host "
+                                  f"{host0}) holds there: run.dir must be on a disk every node shares")
+        if step != step0:
+            raise RunDirNotShared(f"{run_dir}: rank {other} (host {host}) would resume at step {step} and rank 0 "
+                                  f"(host {host0}) at step {step0}: run.dir must be on a disk every node shares")
+
+
 def describe_holder(lock_file: Path) -> str:
     """"pid 123 on host h (vlmask run ..., since 2026-...)" from a lock file, as well as it can be read."""
     try:

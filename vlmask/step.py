@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from vlmask import checkpoint as ckpt
-from vlmask import parallel
+from vlmask import launch, parallel
 from vlmask.build import (Components, LossTerm, Student, autocast_of, build_components, resolve_device,
                           resolve_precision, set_attention_backends)
 from vlmask.config import Recipe, RecipeError
@@ -81,11 +81,14 @@ def _resolved(recipe: Recipe) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- processes
 @dataclass(frozen=True)
 class Process:
-    """Where a step runs: this process's ``rank`` among ``world_size`` processes, and its device."""
+    """Where a step runs: this process's ``rank`` among ``world_size`` processes, its device, and
+    its index on its node (``local_rank``: per-node work, e.g. a node's own cache,
+    :func:`vlmask.launch.in_turn`)."""
 
     rank: int
     world_size: int
     device: torch.device
+    local_rank: int = 0
 
 
 #: One process on the ``meta`` device: tensors have shapes and no values, so a step computes and
@@ -94,9 +97,13 @@ ON_META = Process(0, 1, torch.device("meta"))
 
 
 def join_processes(recipe: Recipe) -> Process:
-    """This process's place from the environment (``RANK``, ``WORLD_SIZE``: torchrun) and the
-    recipe's ``device`` (``auto``: this process's CUDA device, else the CPU). With several
-    processes it joins the default process group once (gloo for CPU tensors, NCCL for CUDA)."""
+    """This process's place from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``:
+    torchrun's, or SLURM's mapped to them under ``srun``, :func:`vlmask.launch.adopt_slurm`) and
+    the recipe's ``device`` (``auto``: this process's CUDA device, else the CPU). With several
+    processes it joins the default process group once (``env://``: gloo for CPU tensors, NCCL
+    for CUDA). ``rank`` is global (data split, masks, seeds, rank 0's writes); ``local_rank``
+    picks the GPU and orders per-node work."""
+    launch.adopt_slurm()  # srun: SLURM's variables as torch's (a LaunchError names what is missing)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = resolve_device(top_settings(recipe).device)
@@ -105,16 +112,18 @@ def join_processes(recipe: Recipe) -> Process:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return Process(rank, world_size, device)
+    return Process(rank, world_size, device, launch.local_rank())
 
 
-def leave_processes() -> None:
-    """The end of a job of several processes (``vlmask run`` under torchrun): wait for every
-    rank, then leave the default process group. A process that exits without leaving it can
-    die of SIGABRT while Python shuts down (Gloo's threads still hold tensors; pytorch#190489),
-    which a rank that finishes first meets at random. Nothing when no group was joined."""
+def leave_processes(wait: bool = True) -> None:
+    """The end of a job of several processes (``vlmask run`` under torchrun or srun): wait for
+    every rank (``wait``; not on the way out of an error, where a peer may be gone), then leave
+    the default process group. A process that exits without leaving it can die of SIGABRT while
+    Python shuts down (Gloo's threads still hold tensors; pytorch#190489), which a rank that
+    finishes first meets at random. Nothing when no group was joined."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

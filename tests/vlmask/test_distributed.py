@@ -1,12 +1,16 @@
 """Real torch.distributed: two CPU processes (gloo) started by torchrun train FILS end to end,
-replicated (DDP) and sharded (FSDP), and the two modes agree step by step."""
+replicated (DDP) and sharded (FSDP), and the two modes agree step by step. The same two processes
+started as two torchrun "nodes" (c10d rendezvous) and as two srun-style tasks (SLURM's variables,
+no torchrun) train exactly as one node of two."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +25,68 @@ TINY = [
     "model.encoder.num_heads=2", "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.num_heads=2",
     "device=cpu",
 ]
+#: Where a process learns its place in a job: cleared so that only what a test sets counts.
+PLACE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+         "TORCHELASTIC_RUN_ID")
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 
+def fils_run(train: Path, run_dir: Path, parallel: str = "ddp") -> list[str]:
+    """``vlmask run`` arguments: FILS, tiny, 4 steps of 2 micro-batches."""
+    return ["-m", "vlmask", "run", str(RECIPES / "fils.yaml"), f"data.train={train}", f"run.dir={run_dir}",
+            f"train.parallel={parallel}", *TINY]
+
+
+def clean_env(cwd: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PLACE and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(cwd / "cache"), **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun_fils(train: Path, run_dir: Path, parallel: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(cwd / "cache")}
-    result = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "vlmask", "run", str(RECIPES / "fils.yaml"),
-         f"data.train={train}", f"run.dir={run_dir}", f"train.parallel={parallel}", *TINY],
-        capture_output=True, text=True, env=env, timeout=600, cwd=cwd,
-    )
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", *fils_run(train, run_dir, parallel)],
+                            capture_output=True, text=True, env=clean_env(cwd), timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def together(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path,
+             codes: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
+    """Start every command at once (the processes of one job) and wait for all: (stdout, stderr)
+    each. Each must exit with its code in ``codes`` (default 0); one that exits otherwise ends the
+    others at once, so a failed start fails the test rather than leave its peers waiting."""
+    import tempfile
+    import time
+
+    codes = codes or (0,) * len(commands)
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(Path(logs) / f"{i}.out", "w+"), open(Path(logs) / f"{i}.err", "w+")) for i in range(len(commands))]
+        started = [subprocess.Popen(c, stdout=o, stderr=e, text=True, env=env, cwd=cwd)
+                   for c, env, (o, e) in zip(commands, envs, files, strict=True)]
+        deadline = time.monotonic() + 600
+        try:
+            while any(p.poll() is None for p in started) and time.monotonic() < deadline:
+                if any(p.returncode is not None and p.returncode != code for p, code in zip(started, codes)):
+                    break
+                time.sleep(0.2)
+        finally:
+            for p in started:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outputs = []
+        for o, e in files:
+            o.seek(0), e.seek(0)
+            outputs.append((o.read(), e.read()))
+            o.close(), e.close()
+    assert [p.returncode for p in started] == list(codes), [err[-3000:] for _, err in outputs]
+    return outputs
 
 
 def metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -104,3 +157,54 @@ def test_an_fsdp_run_resumes_exactly_and_loads_in_one_process(runs, isolated_cac
             {k: v for k, v in a.items() if k != "clips_per_s"}, rel=1e-6), a["step"]
     run = open_run(source)  # a sharded run's checkpoint in a single process, loaded strictly
     assert run.checkpoint.name == "step_00000004"
+
+
+def losses(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.jsonl without what depends on the clock."""
+    return [{k: v for k, v in m.items() if k != "clips_per_s"} for m in metrics(run_dir)]
+
+
+def test_two_nodes_of_one_process_train_like_one_node_of_two(runs):
+    """``torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d``, twice on this machine (two
+    "nodes", each its own agent with LOCAL_RANK 0), and each node a cache of its own
+    (VLMASK_CACHE: nodes that share no disk): the same metrics as ``torchrun --standalone
+    --nproc_per_node 2``."""
+    root, run_dir = runs["root"], runs["root"] / "two-nodes"
+    node = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes", *fils_run(runs["train"], run_dir)]
+    outputs = together([node, node], [clean_env(root, VLMASK_CACHE=str(root / f"node{i}-cache")) for i in (0, 1)], root)
+    assert sum(out.count("run directory:") for out, _ in outputs) == 2, "only rank 0 prints (start and end)"
+    assert losses(run_dir) == losses(root / "ddp"), "step for step, the one-node run's numbers"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp"
+    for i in (0, 1):  # each node's first process filled its own cache (vlmask.launch.in_turn)
+        assert list((root / f"node{i}-cache" / "text").rglob("shard-*.safetensors")), f"node {i}'s caption cache"
+
+
+def test_srun_tasks_without_torchrun_train_like_torchrun(runs):
+    """Two ``python -m vlmask run`` processes with the variables srun gives its tasks (and no
+    RANK/WORLD_SIZE): vlmask maps them (vlmask.launch) and they train as torchrun's two."""
+    root, run_dir = runs["root"], runs["root"] / "srun"
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "SLURM_NODEID": "0", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, *fils_run(runs["train"], run_dir)]
+    outputs = together([command, command], [clean_env(root, **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r))
+                                            for r in (0, 1)], root)
+    assert sum(out.count("run directory:") for out, _ in outputs) == 2, "only rank 0 prints (start and end)"
+    assert losses(run_dir) == losses(root / "ddp"), "step for step, torchrun's numbers"
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_run_directory_stop_with_one_line(runs):
+    """Each "node" its own run.dir (a disk of its own): every process exits 2 naming the rule,
+    and no process dies at exit (leaving the process group on the way out). ~10 s."""
+    root = runs["root"]
+    slurm = {"SLURM_JOB_ID": "4243", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    commands = [[sys.executable, *fils_run(runs["train"], root / f"unshared-{r}")] for r in (0, 1)]
+    outputs = together(commands, [clean_env(root, **slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (0, 1)],
+                       root, codes=(2, 2))
+    for _, err in outputs:
+        assert "RunDirNotShared:" in err and "run.dir must be on a disk every node shares" in err, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]

@@ -434,3 +434,50 @@ def test_busy_holder_names_a_live_holder_and_writes_nothing(tmp_path):
     assert busy_holder(tmp_path / "run") is None
     with RunDirLock(tmp_path / "run"):  # the probe left no lock behind
         pass
+
+
+# --------------------------------------------------------------------------- (e) one run directory for every node
+def _shared_worker(rank: int, root: str, out: str) -> None:
+    """Rank 0 locks ``root/shared``; three checks follow: the same directory and step (passes), a
+    directory of rank 1's own (another "disk"), the same directory at another step."""
+    import torch.distributed as dist
+
+    from vlmask.rundir import RunDirLock, RunDirNotShared, check_shared
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+    lock = RunDirLock(Path(root) / "shared").acquire() if rank == 0 else None
+    results = []
+    for run_dir, step in (("shared", 4), ("shared" if rank == 0 else "own", 4), ("shared", 4 if rank == 0 else 0)):
+        try:
+            check_shared(Path(root) / run_dir, step, rank, 2)
+            results.append("ok")
+        except RunDirNotShared as error:
+            results.append(str(error))
+    if lock is not None:
+        lock.release()
+    dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(json.dumps(results))
+
+
+def test_every_rank_must_see_the_run_directory_rank_0_locked(tmp_path):
+    import multiprocessing
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / LOCK_NAME).write_text('{"pid": 1, "host": "an old run on a disk of its own"}')
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_shared_worker, args=(r, str(tmp_path), str(tmp_path / "out"))) for r in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert [r.split(": ", 1)[-1] for r in results[0]] == [r.split(": ", 1)[-1] for r in results[1]], \
+        "every rank raises alike (each naming its run.dir): none waits for ever"
+    ok, own_disk, other_step = results[0]
+    host = socket.gethostname()
+    assert ok == "ok"
+    assert own_disk == (f"{tmp_path}/shared: rank 1 (host {host}) does not see the lock that rank 0 (host {host}) "
+                        "holds there: run.dir must be on a disk every node shares")
+    assert other_step.endswith(f"rank 1 (host {host}) would resume at step 0 and rank 0 (host {host}) at step 4: "
+                               "run.dir must be on a disk every node shares")
