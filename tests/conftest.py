@@ -13,7 +13,13 @@ import torch
 TESTS = Path(__file__).parent
 PLUGIN_PACKAGES = TESTS / "plugin_packages"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: Torch threads of the test process AND of every process it starts: tests that compare a run in
+#: this process with one in a subprocess (killed-and-resumed equals uninterrupted) need the same
+#: reduction order on both sides, so an OMP_NUM_THREADS=1 in the caller's environment must not
+#: give the children one thread while this process has two.
+TEST_THREADS = max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(TEST_THREADS)
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
