@@ -352,3 +352,34 @@ def test_context_for_a_predictor_without_it_is_one_line_naming_file_and_key(mae_
     assert ("command line: evaluation.features=context: key evaluation.features: 'context' probes the predictor's "
             "aggregated context c_t (DPC, MemDPC), and predictor 'transformer'") in err, err
     assert "Traceback" not in err
+
+
+def test_a_predictor_made_by_a_factory_function_is_checked_for_context_once_built():
+    """validate cannot read a factory function's product (vlmask.kinds.offers_context: None);
+    the built predictor is checked before any feature is extracted: one line naming file and key."""
+    from types import SimpleNamespace
+
+    from vlmask.evaluate import context_of
+    from vlmask.kinds import offers_context
+    from vlmask.sections import EvaluationSettings
+    from vlmask.types import TokenGrid
+    from vlmask_plugins.encoders.future_predictor import FuturePredictor
+    from vlmask_plugins.encoders.predictor import TransformerPredictor
+
+    def transformer_factory(**arguments):
+        return TransformerPredictor(**arguments)
+
+    assert offers_context(transformer_factory) is None
+    recipe = load_recipe(RECIPES / "mae.yaml", ["evaluation.features=context"])
+    grid = TokenGrid(t=2, h=1, w=1)
+    plain = SimpleNamespace(recipe=recipe, student=SimpleNamespace(predictor=transformer_factory(
+        encoder_dim=4, grid=grid, dim=4, depth=1, num_heads=1)))
+    context = EvaluationSettings(batch_size=1, num_workers=0, evaluators={}, features="context")
+    with pytest.raises(RecipeError) as refused:
+        context_of(plain, context)
+    assert refused.value.problems == [
+        "command line: evaluation.features=context: key evaluation.features: 'context' probes the predictor's "
+        "aggregated context c_t, and this run's predictor (TransformerPredictor) offers none (vlmask.kinds.ContextFeatures)"]
+    future = FuturePredictor(encoder_dim=4, grid=grid, dim=4, depth=1, num_heads=1)
+    assert context_of(SimpleNamespace(recipe=recipe, student=SimpleNamespace(predictor=future)), context) is future
+    assert context_of(plain, EvaluationSettings(batch_size=1, num_workers=0, evaluators={})) is None  # encoder
