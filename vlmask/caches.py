@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlmask.features import TOKENS, check_pooling, pool_tokens, reduce_tokens
-from vlmask.kinds import Encoder
+from vlmask.kinds import ContextFeatures, Encoder
 from vlmask.types import Batch, TokenGrid
 
 #: A text encoder (plugin kind ``text_encoder``): ``identity`` (str), ``dim`` (int) and
@@ -319,9 +319,12 @@ def extract_features(
     progress: bool = True,
     description: str = "features",
     token_budget: int | None = None,
+    context: ContextFeatures | None = None,
 ) -> dict[str, Tensor]:
     """Pooled features of every clip of ``dataset`` (rows in dataset order), encoder in eval mode;
     with ``token_budget``, also ``tokens`` (N, T' <= token_budget, D) float16 (:func:`reduce_tokens`).
+    With ``context`` (a predictor with :class:`vlmask.kinds.ContextFeatures`, in eval mode too),
+    the features are its aggregated context of the encoder's tokens, on its ``context_grid()``.
 
     A clip whose file fails to load is replaced by the dataset with another clip (see
     ``VideoManifestDataset``); rows are written at the ``index`` each item reports, so the row
@@ -330,9 +333,11 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = len(dataset)  # type: ignore[arg-type]
-    grid: TokenGrid = encoder.grid
-    was_training = encoder.training
-    encoder.eval()
+    grid: TokenGrid = context.context_grid() if context is not None else encoder.grid
+    modules = [m for m in (encoder, context) if isinstance(m, nn.Module)]
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -348,6 +353,8 @@ def extract_features(
                 video = batch.to(device).video  # uint8 -> normalised float on the device
                 with autocast():
                     tokens = encoder(video)
+                    if context is not None:
+                        tokens = context.context(tokens)
                 pooled = pool_tokens(tokens, grid)
                 if token_budget is not None:
                     pooled[TOKENS] = reduce_tokens(tokens.float(), grid, token_budget).half()
@@ -360,7 +367,8 @@ def extract_features(
                     out[name][index] = value.cpu()
                 advance(batch.size)
     finally:
-        encoder.train(was_training)
+        for module, training in zip(modules, was_training):
+            module.train(training)
     return out
 
 

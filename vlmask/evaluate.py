@@ -15,6 +15,8 @@ Evaluators come from the recipe's optional ``evaluation`` section; every key is 
     evaluation:
       batch_size: 32          # clips per feature-extraction batch (default: train.batch_size)
       num_workers: 2          # default: data.num_workers
+      features: encoder       # encoder (default): the encoder's tokens; context: the predictor's
+                              # aggregated context c_t (DPC, MemDPC: vlmask.kinds.ContextFeatures)
       evaluators:             # section of eval.json -> evaluator plugin node (merged over the defaults)
         knn: {name: knn, k: 10}
         linear_probe_temporal: null   # null drops a default section
@@ -49,8 +51,8 @@ from vlmask.config import Recipe, RecipeError
 from vlmask.data_loading import collate_of
 from vlmask.io import relative_path, write_json
 from vlmask.features import POOLINGS, TOKENS, EvalFeatures, Evaluator, SplitFeatures, check_pooling, finite_rows
-from vlmask.kinds import (DATASET_VIEWS, WITHOUT_TRAINING_VIEWS, LabelledDataset, ManifestLinesDataset, TokenEvaluator,
-                          VerbNounDataset)
+from vlmask.kinds import (DATASET_VIEWS, WITHOUT_TRAINING_VIEWS, ContextFeatures, LabelledDataset, ManifestLinesDataset,
+                          TokenEvaluator, VerbNounDataset)
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins
 from vlmask.registry import Registry
@@ -120,11 +122,17 @@ def evaluation_record(recipe: Recipe, plugins: Plugins, settings: EvaluationSett
     from (resolved path and sha256 of the bytes), the dataset node that decodes them, and the
     device and precision of the extraction: the same settings the feature cache keys on
     (:func:`run_features`). Left out, as from that key: ``evaluation.batch_size`` and
-    ``num_workers`` (how many clips are extracted at once, not which features come out)."""
+    ``num_workers`` (how many clips are extracted at once, not which features come out).
+    ``evaluation.features`` is recorded when it is not the default ``encoder`` (what every
+    eval.json written before the setting existed measured, so those stay reusable)."""
 
+    evaluation: dict[str, Any] = {"evaluators": {name: evaluator_node(plugins.registry, node)
+                                                 for name, node in settings.evaluators.items()
+                                                 if sections is None or name in sections}}
+    if settings.features != "encoder":
+        evaluation["features"] = settings.features
     return {
-        "evaluation": {"evaluators": {name: evaluator_node(plugins.registry, node) for name, node in settings.evaluators.items()
-                                      if sections is None or name in sections}},
+        "evaluation": evaluation,
         "data": data_record(recipe, train, val),
         "device": device.type,
         "precision": precision,
@@ -292,14 +300,18 @@ def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: Evaluatio
                  description: str, token_budget: int | None = None) -> dict[str, Tensor]:
     """Pooled features (rows = the dataset's clips, NaN for clips that did not load) of the
     run's loaded checkpoint, from ``RUN_DIR/features/`` or extracted and stored there; with
-    ``token_budget`` also ``tokens`` (float16, cached under a key that includes the budget)."""
+    ``token_budget`` also ``tokens`` (float16, cached under a key that includes the budget).
+    ``settings.features`` picks the encoder's tokens or the predictor's context
+    (:func:`context_of`); the cache key holds the choice, so the two never meet in the cache."""
     checkpoint: Path = run.checkpoint
     cache = FeatureCache(Path(run.run_dir) / "features")
+    context = context_of(run, settings)
     data_settings = {
         "dataset": section_settings(run.recipe, "data").dataset,
         "precision": run.precision,
         "device": run.device.type,
         "clips": len(dataset),
+        "features": settings.features,
     }
     key = FeatureCache.key(checkpoint, manifest, data_settings)
     keys = {p: key for p in POOLINGS}
@@ -312,10 +324,28 @@ def run_features(run: OpenRun, dataset: Any, manifest: Path, settings: Evaluatio
         run.student.encoder, dataset, collate_of(dataset),
         batch_size=settings.batch_size, num_workers=settings.num_workers, device=run.device,
         autocast=run.autocast, progress=progress, description=description, token_budget=token_budget,
+        context=context,
     )
     for pooling, value in extracted.items():
         cache.save(keys[pooling], pooling, value)
     return extracted
+
+
+def context_of(run: OpenRun, settings: EvaluationSettings) -> ContextFeatures | None:
+    """The run's predictor when ``evaluation.features`` is ``context`` (None for ``encoder``).
+    ``vlmask validate`` refuses ``context`` for a predictor class without
+    :class:`vlmask.kinds.ContextFeatures`; a predictor made by a factory function is checked
+    here, once built: a RecipeError naming the file and key."""
+    if settings.features != "context":
+        return None
+    predictor = run.student.predictor
+    if not isinstance(predictor, ContextFeatures):  # optional member: vlmask.kinds.OPTIONAL
+        recipe: Recipe = run.recipe
+        raise RecipeError([f"{recipe.where('evaluation.features')}: key evaluation.features: 'context' probes the "
+                           f"predictor's aggregated context c_t, and this run's predictor "
+                           f"({type(predictor).__name__ if predictor is not None else 'none'}) offers none "
+                           f"(vlmask.kinds.ContextFeatures)"])
+    return predictor
 
 
 def split_features(dataset: Any, pooled: dict[str, Tensor]) -> tuple[SplitFeatures, int]:
@@ -383,7 +413,8 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
     built = build_evaluators(settings, evaluation_recipe, registry, evaluators)
     checkpoint = Path(run.checkpoint)
     classes = list(run.train_set.classes or [])
-    result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "num_classes": len(classes)}
+    result: dict[str, Any] = {"checkpoint": relative_path(checkpoint, run_dir), "features": settings.features,
+                              "num_classes": len(classes)}
     if classes:
         result["chance_top1"] = 1.0 / len(classes)
     val_path = val_manifest(run)
@@ -404,7 +435,8 @@ def evaluate_run(run_dir: Path | str, overrides: Sequence[str] = (), evaluators:
         verbs, nouns = class_parts(train_set, classes)
         features = EvalFeatures(
             train=train_split, val=val_split, classes=classes, class_verbs=verbs, class_nouns=nouns,
-            project=_projector(run), encode_text=_text_encoder(run),
+            project=_projector(run) if settings.features == "encoder" else None,  # it maps encoder features
+            encode_text=_text_encoder(run),
         )
         for name, evaluator in built.items():
             section = evaluator.evaluate(features)
@@ -458,14 +490,14 @@ def _text_encoder(run: OpenRun) -> Callable[[list[str]], Tensor] | None:
 
 def _mergeable_eval(run_dir: Path, checkpoint: str, record: dict[str, Any]) -> dict[str, Any] | None:
     """The eval.json whose sections a partial evaluation keeps: same checkpoint, same settings
-    apart from the evaluators (same data, dataset, device, precision); None otherwise."""
+    apart from the evaluators (same features, data, dataset, device, precision); None otherwise."""
     previous = read_eval(run_dir)
     if previous is None:
         return None
     recorded = previous.get("settings")
     if not isinstance(recorded, dict) or not isinstance((recorded.get("evaluation") or {}).get("evaluators"), dict):
         return None
-    shared = {**record, "evaluation": {"evaluators": recorded["evaluation"]["evaluators"]}}
+    shared = {**record, "evaluation": {**record["evaluation"], "evaluators": recorded["evaluation"]["evaluators"]}}
     return previous if eval_mismatch(previous, checkpoint, shared) is None else None
 
 
@@ -507,12 +539,13 @@ def check_sidecar_free(sidecar: Path, array: Path) -> None:
 
 def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, overrides: Sequence[str] = (),
                    pooling: str = "mean", progress: bool = True) -> Path:
-    """Write one pooled encoder feature per manifest line (float32 ``.npy``, rows in line order).
+    """Write one pooled feature per manifest line (float32 ``.npy``, rows in line order): the
+    encoder's, or the predictor's context with the override ``evaluation.features=context``.
 
     Row ``i`` is line ``i + 1`` of the manifest (trailing blank lines excluded). Lines that were
     skipped (bad JSON, missing ``video``, a file that does not exist or decode) and blank lines
     are rows of NaN; they are listed on stderr and in ``OUT.json`` beside the array, with the
-    run, checkpoint and pooling (marked ``"written_by": "vlmask embed"``; an ``OUT.json`` that
+    run, checkpoint, features and pooling (marked ``"written_by": "vlmask embed"``; an ``OUT.json`` that
     vlmask did not write is never overwritten: :func:`check_sidecar_free` refuses first).
     Features come from (and go to) the run's feature cache.
     Returns the ``.npy`` path (``.npy`` is appended when ``out`` lacks it; an existing folder
@@ -533,7 +566,7 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     dataset = eval_dataset(run, manifest)
     pooled = run_features(run, dataset, manifest, settings, progress, f"embed {manifest.name}")
     if pooling not in pooled:
-        raise ValueError(f"the encoder's tokens do not form its grid: {pooling} pooling is not available")
+        raise ValueError(f"the {settings.features}'s tokens do not form its grid: {pooling} pooling is not available")
     features = pooled[pooling].numpy().astype(np.float32)
     checkpoint = relative_path(Path(run.checkpoint), run_dir)
     with manifest.open("r", encoding="utf-8", errors="replace") as handle:
@@ -559,9 +592,10 @@ def embed_manifest(run_dir: Path | str, manifest: Path | str, out: Path | str, o
     np.save(out, rows)
     write_json(sidecar, {
         EMBED_MARK[0]: EMBED_MARK[1], "run_dir": str(run_dir), "checkpoint": checkpoint, "manifest": str(manifest),
-        "pooling": pooling, "rows": len(lines), "dim": int(features.shape[1]), "nan_rows": nan_lines,
+        "features": settings.features, "pooling": pooling, "rows": len(lines), "dim": int(features.shape[1]),
+        "nan_rows": nan_lines,
     })
-    message = f"wrote {out}: {len(lines)} rows x {features.shape[1]} ({pooling} pooling)"
+    message = f"wrote {out}: {len(lines)} rows x {features.shape[1]} ({settings.features} features, {pooling} pooling)"
     if nan_lines:
         shown = "; ".join(f"line {x['line']}: {x['reason']}" for x in nan_lines[:5])
         message += f"; {len(nan_lines)} row(s) are NaN (skipped lines): {shown}" + ("; ..." if len(nan_lines) > 5 else "")

@@ -214,6 +214,40 @@ class TokenEvaluator(Protocol):
 
 
 @runtime_checkable
+class ContextFeatures(Protocol):
+    """An optional member of predictors that aggregate past blocks into a context: DPC's and
+    MemDPC's ``c_t = g(z_1, ..., z_t)`` (Han, thesis 2022, eq. 2.2 and 3.2), which the thesis
+    evaluates instead of the block features z (sec. 3.4, lines 678 and 689: "extract the context
+    feature c_t ... then we spatially pool the context feature"; DPC: sec. 2.4, line 428).
+
+    ``context(features)`` takes the encoder's features of every token of a clip (B, N, D), in
+    grid order, and returns the context after aggregating all of the clip's blocks as tokens
+    (B, N', D'); ``context_grid()`` is the :class:`TokenGrid` those N' tokens form (pooling and
+    the token budget read it). ``evaluation.features: context`` probes these instead of the
+    encoder's tokens; ``vlmask validate`` refuses that setting for a predictor without them.
+    Both are methods, so a registered class is checked with ``issubclass`` before it is built."""
+
+    def context(self, features: Tensor) -> Tensor: ...
+
+    def context_grid(self) -> TokenGrid: ...
+
+
+def offers_context(factory: Any) -> bool | None:
+    """Whether the predictor ``factory`` builds parts with :class:`ContextFeatures`, read without
+    building one: True or False for a class, None (unknown until built) for a factory function.
+
+    >>> class Aggregates:
+    ...     def context(self, features): return features
+    ...     def context_grid(self): return TokenGrid(1, 1, 1)
+    >>> offers_context(Aggregates), offers_context(object), offers_context(lambda: Aggregates())
+    (True, False, None)
+    """
+    if not inspect.isclass(factory):
+        return None
+    return issubclass(factory, ContextFeatures)
+
+
+@runtime_checkable
 class CheckpointDefaults(Protocol):
     """An optional member of any module of a checkpointed part: ``checkpoint_defaults() ->
     {local name: tensor}``, the state that checkpoints written before the module had it stand
@@ -226,7 +260,7 @@ class CheckpointDefaults(Protocol):
 #: ``isinstance`` (never a probe by name): what the engine reads when present.
 OPTIONAL: dict[str, tuple[type, ...]] = {
     "encoder": (NoWeightDecay, SwitchesAttention, HasBlocks, HasFinalNorm, CheckpointDefaults),
-    "predictor": (NoWeightDecay, SwitchesAttention, HasBlocks, CheckpointDefaults),
+    "predictor": (NoWeightDecay, SwitchesAttention, HasBlocks, ContextFeatures, CheckpointDefaults),
     "target": (NoWeightDecay, CheckpointDefaults),
     "head": (NoWeightDecay, CheckpointDefaults),
     "teacher": (MirroringTeacher, SwitchesAttention, CheckpointDefaults),
@@ -449,7 +483,8 @@ __all__ = [
     "WITHOUT_TRAINING_VIEWS", "REQUIREMENTS", "DATA_REQUIREMENTS", "RequirementError", "requirements_of", "PROTOCOLS",
     "NoWeightDecay", "no_weight_decay_of", "OPTIONAL", "SwitchesAttention", "HasBlocks", "HasFinalNorm",
     "MirroringTeacher", "LabelledDataset", "VerbNounDataset", "DecodingDataset", "CollatingDataset",
-    "ManifestLinesDataset", "TokenEvaluator", "CheckpointDefaults", "partial_optional_members",
+    "ManifestLinesDataset", "TokenEvaluator", "ContextFeatures", "offers_context", "CheckpointDefaults",
+    "partial_optional_members",
     "Masker", "Objective", "Encoder", "Predictor", "Teacher", "TextEncoder", "Dataset",
     "ActionAreaDetector", "Captioner", "RowCaptioner", "Evaluator", "Logger", "Batch",
     "missing_members", "conforms",

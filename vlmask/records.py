@@ -93,6 +93,12 @@ class ComparedRun:
         return {**eval_metrics(self.evaluation), **finetune_metrics(self.finetune)}
 
     @property
+    def features(self) -> str:
+        """Which features eval.json probed (``evaluation.features``): ``encoder`` or ``context``;
+        an eval.json written before the setting existed probed the encoder."""
+        return str(self.evaluation.get("features") or "encoder")
+
+    @property
     def path(self) -> Path:
         return Path(self.run_dir)
 

@@ -20,7 +20,7 @@ import numpy as np
 from vlmask.records import ComparedRun, FailedRun, group_runs
 from vlmask.statistics import PairedDifference, SeedStats, describe_difference
 
-__all__ = ["DIAGNOSTICS", "comparison_plot", "comparison_table", "evaluators_line"]
+__all__ = ["DIAGNOSTICS", "comparison_plot", "comparison_table", "evaluators_line", "features_line"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -60,7 +60,7 @@ def comparison_table(entries: list[ComparedRun], stats: Sequence[SeedStats], ove
             if name not in metrics:
                 metrics.append(name)
     header = ["recipe", "seeds", *metrics, "wall s", "clips/s", "train PFLOP", "loss first → final"]
-    evaluators = evaluators_line(entries)
+    evaluators = " ".join(line for line in (features_line(entries), evaluators_line(entries)) if line)
     lines = [
         "# vlmask compare",
         "",
@@ -111,6 +111,19 @@ def _node_text(section: str, node: dict[str, Any]) -> str:
     arguments = [f"{k}={json.dumps(v, default=str)}" for k, v in node.items() if k != "name"]
     name = [] if node.get("name") == section else [str(node.get("name"))]
     return f"{section} ({', '.join(name + arguments)})" if name or arguments else section
+
+
+def features_line(entries: Sequence[ComparedRun]) -> str | None:
+    """Which features the evaluations probed (eval.json ``features``), said when some run probed
+    the predictor's context rather than the encoder (None when every run probed the encoder)."""
+    by_features: dict[str, list[str]] = {}
+    for entry in entries:
+        names = by_features.setdefault(entry.features, [])
+        names += [] if entry.name in names else [entry.name]
+    if set(by_features) <= {"encoder"}:
+        return None
+    return "features probed: " + "; ".join(f"`{features}` for {', '.join(names)}"
+                                           for features, names in by_features.items()) + "."
 
 
 def evaluators_line(entries: Sequence[ComparedRun]) -> str | None:

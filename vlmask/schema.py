@@ -25,11 +25,13 @@ from omegaconf import OmegaConf
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
-from vlmask.kinds import DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, requirements_of
+from vlmask.kinds import (DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, offers_context,
+                          requirements_of)
 from vlmask.registry import Registry, RegistryError, factory_defaults
 from vlmask.stages import stage_problems
 from vlmask.sections import (
     DEFAULT_EVALUATORS,
+    EVALUATION_FEATURES,
     EVALUATION_KEYS,
     FINETUNE_KEYS,
     EvaluationSettings,
@@ -675,6 +677,31 @@ def evaluation_settings(recipe: Recipe, registry: Registry) -> EvaluationSetting
         evaluators[name] = dict(node) if "name" in node and node["name"] != base.get("name") else {**base, **node}
     for name, node in evaluators.items():
         problems += check_plugin_node(registry, f"evaluation.evaluators.{name}", "evaluator", node, recipe.where)
+    features = section.get("features", "encoder")
+    problems += evaluation_features_problems(recipe, registry, features)
     if problems:
         raise RecipeError(problems)
-    return EvaluationSettings(int(batch_size), int(workers), evaluators)
+    return EvaluationSettings(int(batch_size), int(workers), evaluators, features)
+
+
+def evaluation_features_problems(recipe: Recipe, registry: Registry, features: Any) -> list[str]:
+    """``evaluation.features``: one of :data:`vlmask.sections.EVALUATION_FEATURES`; ``context``
+    only with a predictor whose class offers the aggregated context
+    (:class:`vlmask.kinds.ContextFeatures`; a factory function is checked once built, by
+    ``vlmask.evaluate.context_of``). One line per problem, naming the file and key."""
+    where = recipe.where("evaluation.features")
+    if not isinstance(features, str) or features not in EVALUATION_FEATURES:
+        return [f"{where}: key evaluation.features: {features!r} is not one of {', '.join(EVALUATION_FEATURES)}"]
+    if features != "context":
+        return []
+    node = settings(recipe, "model").predictor
+    offering = [name for name in registry.names("predictor") if offers_context(registry.get("predictor", name).factory)]
+    hint = f"registered predictors that offer it: {', '.join(offering) or 'none'}"
+    if not isinstance(node, dict):
+        return [f"{where}: key evaluation.features: 'context' probes the predictor's aggregated context c_t "
+                f"(DPC, MemDPC), and this recipe has no predictor (model.predictor); {hint}"]
+    if ("predictor", node.get("name")) in registry and offers_context(registry.get("predictor", node["name"]).factory) is False:
+        return [f"{where}: key evaluation.features: 'context' probes the predictor's aggregated context c_t "
+                f"(DPC, MemDPC), and predictor {node['name']!r} (set by {recipe.where('model.predictor')}) offers none "
+                f"(vlmask.kinds.ContextFeatures); {hint}"]
+    return []

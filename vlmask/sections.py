@@ -22,7 +22,12 @@ DEFAULT_EVALUATORS: dict[str, dict[str, Any]] = {
     "zero_shot": {"name": "zero_shot"},
 }
 
-EVALUATION_KEYS = ("batch_size", "num_workers", "evaluators")
+EVALUATION_KEYS = ("batch_size", "num_workers", "features", "evaluators")
+
+#: What ``evaluation.features`` may name: ``encoder``, the encoder's token features (FILS,
+#: VideoMAE: the default), or ``context``, the predictor's aggregated context c_t of the whole
+#: clip (DPC and MemDPC: a predictor with ``vlmask.kinds.ContextFeatures``).
+EVALUATION_FEATURES: tuple[str, ...] = ("encoder", "context")
 
 
 @dataclass
@@ -30,6 +35,7 @@ class EvaluationSettings:
     batch_size: int
     num_workers: int
     evaluators: dict[str, dict[str, Any]]
+    features: str = "encoder"  # one of EVALUATION_FEATURES: which features every evaluator probes
 
 
 @dataclass

@@ -67,6 +67,21 @@ def test_the_table_shows_intervals_and_says_which_differences_are_beyond_noise()
     assert "| mae | 1 | 0.250 | 0.300 |" in one_seed and "no interval can be computed from one seed" in one_seed
 
 
+def test_the_table_says_which_features_were_probed_when_a_run_probed_the_context():
+    """eval.json ``features`` (``evaluation.features``) reaches comparison.md; an eval.json
+    without it (an older vlmask) probed the encoder, and all-encoder tables are unchanged."""
+    from dataclasses import replace
+
+    mae = entry("mae", 0, knn=0.3)
+    dpc = entry("dpc", 0, knn=0.4)
+    dpc = replace(dpc, evaluation={**dpc.evaluation, "features": "context"})
+    assert (mae.features, dpc.features) == ("encoder", "context")
+    table = comparison_table([mae, dpc], comparison_stats([mae, dpc]))
+    assert "features probed: `encoder` for mae; `context` for dpc." in table
+    assert "features probed" not in comparison_table([mae], comparison_stats([mae]))
+    assert dpc.as_json()["eval"]["features"] == "context"  # comparison.json carries the run's eval.json
+
+
 def test_compare_writes_stats_and_paired_rows(tiny_synth, tiny_scale, tmp_path):
     out = compare([str(RECIPES / "mae.yaml"), second_recipe(tmp_path)], tiny(tiny_synth, tiny_scale), seeds=[0, 1],
                   out_dir=tmp_path / "cmp", progress=False, baseline="mae")

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlmask.config import RecipeError, load_recipe
@@ -244,7 +245,141 @@ def test_embed_replaces_the_json_it_wrote_itself_marked_or_from_an_older_vlmask(
     assert first["written_by"] == "vlmask embed" and first["rows"] == 6
     assert main([*argv, "--pooling", "temporal"]) == 0  # its own file: replaced
     assert json.loads(sidecar.read_text())["pooling"] == "temporal"
-    older = {k: v for k, v in first.items() if k != "written_by"}  # as a vlmask before the mark wrote it
+    older = {k: v for k, v in first.items() if k not in ("written_by", "features")}  # as a vlmask before the mark wrote it
     sidecar.write_text(json.dumps(older))
     assert main(argv) == 0 and json.loads(sidecar.read_text()) == first
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- evaluation.features: context
+
+#: The cheap sections: the context tests compare features, not probes.
+FAST = ["evaluation.evaluators.attentive_probe=null", "evaluation.evaluators.linear_probe_temporal=null"]
+
+
+@pytest.fixture(scope="module")
+def dpc_run(tiny_data, tmp_path_factory) -> Path:
+    """DPC as published (recipes/dpc_faithful.yaml, the ``future`` predictor), 3 steps at tiny
+    scale with 8 frames: 4 temporal slots, 2 of context and 2 predicted."""
+    run_dir = tmp_path_factory.mktemp("runs") / "dpc"
+    overrides = [*tiny_overrides(tiny_data), "data.dataset.num_frames=8", f"run.dir={run_dir}"]
+    with OneThread():
+        with Trainer(load_recipe(RECIPES / "dpc_faithful.yaml", overrides)) as trainer:
+            trainer.train()
+    return run_dir
+
+
+def cached_features(run_dir: Path) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Every file of the run's feature cache by (features of its key, manifest stem, pooling)."""
+    found = {}
+    for path in sorted((run_dir / "features").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            found[(json.loads(metadata["settings"]).get("features"), Path(metadata["manifest"]).stem,
+                   metadata["pooling"])] = handle.get_tensor("features")
+    return found
+
+
+def context_by_hand(run_dir: Path, manifest: Path) -> torch.Tensor:
+    """The thesis' evaluation embedding (sec. 3.4, line 678) of every clip, computed from the
+    checkpoint's weights through the predictor's own layers: encoder tokens of the whole clip,
+    the aggregating transformer on all of them, its final LayerNorm, the last temporal slot,
+    mean over its spatial positions."""
+    from vlmask.data_loading import collate_of
+    from vlmask.evaluate import eval_dataset
+    from vlmask.runs import open_run
+
+    run = open_run(run_dir)
+    weights = load_file(str(run.checkpoint / "student.safetensors"))
+    transformer = run.student.predictor.aggregate
+    assert torch.equal(transformer.embed.weight, weights["predictor.aggregate.embed.weight"])  # the checkpoint's
+    dataset = eval_dataset(run, manifest)
+    batch = collate_of(dataset)([dataset[i] for i in range(len(dataset))]).to(run.device)
+    grid = run.student.encoder.grid
+    with torch.no_grad():
+        tokens = transformer.embed(run.student.encoder(batch.video)) + transformer.pos_embed
+        for block in transformer.blocks:
+            tokens = block(tokens)
+        return transformer.norm(tokens)[:, -grid.h * grid.w:].mean(dim=1)
+
+
+def test_context_features_are_the_predictors_context_cached_apart_from_the_encoders(dpc_run, tiny_data, tmp_path):
+    """``evaluation.features: context`` probes DPC's c_T (thesis eq. 2.2, sec. 3.4): the features
+    equal the context computed by hand from the checkpoint, differ from the encoder's, live under
+    another cache key (the encoder's, extracted first, are never read for them), and eval.json,
+    its settings and vlmask embed's record say which were probed."""
+    _, val, _ = tiny_data
+    encoder = evaluate_run(dpc_run, FAST, progress=False)  # first: the encoder's features fill the cache
+    context = evaluate_run(dpc_run, [*FAST, "evaluation.features=context"], progress=False)
+    assert (encoder["features"], context["features"]) == ("encoder", "context")
+    assert "features" not in encoder["settings"]["evaluation"]  # as every eval.json before the setting: reusable
+    assert context["settings"]["evaluation"]["features"] == "context"
+    assert json.loads(json.dumps(encoder)) in [json.loads(p.read_text()) for p in dpc_run.glob("eval-*.json")]  # kept
+
+    cached = cached_features(dpc_run)
+    assert {k[0] for k in cached} == {"encoder", "context"}
+    expected = context_by_hand(dpc_run, val)
+    assert torch.allclose(cached[("context", val.stem, "mean")], expected, atol=1e-5)
+    assert not torch.allclose(cached[("encoder", val.stem, "mean")], expected, atol=1e-2)
+    stems = {f: {p.name.rsplit("-", 1)[0] for p in (dpc_run / "features").glob("*.safetensors")
+                 if json.loads(safe_open(str(p), framework="pt").metadata()["settings"])["features"] == f}
+             for f in ("encoder", "context")}
+    assert not stems["encoder"] & stems["context"]  # other files, not only other metadata
+
+    out = embed_manifest(dpc_run, val, tmp_path / "context.npy", ["evaluation.features=context"], progress=False)
+    assert np.allclose(np.load(out), expected.numpy(), atol=1e-5)
+    assert json.loads(out.with_suffix(".json").read_text())["features"] == "context"
+    plain = embed_manifest(dpc_run, val, tmp_path / "encoder.npy", progress=False)
+    assert json.loads(plain.with_suffix(".json").read_text())["features"] == "encoder"
+    assert np.allclose(np.load(plain), cached[("encoder", val.stem, "mean")].numpy())
+
+
+def test_a_partial_context_evaluation_keeps_no_section_of_an_encoder_one(dpc_run):
+    """``vlmask eval --only`` merges the other sections of an eval.json of the same settings only:
+    never the encoder's numbers into a context evaluation."""
+    evaluate_run(dpc_run, FAST, progress=False)
+    only_knn = evaluate_run(dpc_run, [*FAST, "evaluation.features=context"], evaluators=["knn"], progress=False)
+    assert "knn" in only_knn and "linear_probe" not in only_knn
+    again = evaluate_run(dpc_run, [*FAST, "evaluation.features=context"], evaluators=["linear_probe"], progress=False)
+    assert again["knn"] == only_knn["knn"]  # the context evaluation's own section is kept
+
+
+def test_context_for_a_predictor_without_it_is_one_line_naming_file_and_key(mae_run, capsys):
+    from vlmask.cli import main
+
+    assert main(["eval", str(mae_run), "evaluation.features=context"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("command line: evaluation.features=context: key evaluation.features: 'context' probes the predictor's "
+            "aggregated context c_t (DPC, MemDPC), and predictor 'transformer'") in err, err
+    assert "Traceback" not in err
+
+
+def test_a_predictor_made_by_a_factory_function_is_checked_for_context_once_built():
+    """validate cannot read a factory function's product (vlmask.kinds.offers_context: None);
+    the built predictor is checked before any feature is extracted: one line naming file and key."""
+    from types import SimpleNamespace
+
+    from vlmask.evaluate import context_of
+    from vlmask.kinds import offers_context
+    from vlmask.sections import EvaluationSettings
+    from vlmask.types import TokenGrid
+    from vlmask_plugins.encoders.future_predictor import FuturePredictor
+    from vlmask_plugins.encoders.predictor import TransformerPredictor
+
+    def transformer_factory(**arguments):
+        return TransformerPredictor(**arguments)
+
+    assert offers_context(transformer_factory) is None
+    recipe = load_recipe(RECIPES / "mae.yaml", ["evaluation.features=context"])
+    grid = TokenGrid(t=2, h=1, w=1)
+    plain = SimpleNamespace(recipe=recipe, student=SimpleNamespace(predictor=transformer_factory(
+        encoder_dim=4, grid=grid, dim=4, depth=1, num_heads=1)))
+    context = EvaluationSettings(batch_size=1, num_workers=0, evaluators={}, features="context")
+    with pytest.raises(RecipeError) as refused:
+        context_of(plain, context)
+    assert refused.value.problems == [
+        "command line: evaluation.features=context: key evaluation.features: 'context' probes the predictor's "
+        "aggregated context c_t, and this run's predictor (TransformerPredictor) offers none (vlmask.kinds.ContextFeatures)"]
+    future = FuturePredictor(encoder_dim=4, grid=grid, dim=4, depth=1, num_heads=1)
+    assert context_of(SimpleNamespace(recipe=recipe, student=SimpleNamespace(predictor=future)), context) is future
+    assert context_of(plain, EvaluationSettings(batch_size=1, num_workers=0, evaluators={})) is None  # encoder

@@ -145,3 +145,25 @@ def test_top_settings_have_the_engine_defaults_and_every_top_level_key(tmp_path)
     assert (TopSettings().seed, TopSettings().device) == (0, "auto")
     assert top.masker["name"] == recipe.get("masker.name") and list(top.terms("targets")) == ["pixels"]
     assert settings(recipe, "record").total_steps is None and settings(recipe, "record").data == {}
+
+
+def test_context_features_need_a_predictor_that_aggregates_a_context(tmp_path):
+    """``evaluation.features: context`` probes DPC's and MemDPC's aggregated context c_t
+    (vlmask.kinds.ContextFeatures): refused, in one line naming file and key, for FILS' predictor
+    (it decodes masked tokens), for a recipe without predictor and for an unknown choice."""
+    registry = default_plugins().registry
+    recipe_file = tmp_path / "fils_context.yaml"
+    recipe_file.write_text(f"base: [{RECIPES / 'fils.yaml'}]\nevaluation:\n  features: context\n")
+    recipe = load_recipe(recipe_file)
+    assert validate(recipe, registry) == [
+        f"{recipe_file}:3: key evaluation.features: 'context' probes the predictor's aggregated context c_t (DPC, MemDPC), "
+        f"and predictor 'transformer' (set by {recipe.where('model.predictor')}) offers none "
+        "(vlmask.kinds.ContextFeatures); registered predictors that offer it: future"]
+    assert recipe.where("model.predictor").endswith("fils.yaml:10")
+    no_predictor = validate(load_recipe(RECIPES / "coclr" / "infonce.yaml", ["evaluation.features=context"]), registry)
+    assert len(no_predictor) == 1 and "this recipe has no predictor (model.predictor)" in no_predictor[0]
+    assert validate(load_recipe(RECIPES / "mae.yaml", ["evaluation.features=pooled"]), registry) == [
+        "command line: evaluation.features=pooled: key evaluation.features: 'pooled' is not one of encoder, context"]
+    for name in ("dpc_faithful.yaml", "memdpc.yaml"):
+        assert validate(load_recipe(RECIPES / name, ["evaluation.features=context"]), registry) == [], name
+    assert validate(load_recipe(RECIPES / "fils.yaml", ["evaluation.features=encoder"]), registry) == []

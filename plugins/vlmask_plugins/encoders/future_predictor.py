@@ -17,9 +17,19 @@ In vlmask ``g`` and ``phi`` are one transformer (:class:`TransformerPredictor`: 
 tokens plus one mask token per position of the slot to predict); the temporal slots of
 ``mask.predict`` are predicted one at a time in time order, each slot's predictions appended to
 the context of the next.
+
+For evaluation (``evaluation.features: context``, :meth:`FuturePredictor.context`) the thesis
+probes the context, not the block features: "we take the input video blocks x_1, ..., x_t ... and
+extract the context feature c_t using the feature extractor f(.) for each block and temporal
+aggregator g(.); then we spatially pool the context feature c_t to obtain the embedding" (sec.
+3.4, line 678; retrieval: line 689; DPC's classifier: sec. 2.4, line 428). The released code
+aggregates every block of the clip and keeps the last step, ``context[:, -1]``, pooled over space
+(DPC ``eval/model_3d_lc.py``, MemDPC ``eval/model_lc.py``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +166,34 @@ class FuturePredictor(nn.Module):
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor:
         """(B, Nv, encoder_dim) features of ``mask.visible`` -> (B, Np, encoder_dim) at ``mask.predict``."""
         return self.rollout(visible_features, mask.visible, mask.predict)
+
+    def context(self, features: Tensor) -> Tensor:
+        """The aggregated context c_T of a whole clip (``vlmask.kinds.ContextFeatures``): the
+        encoder's features of every token (B, N, encoder_dim), grid order -> (B, h*w, dim).
+
+        As the thesis evaluates DPC and MemDPC (module docstring): every block z_1..z_T of the
+        clip is aggregated, and the context at the last temporal slot, one token per spatial
+        position, is kept (the released code's ``context[:, -1]``); mean pooling these tokens is
+        the thesis' spatial pooling. g is here the transformer up to its final LayerNorm (what
+        the head, phi, reads), run on the clip's tokens alone, without mask tokens.
+
+        Where vlmask departs: g is a transformer, not a ConvGRU, so every slot's context has
+        attended to every block (there is no causal order), and during training the last
+        ``num_future_slots`` positions held mask tokens, never context; MemDPC's backward
+        aggregator (the released code concatenates its last step to the forward one) is the same
+        transformer here, so one context serves both directions.
+        """
+        batch, tokens, width = features.shape
+        if tokens != self.grid.num_tokens:
+            raise ValueError(f"context needs the features of every token of the clip ({self.grid.num_tokens}), "
+                             f"got {tokens}")
+        every = torch.arange(tokens, device=features.device).expand(batch, tokens)
+        hidden = self.aggregate.hidden_tokens(features, Mask(visible=every, predict=every[:, :0]))
+        return self.aggregate.norm(hidden[:, -self.grid.spatial:])
+
+    def context_grid(self) -> TokenGrid:
+        """The grid of :meth:`context`'s tokens: one temporal slot of the clip's h x w positions."""
+        return dataclasses.replace(self.grid, t=1)
 
 
 #: Registered name -> factory of every predictor in this module.

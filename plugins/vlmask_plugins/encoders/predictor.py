@@ -105,6 +105,14 @@ class TransformerPredictor(nn.Module):
 
     def forward(self, visible_features: Tensor, mask: Mask) -> Tensor:
         """(B, Nv, encoder_dim) features of ``mask.visible`` -> (B, Np, out_width) at ``mask.predict``."""
+        tokens = self.hidden_tokens(visible_features, mask)
+        return self.head(self.norm(tokens[:, visible_features.shape[1]:]))
+
+    def hidden_tokens(self, visible_features: Tensor, mask: Mask) -> Tensor:
+        """The tokens after the blocks, before the final LayerNorm and the head: (B, Nv + Np,
+        dim), the Nv visible tokens first, then the Np mask tokens in ``mask.predict`` order.
+        ``mask.predict`` may be empty (B, 0): the blocks then run on the visible tokens alone
+        (the aggregated context of the ``future`` predictor, ``FuturePredictor.context``)."""
         batch, num_visible, width = visible_features.shape
         if width != self.encoder_dim:
             raise ValueError(f"visible_features have width {width}, but encoder_dim is {self.encoder_dim}")
@@ -118,8 +126,7 @@ class TransformerPredictor(nn.Module):
         positions = self.pos_embed.to(visible.dtype)
         visible = visible + gather_tokens(positions, mask.visible)
         queries = self.mask_token.to(visible.dtype) + gather_tokens(positions, mask.predict)
-        tokens = run_blocks(self.blocks, torch.cat([visible, queries], dim=1), self.grad_checkpointing)
-        return self.head(self.norm(tokens[:, num_visible:]))
+        return run_blocks(self.blocks, torch.cat([visible, queries], dim=1), self.grad_checkpointing)
 
 
 #: Registered name -> factory of every predictor in this module.

@@ -123,3 +123,45 @@ def test_tokens_to_predict_must_be_whole_slots() -> None:
         slot_chunks(torch.tensor([[2, 3, 4, 5], [4, 5, 2, 3]]), grid)
     with pytest.raises(ValueError, match="memory_slots"):
         FuturePredictor(encoder_dim=4, grid=grid, memory_slots=0)
+
+
+def by_hand_context(predictor: FuturePredictor, features: Tensor) -> Tensor:
+    """c_T as the thesis evaluates it (sec. 3.4, line 678), through the transformer's own layers:
+    every token of the clip is context (its positions added, no mask token), the blocks and the
+    final LayerNorm run, and the last temporal slot's tokens are kept."""
+    transformer = predictor.aggregate
+    tokens = transformer.embed(features) + transformer.pos_embed
+    for block in transformer.blocks:
+        tokens = block(tokens)
+    return transformer.norm(tokens)[:, -predictor.grid.spatial:]
+
+
+@pytest.mark.parametrize("memory_slots", [None, 8], ids=["dpc", "memdpc"])
+def test_context_is_the_aggregate_of_every_block_at_the_last_slot(memory_slots) -> None:
+    from vlmask.kinds import ContextFeatures, offers_context
+
+    torch.manual_seed(0)
+    grid = TokenGrid(t=3, h=2, w=2)
+    predictor = FuturePredictor(encoder_dim=6, grid=grid, dim=8, depth=2, num_heads=2, memory_slots=memory_slots).eval()
+    features = torch.randn(2, grid.num_tokens, 6)
+    with torch.no_grad():
+        context = predictor.context(features)
+        assert context.shape == (2, grid.spatial, 8)  # one token per position, the predictor's width
+        assert torch.allclose(context, by_hand_context(predictor, features), atol=1e-6)
+        changed = features.clone()
+        changed[:, : grid.spatial] += 1.0  # the first block changes the last slot's context: it aggregates all blocks
+        assert not torch.allclose(predictor.context(changed), context)
+    assert predictor.context_grid() == TokenGrid(t=1, h=2, w=2)
+    assert isinstance(predictor, ContextFeatures) and offers_context(FuturePredictor) is True
+    with pytest.raises(ValueError, match="every token of the clip"):
+        predictor.context(features[:, :-1])
+
+
+def test_the_plain_transformer_predictor_offers_no_context() -> None:
+    """FILS' and VideoMAE's predictor decodes masked tokens; it aggregates no past into a context,
+    so ``evaluation.features: context`` is refused for it (vlmask validate)."""
+    from vlmask.kinds import ContextFeatures, offers_context
+    from vlmask_plugins.encoders.predictor import TransformerPredictor
+
+    assert offers_context(TransformerPredictor) is False
+    assert not isinstance(TransformerPredictor(4, TokenGrid(t=2, h=1, w=1), dim=4, depth=1, num_heads=1), ContextFeatures)
