@@ -88,8 +88,16 @@ def checkpoint_format(setting: str, parallel_mode: str) -> str:
 
 
 def is_sharded(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` (a ``step_<N>`` folder) is in the sharded format."""
-    return (checkpoint / INDEX).is_file()
+    """Whether ``checkpoint`` (a ``step_<N>`` folder) is in the sharded format. A folder in DCP's
+    default layout (a ``.metadata`` pickle, no ``sharded.json``) is refused, never unpickled."""
+    if (checkpoint / INDEX).is_file():
+        return True
+    for pickled in (checkpoint / ".metadata", checkpoint / SHARDS / ".metadata"):
+        if pickled.exists():
+            raise CheckpointError(f"{pickled}: a torch.distributed.checkpoint folder in its pickle layout; vlmask "
+                                  f"reads only sharded checkpoints of safetensors shards with {INDEX} and never "
+                                  "unpickles a checkpoint")
+    return False
 
 
 # ---------------------------------------------------------------------------------------- collectives
@@ -315,7 +323,8 @@ def load_training_state(checkpoint: Path, student: nn.Module, teacher: nn.Module
         targets[name], defaults[name] = _module_target(module, metadata, name)
     optim = parallel.sharded_optimizer_state(student, optimizer)
     targets["optimizer"] = {"state": optim["state"]}
-    _check_keys(metadata, _flatten(targets), [*modules, "optimizer"], source)
+    _check_keys(metadata, _flatten({k: v for k, v in targets.items() if k != "optimizer"}), modules, source)  # weights first
+    _check_keys(metadata, _flatten({"optimizer": targets["optimizer"]}), ["optimizer"], source)
     _dcp_load(checkpoint, targets, collective=_distributed())
     for name, module in modules.items():
         parallel.load_sharded_state_dict(module, {**targets[name], **defaults[name]})
