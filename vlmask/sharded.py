@@ -6,8 +6,10 @@ DCP (``dcp.save``; Wang et al., the PyTorch DCP docs; torchtitan's checkpointer 
 the optimizer state keyed by parameter name (``get_optimizer_state_dict(full_state_dict=False)``)
 so that another world size re-shards it at load. ``checkpoints/step_<N>/`` then holds::
 
-    shards/shard-00001-model-00001-of-00001.safetensors   rank 0's shards (student., teacher., optimizer.state.)
-    shards/shard-00002-model-00001-of-00001.safetensors   rank 1's, ...
+    shards/shard-00001-model-00001-of-00003.safetensors   rank 0's shards (student., teacher., optimizer.state.),
+    shards/shard-00001-model-00002-of-00003.safetensors   in files of at most 32 MiB (FILE_BYTES: DCP's writer
+    ...                                                    serialises a file in memory before writing it)
+    shards/shard-00002-model-00001-of-00003.safetensors   rank 1's, ...
     sharded.json   {"format": "vlmask-sharded", "version": 1, "step", "world_size", "files": {path: bytes}}
     state.pt       the rest, as in a full checkpoint: step, optimizer param groups, scaler, RNG of every rank, loop state
 
@@ -74,6 +76,8 @@ INDEX = "sharded.json"
 SHARDS = "shards"
 FORMAT = "vlmask-sharded"
 VERSION = 1
+#: Bytes of one rank's shard file at most (but one tensor's share; :func:`file_plan`).
+FILE_BYTES = 32 * 2**20
 #: ``train.checkpoint_format`` values (``vlmask.schema``).
 FORMATS = ("auto", "full", "sharded")
 
@@ -159,9 +163,11 @@ def save_sharded(folder: Path, step: int, tensors: dict[str, Any], state: dict[s
     tmp = Path(named[0])
     error: BaseException | None = None
     try:  # DCP gathers every rank's write results: a failure anywhere raises on every rank
+        world_size = dist.get_world_size() if _distributed() else 1
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True,
+                                          fqn_to_index_mapping=file_plan(tensors, world_size))
         with _quiet_single_process():
-            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True),
-                     no_dist=not _distributed())
+            dcp.save(tensors, storage_writer=writer, no_dist=not _distributed())
     except (CheckpointException, Exception) as caught:  # noqa: BLE001  (CheckpointException is a BaseException)
         error = _cause(caught)
     outcome: str | None = None
@@ -186,6 +192,22 @@ def save_sharded(folder: Path, step: int, tensors: dict[str, Any], state: dict[s
     if outcome is not None:
         raise CheckpointError(outcome)
     return folder / f"step_{step:08d}"
+
+
+def file_plan(tensors: dict[str, Any], world_size: int, file_bytes: int = FILE_BYTES) -> dict[str, int]:
+    """Which file (1, 2, ...) of its rank each tensor goes to: consecutive tensors while a rank's
+    share of them (global bytes / world size) stays under ``file_bytes``. DCP's safetensors
+    writer serialises a whole file in memory before writing it, so a rank's peak during a save
+    is about one file (twice, the bytes and their copy), not its whole shard."""
+    plan: dict[str, int] = {}
+    index, used = 1, 0
+    for key, tensor in _flatten(tensors).items():
+        size = tensor.numel() * tensor.element_size() // world_size  # a DTensor's numel is the global one
+        if used and used + size > file_bytes:
+            index, used = index + 1, 0
+        plan[key] = index
+        used += size
+    return plan
 
 
 def _write_index(tmp: Path, step: int, world_size: int) -> None:
