@@ -78,8 +78,6 @@ FORMAT = "vlmask-sharded"
 VERSION = 1
 #: Bytes of one rank's shard file at most (but one tensor's share; :func:`file_plan`).
 FILE_BYTES = 32 * 2**20
-#: ``train.checkpoint_format`` values (``vlmask.schema``).
-FORMATS = ("auto", "full", "sharded")
 
 
 def checkpoint_format(setting: str, parallel_mode: str) -> str:
