@@ -414,9 +414,9 @@ def checkpoint_identity(checkpoint: Path) -> str:
     """The checkpoint folder name with the size and mtime of its weight files: a retrained
     checkpoint of the same step is a different identity."""
     parts = [checkpoint.name]
-    for weights in sorted(checkpoint.glob("*.safetensors")):
+    for weights in sorted([*checkpoint.glob("*.safetensors"), *checkpoint.glob("shards/*.safetensors")]):  # full, sharded
         stat = weights.stat()
-        parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        parts.append(f"{weights.relative_to(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}")
     return "|".join(parts)
 
 

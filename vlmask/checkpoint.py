@@ -64,6 +64,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_of_rank(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The RNG states a process of ``rank`` resumes with: its own from ``rng_by_rank`` (every
+    rank's, kept when several processes trained), else ``rng`` (rank 0's: a checkpoint written
+    by one process, an older one, or a rank the writing job did not have)."""
+    by_rank = state.get("rng_by_rank")
+    if isinstance(by_rank, list) and rank < len(by_rank):
+        return by_rank[rank]
+    return state["rng"]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
     kind, keys, *rest = state["numpy"]
@@ -100,6 +110,11 @@ def _tmp_name(step: int) -> str:
     """``.tmp-step_<N>-<host>-<pid>``: who writes it, so a later save can tell an orphan (its
     writer was killed, or its disk filled) from a folder a live writer is still filling."""
     return f"{TMP_PREFIX}{STEP_PREFIX}{step:08d}-{_host()}-{os.getpid()}"
+
+
+def temporary_folder(folder: Path, step: int) -> Path:
+    """Where this process writes checkpoint ``step`` before it is renamed into place."""
+    return folder / _tmp_name(step)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -172,7 +187,6 @@ def save_checkpoint(
     """
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphan_temporaries(folder)
-    final = folder / f"{STEP_PREFIX}{step:08d}"
     tmp = folder / _tmp_name(step)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -180,19 +194,38 @@ def save_checkpoint(
         for name, tensors in modules.items():
             save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
             _fsync_file(tmp / f"{name}.safetensors")
-        torch.save({**state, "step": step}, tmp / "state.pt")
-        _fsync_file(tmp / "state.pt")
+        write_state(tmp / "state.pt", {**state, "step": step})
         _fsync_dir(tmp)
     except (OSError, RuntimeError, SafetensorError) as error:
-        full = _is_disk_full(error, folder)
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(folder, report=False)
-        kept = f"the previous checkpoint {previous} is kept" if previous is not None else "no earlier checkpoint exists"
-        cause = "no space left on device" if full else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-        raise CheckpointError(
-            f"{cause} while writing checkpoint step {step} in {folder}; {kept}"
-            + ("; free space, then run the same command again to resume" if full else "")
-        ) from error
+        raise write_failed(error, folder, step, tmp) from error
+    return commit_checkpoint(folder, tmp, step, keep)
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """``state.pt``: tensors, numbers, strings and containers only (read back with ``weights_only``), fsynced."""
+    torch.save(state, path)
+    _fsync_file(path)
+
+
+def write_failed(error: BaseException, folder: Path, step: int, tmp: Path) -> CheckpointError:
+    """Remove the temporary folder of a failed write; the one-line error naming the cause (a
+    full disk, when that is it) and the checkpoint kept."""
+    full = _is_disk_full(error, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(folder, report=False)
+    kept = f"the previous checkpoint {previous} is kept" if previous is not None else "no earlier checkpoint exists"
+    cause = "no space left on device" if full else f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return CheckpointError(
+        f"{cause} while writing checkpoint step {step} in {folder}; {kept}"
+        + ("; free space, then run the same command again to resume" if full else "")
+    )
+
+
+def commit_checkpoint(folder: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Put the complete temporary folder ``tmp`` in place as ``step_<N>/`` (an older copy of the
+    same step is moved aside first, never deleted first), replace ``latest`` atomically (each
+    rename fsynced in its directory) and keep the newest ``keep`` checkpoints."""
+    final = folder / f"{STEP_PREFIX}{step:08d}"
     if final.exists():  # the same step saved again: move the old copy aside, never delete first
         aside = folder / _tmp_name(step).replace(f"{step:08d}-", f"{step:08d}.old-", 1)
         shutil.rmtree(aside, ignore_errors=True)

@@ -163,6 +163,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from vlmask import sharded
+    from vlmask.checkpoint import CheckpointError, latest_checkpoint
+
+    source = Path(args.source)
+    checkpoint = latest_checkpoint(source / "checkpoints") if (source / "checkpoints").is_dir() else source
+    if checkpoint is None or not (checkpoint / "state.pt").is_file():
+        raise CheckpointError(f"{source}: neither a run directory with a checkpoint nor a checkpoint folder (step_<N>)")
+    if not sharded.is_sharded(checkpoint):
+        raise CheckpointError(f"{checkpoint}: already a full checkpoint (student.safetensors); nothing to consolidate")
+    out.print(f"wrote {sharded.consolidate(checkpoint, Path(args.out))}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlmask.compare import compare
 
@@ -267,6 +281,15 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--layer", type=int,
                       help="attention: the encoder block, from 0 (negative: from the end; default -1)")
     show.set_defaults(func=cmd_show, leftovers="run_dirs")  # overrides (device=cpu) join the run directories
+
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint utilities")
+    checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    consolidate = checkpoint_sub.add_parser(
+        "consolidate", help="write a sharded checkpoint (FSDP) as a full one: OUT/step_<N>/ with student.safetensors, "
+                            "teacher.safetensors, state.pt, as one process writes")
+    consolidate.add_argument("source", help="a run directory (its latest checkpoint) or a checkpoint folder step_<N>")
+    consolidate.add_argument("--out", required=True, help="folder that receives step_<N>/ and latest")
+    consolidate.set_defaults(func=cmd_checkpoint_consolidate)
 
     from vlmask.bench import add_bench_arguments, cmd_bench
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from vlmask import checkpoint as ckpt
-from vlmask import parallel, rundir
+from vlmask import parallel, rundir, sharded
 from vlmask.build import build_components
 from vlmask.caches import CaptionEmbeddingCache
 from vlmask.config import Recipe, RecipeError
@@ -447,39 +447,80 @@ class Trainer:
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         os.replace(tmp, self.run_dir / "config.yaml")
 
-    def save(self, step: int) -> Path | None:
-        """Write a checkpoint of full tensors (rank 0 writes; under FSDP every rank gathers)."""
+    @property
+    def checkpoint_format(self) -> str:
+        """``full`` or ``sharded``: what :meth:`save` writes (``train.checkpoint_format``; ``auto``
+        shards under FSDP with several processes)."""
         train_step = self.train_step
+        return sharded.checkpoint_format(train_step.train_cfg.checkpoint_format, train_step.parallel)
+
+    def save(self, step: int) -> Path | None:
+        """Write a checkpoint (every rank calls it). Full format: rank 0 writes full tensors
+        (under FSDP every rank gathers to it); sharded (``vlmask.sharded``): every rank writes its
+        own shards. Either way ``state.pt`` keeps the RNG states of every rank. Returns the
+        checkpoint on the ranks that know it (rank 0, every rank when sharded)."""
+        train_step = self.train_step
+        rngs = parallel.gather_on_rank0(ckpt.rng_state()) if train_step.world_size > 1 else [ckpt.rng_state()]
+        if self.checkpoint_format == "sharded":
+            return self._save_sharded(step, rngs)
         if train_step.rank != 0 and train_step.parallel != "fsdp":
             return None
         state = train_step.state_dict()
         if train_step.rank != 0:
             return None
         modules = {name: state.pop(name) for name in ("student", "teacher") if name in state}
-        bad = _non_finite_tensors(modules)
-        if bad:  # a gradient that was not finite can leave the weights so while the loss still was
-            kept = self._last_checkpoint()
-            raise rundir.NonFiniteLoss(f"not saving step {step}: non-finite weights in {', '.join(bad[:5])}"
-                                       + (f"; the last good checkpoint is {kept}" if kept else "")
-                                       + "; try train.precision fp32/bf16, a lower optim.lr or train.grad_clip", step)
-        state.update({  # state.pt: the step's optimizer and scaler, then the loop's
-            "rng": ckpt.rng_state(),
-            "total_steps": self.total_steps,
-            "last_loss": float(self.last_loss) if self.last_loss is not None else self.resumed_last_loss,
-            **self.clock.state(),  # wall_s, clips_per_s: summary.json's figures survive a resume at the end
-        })
+        self._refuse_non_finite(step, _non_finite_tensors(modules))
+        state.update(self._loop_state(rngs))
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", step, modules, state,
                                     keep=train_step.train_cfg.keep_checkpoints)
         train_step.hooks.vlmask_checkpoint_saved(step=step, path=path, run=train_step.run)
         return path
 
+    def _save_sharded(self, step: int, rngs: list[Any] | None) -> Path:
+        train_step = self.train_step
+        state = train_step.sharded_state_dict()
+        tensors = state.pop("tensors")
+        local = {name: parallel.local_tensors(tensors[name]) for name in ("student", "teacher") if name in tensors}
+        self._refuse_non_finite(step, parallel.union_over_ranks(_non_finite_tensors(local)))  # the same on every rank
+        loop = {**state, **self._loop_state(rngs)} if train_step.rank == 0 else None
+        path = sharded.save_sharded(self.run_dir / "checkpoints", step, tensors, loop,
+                                    keep=train_step.train_cfg.keep_checkpoints)
+        if train_step.rank == 0:
+            train_step.hooks.vlmask_checkpoint_saved(step=step, path=path, run=train_step.run)
+        return path
+
+    def _refuse_non_finite(self, step: int, bad: list[str]) -> None:
+        if bad:  # a gradient that was not finite can leave the weights so while the loss still was
+            kept = self._last_checkpoint()
+            raise rundir.NonFiniteLoss(f"not saving step {step}: non-finite weights in {', '.join(bad[:5])}"
+                                       + (f"; the last good checkpoint is {kept}" if kept else "")
+                                       + "; try train.precision fp32/bf16, a lower optim.lr or train.grad_clip", step)
+
+    def _loop_state(self, rngs: list[Any] | None) -> dict[str, Any]:
+        """``state.pt``'s loop state (rank 0): the RNG states (``rng``: rank 0's, ``rng_by_rank``:
+        every rank's when several processes train, so each resumes its own), the run's length,
+        the last loss and the clock."""
+        assert rngs is not None
+        return {
+            "rng": rngs[0],
+            **({"rng_by_rank": rngs} if len(rngs) > 1 else {}),
+            "total_steps": self.total_steps,
+            "last_loss": float(self.last_loss) if self.last_loss is not None else self.resumed_last_loss,
+            **self.clock.state(),  # wall_s, clips_per_s: summary.json's figures survive a resume at the end
+        }
+
     def _resume(self, path: Path) -> None:
-        modules = {name: ckpt.load_tensors(path / f"{name}.safetensors") for name in ("student", "teacher")
-                   if name == "student" or self.train_step.teacher is not None}
+        """Load checkpoint ``path`` of either format, whatever world size wrote it (a sharded one
+        is re-sharded by DCP; a full one is loaded whole and sharded under FSDP)."""
         state = ckpt.load_state(path / "state.pt")
-        sources = {**{name: path / f"{name}.safetensors" for name in modules}, "optimizer": path / "state.pt"}
-        self.train_step.load_state_dict({**modules, **state}, sources)
-        ckpt.set_rng_state(state["rng"])
+        if sharded.is_sharded(path):
+            self.train_step.load_sharded(path, state)
+        else:
+            modules = {name: ckpt.load_tensors(path / f"{name}.safetensors") for name in ("student", "teacher")
+                       if name == "student" or self.train_step.teacher is not None}
+            sources = {**{name: path / f"{name}.safetensors" for name in modules}, "optimizer": path / "state.pt"}
+            self.train_step.load_state_dict({**modules, **state}, sources)
+        ckpt.set_rng_state(ckpt.rng_of_rank(state, self.train_step.rank))
         self.start_step = int(state["step"])
         self.resumed_from = path
         last_loss = state.get("last_loss")  # absent in checkpoints of older runs

@@ -17,8 +17,12 @@ FSDP", VLDB 2023), for models that do not fit in one device's memory:
 - scalar parameters (a contrastive head's temperature) cannot be sharded: they stay replicated
   and their gradients are averaged across ranks here, before clipping.
 
-Checkpoints hold full (unsharded) tensors whatever the mode, with the optimizer state keyed by
-parameter name, so a run saved by two FSDP processes resumes in one process and vice versa.
+Checkpoints (``train.checkpoint_format``): under FSDP with several processes every rank writes
+its own shards through ``torch.distributed.checkpoint`` (:func:`sharded_state_dict`,
+:func:`sharded_optimizer_state`; the format is ``vlmask.sharded``'s), with no gather on rank 0;
+DDP and one process write full tensors (:func:`full_state_dict`, gathered on rank 0 when
+``checkpoint_format: full`` asks it of FSDP). Either way the optimizer state is keyed by
+parameter name, so a checkpoint of two FSDP processes resumes in one process and vice versa.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 _FULL = StateDictOptions(full_state_dict=True)
 _GATHER_TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the other ranks get {}
+_SHARDED = StateDictOptions(full_state_dict=False)  # each rank its own shards (DTensors), plain tensors as they are
 
 
 def wrap_ddp(student: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
@@ -192,6 +197,50 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     set_optimizer_state_dict(module, optimizer, state, options=_FULL)
+
+
+def sharded_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s tensors as this rank holds them: DTensor shards of FSDP's parameters, plain
+    tensors for the rest (all of them in a plain module). Not a collective."""
+    return get_model_state_dict(module, options=_SHARDED)
+
+
+def load_sharded_state_dict(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load :func:`sharded_state_dict`-shaped tensors (this rank's shards), strictly."""
+    set_model_state_dict(module, tensors, options=_SHARDED)
+
+
+def sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name as this rank holds it (shards under FSDP)."""
+    return get_optimizer_state_dict(module, optimizer, options=_SHARDED)
+
+
+def load_sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=_SHARDED)
+
+
+def local_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This rank's part of each tensor (the local shard of a DTensor)."""
+    return {key: _local(t) for key, t in tensors.items()}
+
+
+def gather_on_rank0(value: Any) -> list[Any] | None:
+    """Every rank's ``value`` (a small picklable object) in rank order on rank 0, None on the
+    others; ``[value]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def union_over_ranks(names: list[str]) -> list[str]:
+    """The names any rank found (sorted), on every rank; ``names`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return names
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, names)
+    return sorted({name for part in every for name in part})
 
 
 def local_parameter_count(module: nn.Module) -> int:

@@ -3,7 +3,7 @@
 ``vlmask eval``, ``embed``, ``finetune`` and ``export`` open runs here, never through a
 ``Trainer``: the recipe is read from ``config.yaml``, its parts are built with
 :func:`vlmask.build.build_components` and the latest checkpoint is loaded strictly (every key,
-every shape). No optimizer, data loader or hook registration is made, and nothing in the run
+every shape; a sharded checkpoint is read whole in this one process). No optimizer, data loader or hook registration is made, and nothing in the run
 directory is written or truncated (the layout is in docs/contract.md, "A run directory").
 """
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlmask.build import Components, Student, autocast_of, build_components, resolve_device, resolve_precision, set_attention_backends
+from vlmask import sharded
 from vlmask.checkpoint import CheckpointError, latest_checkpoint, load_strict, load_tensors
 from vlmask.config import Recipe, RecipeError, load_recipe
 from vlmask.paths import cache_dir
@@ -98,6 +99,16 @@ def run_recipe(run_dir: str | Path, overrides: Sequence[str], plugins: Plugins) 
     return recipe, device, precision, train_manifest_of(recipe, plugins)
 
 
+def checkpoint_tensors(checkpoint: Path, name: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """Module ``name``'s full tensors from ``checkpoint`` of either format, and the file (or
+    shard folder) they come from: a full checkpoint's ``<name>.safetensors``, or a sharded
+    checkpoint's shards gathered in this process alone, with no process group and nothing
+    written (``vlmask.sharded.load_full``)."""
+    if sharded.is_sharded(checkpoint):
+        return sharded.load_full(checkpoint, name), checkpoint / sharded.SHARDS
+    return load_tensors(checkpoint / f"{name}.safetensors"), checkpoint / f"{name}.safetensors"
+
+
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugins | None = None) -> OpenRun:
     """The run in ``run_dir`` with its latest checkpoint loaded strictly, on the recipe's
     device (``overrides``, KEY=VALUE on ``config.yaml``, may change it: ``device=cpu``).
@@ -120,9 +131,10 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), plugins: Plugin
         num_classes = len(_train_set(recipe, plugins, train_manifest).classes or [])
     total_steps = int(settings(recipe, "record").total_steps or settings(recipe, "train").max_steps or 1)
     parts = build_components(recipe, plugins, total_steps=total_steps, num_classes=num_classes, init=False)
-    load_strict(parts.student, load_tensors(checkpoint / "student.safetensors"), checkpoint / "student.safetensors")
-    if parts.teacher is not None:
-        load_strict(parts.teacher, load_tensors(checkpoint / "teacher.safetensors"), checkpoint / "teacher.safetensors")
+    for name in ("student", "teacher"):
+        module = getattr(parts, name)
+        if module is not None:
+            load_strict(module, *checkpoint_tensors(checkpoint, name))
     parts.student.to(device).eval()
     if parts.teacher is not None:
         parts.teacher.to(device).eval()

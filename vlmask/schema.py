@@ -61,6 +61,9 @@ class TrainSettings:
     find_unused_parameters: bool = False  # DDP
     parallel: str = "ddp"  # with several processes: ddp (replicate the student) | fsdp (shard student and teacher)
     compile: bool = False  # torch.compile the student's forward (first steps include compilation)
+    # auto (sharded under fsdp with several processes, else full) | full (full tensors, gathered on rank 0)
+    # | sharded (each rank writes its shards through torch.distributed.checkpoint; needs parallel fsdp)
+    checkpoint_format: str = "auto"
 
 
 @dataclass
@@ -173,6 +176,7 @@ INJECTED = ("grid", "encoder", "encoder_dim", "text_dim", "num_classes", "studen
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("ddp", "fsdp"),
+    "train.checkpoint_format": ("auto", "full", "sharded"),
     "optim.lr_scaling": ("none", "linear"),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -425,6 +429,10 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     if precision == "fp16" and train.get("parallel") == "fsdp":
         problems.append(f"{where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16 "
                         f"(train.precision set by {where('train.precision')})")
+    if train.get("checkpoint_format") == "sharded" and train.get("parallel", "ddp") != "fsdp":
+        problems.append(f"{where('train.checkpoint_format')}: key train.checkpoint_format: sharded checkpoints need "
+                        f"train.parallel=fsdp (got {train.get('parallel', 'ddp')!r}, set by {where('train.parallel')}); "
+                        "DDP writes full checkpoints (checkpoint_format auto or full)")
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")

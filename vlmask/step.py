@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from vlmask import checkpoint as ckpt
-from vlmask import launch, parallel
+from vlmask import launch, parallel, sharded
 from vlmask.build import (Components, LossTerm, Student, autocast_of, build_components, resolve_device,
                           resolve_precision, set_attention_backends)
 from vlmask.config import Recipe, RecipeError
@@ -478,6 +478,26 @@ class TrainStep:
         state["optimizer"] = parallel.optimizer_state(self.student, self.optimizer)
         state["scaler"] = self.scaler.state_dict()
         return state
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """What a sharded checkpoint keeps of the step (``vlmask.sharded``), as this rank holds it:
+        ``tensors`` (``student``, ``teacher``, ``optimizer.state`` keyed by parameter name: DTensor
+        shards under FSDP, plain tensors otherwise; each rank writes its own), then for
+        ``state.pt`` ``optimizer_param_groups`` and ``scaler``. No collective."""
+        optimizer = parallel.sharded_optimizer_state(self.student, self.optimizer)
+        tensors: dict[str, Any] = {"student": parallel.sharded_state_dict(self.student)}
+        if self.teacher is not None:
+            tensors["teacher"] = parallel.sharded_state_dict(self.teacher)
+        tensors["optimizer"] = {"state": optimizer["state"]}
+        return {"tensors": tensors, "optimizer_param_groups": optimizer["param_groups"],
+                "scaler": self.scaler.state_dict()}
+
+    def load_sharded(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Load a sharded checkpoint (``vlmask.sharded``, whatever world size wrote it) and its
+        ``state.pt`` ``state``, strictly; under FSDP every rank calls it."""
+        sharded.load_training_state(checkpoint, self.student, self.teacher, self.optimizer,
+                                    state["optimizer_param_groups"])
+        self.scaler.load_state_dict(state["scaler"])
 
     def load_state_dict(self, state: dict[str, Any], sources: dict[str, Path] | None = None) -> None:
         """Load what :meth:`state_dict` gave, strictly: a missing, unexpected or mis-shaped tensor

@@ -195,3 +195,53 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path):
     save_checkpoint(folder, 1, {"student": {"w": torch.full((4,), 7.0)}}, {"x": torch.zeros(2)})
     assert ckpt.load_tensors(folder / "step_00000001" / "student.safetensors")["w"].tolist() == [7.0] * 4
     assert temporaries(folder) == []
+
+
+# --------------------------------------------------------------------------- the sharded layout (vlmask.sharded)
+
+#: The real CLI SIGKILLed while checkpoint ``AT`` is half written in the sharded layout: every
+#: shard is written, the index, state.pt and the rename are not.
+KILL_SHARDED = r"""
+import os, signal, sys
+import vlmask.sharded as sh
+at = int(sys.argv[1])
+real = sh._write_index
+def write_index(tmp, step, world_size):
+    if step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tmp, step, world_size)
+sh._write_index = write_index
+from vlmask.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_sharded_run_killed_mid_checkpoint_resumes_and_a_truncated_shard_is_one_line(tmp_path, tiny_synth, tiny_scale,
+                                                                                         isolated_cache):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    args = ["run", str(RECIPES / "mae.yaml"), f"data.train={tiny_synth[0]}", f"run.dir={run_dir}", "train.max_steps=4",
+            "train.log_every=1", "train.ckpt_every=1", "train.keep_checkpoints=2", "train.parallel=fsdp",
+            "train.checkpoint_format=sharded", *tiny_scale]
+    killed = subprocess.run([sys.executable, "-c", KILL_SHARDED, "3", *args], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (name,) = temporaries(checkpoints)
+    orphan = checkpoints / name
+    assert list((orphan / "shards").glob("*.safetensors")) and not (orphan / "state.pt").exists()
+    assert latest_checkpoint(checkpoints).name == "step_00000002"
+
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "resumed at step 2" in done.stderr and f"removed {orphan} (a checkpoint write that never finished)" in done.stderr
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert (checkpoints / "step_00000004" / "sharded.json").is_file()
+
+    (shard,) = (checkpoints / "step_00000004" / "shards").glob("*.safetensors")
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 100)
+    broken = run_cli(["checkpoint", "consolidate", str(run_dir), "--out", str(tmp_path / "full")])
+    assert broken.returncode == 1
+    assert broken.stderr.splitlines()[0].startswith(f"CheckpointError: {shard}: ") and "truncated" in broken.stderr
+    assert "Traceback" not in broken.stderr and not (tmp_path / "full").exists()

@@ -96,6 +96,11 @@ VALIDATE_FAILURES = [
                                                          "fp16 needs CUDA (device 'cpu', set by command line: device=cpu)"),
     ("fils.yaml", ["train.parallel=fsdp", "train.precision=fp16"], "- command line: train.parallel=fsdp: key "
                                                                   "train.parallel: fsdp runs in fp32 or bf16, not fp16"),
+    ("fils.yaml", ["train.checkpoint_format=sharded"], "- command line: train.checkpoint_format=sharded: key "
+                                                       "train.checkpoint_format: sharded checkpoints need "
+                                                       "train.parallel=fsdp (got 'ddp', set by recipes/base/demo.yaml:29)"),
+    ("mae.yaml", ["train.checkpoint_format=shard"], "- command line: train.checkpoint_format=shard: key "
+                                                    "train.checkpoint_format: 'shard' is not one of auto, full, sharded"),
     ("mae.yaml", ["train.batch_size=-4"], "- command line: train.batch_size=-4: key train.batch_size: -4 should be "
                                           "greater than or equal to 1"),
     ("mae.yaml", ["train.batch_size=0"], "- command line: train.batch_size=0: key train.batch_size: 0 should be"),

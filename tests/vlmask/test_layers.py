@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages",
                                                          "records"}),
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
-     {"checkpoint", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
+     {"checkpoint", "sharded", "parallel", "data_loading", "data_requirements", "caches", "rundir"}),
     ("step, build", {"step", "build"}),
     ("engine, runs", {"engine", "runs"}),
     ("evaluate, finetune, bench, flops, rehearsal, show", {"evaluate", "finetune", "bench", "flops", "rehearsal", "show"}),

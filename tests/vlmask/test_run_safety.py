@@ -117,6 +117,28 @@ def test_a_non_finite_loss_names_its_first_step_and_no_bad_checkpoint_is_saved(t
         assert all(t.isfinite().all() for t in load_file(str(run_dir / "checkpoints" / name / "student.safetensors")).values())
 
 
+@pytest.mark.parametrize("layout", ["full", "sharded"])
+def test_non_finite_weights_are_never_saved_in_either_layout(layout, tmp_path, tiny_synth, tiny_scale, isolated_cache):
+    import torch
+
+    from vlmask.config import load_recipe
+    from vlmask.engine import Trainer
+    from vlmask.rundir import NonFiniteLoss
+
+    recipe = load_recipe(RECIPES / "mae.yaml", [f"data.train={tiny_synth[0]}", f"run.dir={tmp_path / 'run'}",
+                                                "train.max_steps=2", "train.parallel=fsdp",
+                                                f"train.checkpoint_format={layout}", *tiny_scale])
+    with Trainer(recipe) as trainer:
+        assert trainer.checkpoint_format == layout
+        trainer.save(1)
+        with torch.no_grad():
+            trainer.train_step.student.encoder.patch_embed.weight[0, 0] = float("nan")
+        with pytest.raises(NonFiniteLoss, match=r"not saving step 2: non-finite weights in student.encoder.patch_embed"
+                                                r".weight; the last good checkpoint is .*step_00000001"):
+            trainer.save(2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
 # --------------------------------------------------------------------------- item 8: re-runs, torn metrics, final_loss
 
 def test_a_finished_run_dir_with_other_overrides_is_refused_naming_the_keys(tmp_path, tiny_synth, tiny_scale, isolated_cache):
