@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vlmask.kinds import CollatingDataset
+from vlmask.preemption import ignore_signals
 
 
 class SeededItems(Dataset):
@@ -76,8 +77,16 @@ def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
     return dataset.collate if isinstance(dataset, CollatingDataset) else sys.modules[type(dataset).__module__].collate
 
 
-def worker_init(_: int) -> None:
+def worker_init(_: int, ignore: tuple[int, ...] = ()) -> None:
+    """A DataLoader worker's set-up: one torch thread, and the signals in ``ignore`` ignored.
+
+    ``ignore`` is the run's preemption signals (``vlmask.preemption``): a scheduler that signals
+    the whole process group (torchrun's agent ``killpg``s each worker's group, SLURM signals every
+    process of a step) would otherwise kill the workers first, and the main process would fail
+    with "DataLoader worker ... exited unexpectedly" instead of finishing its step and saving.
+    Workers still exit with their main process (torch's worker loop watches its parent)."""
     torch.set_num_threads(1)
+    ignore_signals(ignore)
 
 
 def infinite(loader: Any, sampler: EpochBatches, epoch: int, start_batch: int) -> Iterator[Any]:

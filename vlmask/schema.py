@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, requirements_of
+from vlmask.preemption import DEFAULT_SIGNALS, signal_problem
 from vlmask.registry import Registry, RegistryError, factory_defaults
 from vlmask.stages import stage_problems
 from vlmask.sections import (
@@ -59,6 +60,8 @@ class TrainSettings:
     find_unused_parameters: bool = False  # DDP
     parallel: str = "ddp"  # with several processes: ddp (replicate the student) | fsdp (shard student and teacher)
     compile: bool = False  # torch.compile the student's forward (first steps include compilation)
+    # signals that stop the run at a step boundary with a checkpoint and exit code 75 (vlmask.preemption); [] disables
+    preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
 
 
 @dataclass
@@ -423,6 +426,9 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
     if precision == "fp16" and train.get("parallel") == "fsdp":
         problems.append(f"{where('train.parallel')}: key train.parallel: fsdp runs in fp32 or bf16, not fp16 "
                         f"(train.precision set by {where('train.precision')})")
+    signals_problem = signal_problem(train.get("preempt_signals", list(DEFAULT_SIGNALS)))
+    if signals_problem:
+        problems.append(f"{where('train.preempt_signals')}: key train.preempt_signals: {signals_problem}")
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")
