@@ -43,7 +43,8 @@ def command(train: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def start(args: list[str], cache: Path, launcher: tuple[str, ...] = (sys.executable, "-m", "vlmask")) -> subprocess.Popen[str]:
     """``vlmask run`` in a session of its own (a signal to its group reaches nothing of pytest)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(cache)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMASK_CACHE": str(cache),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}  # torchrun: how long its agent waits for the save (default 30 s)
     return subprocess.Popen([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
@@ -222,3 +223,79 @@ def test_signals_while_it_saves_change_nothing(reference) -> None:
     assert f"preempted at step {stopped} by SIGUSR1;" in err, "the first signal is the one named"
     assert_preempted_at(run_dir, stopped)
     assert_resumes_exactly(reference, run_dir, stopped)
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+def torchrun_command(train: Path, run_dir: Path, *extra: str) -> tuple[tuple[str, ...], list[str]]:
+    launcher = ("torchrun", "--standalone", "--nproc_per_node", "2", "-m", "vlmask")
+    return launcher, command(train, run_dir, *extra)
+
+
+def workers_of(agent: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun's agent started (read from /proc: their RANK)."""
+    ranks = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields["PPid"]) != agent:
+                continue
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, KeyError, ValueError):
+            continue  # gone meanwhile
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[rank] = int(status.parent.name)
+    return ranks
+
+
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None or not Path("/proc/self/environ").exists(),
+                                    reason="torchrun and /proc needed")
+
+
+@needs_torchrun
+def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(reference) -> None:
+    """Only rank 1 gets SIGUSR1: the ranks agree after each step (all_reduce MAX), both save
+    (rank 0 writes) and exit 75 at the same step; torchrun itself reports the failure (exit 1)."""
+    run_dir = reference["root"] / "torchrun-rank1"
+    launcher, args = torchrun_command(reference["train"], run_dir)
+    process = start(args, reference["root"] / "cache", launcher)
+    wait_until(lambda: bool(logged_steps(run_dir)) and 1 in workers_of(process.pid), process, "rank 1 trains")
+    os.kill(workers_of(process.pid)[1], signal.SIGUSR1)
+    code, out, err = finish(process)
+    assert code == 1, err[-3000:]  # torchrun: ChildFailedError, listing each worker's exit code
+    assert err.count("exitcode  : 75") == 2, err[-3000:]
+    stopped = stopped_step(err)
+    assert err.count("preempted at step") == 1, "rank 0 prints the line"
+    assert f"preempted at step {stopped} by SIGUSR1;" in err, "rank 0 names the signal rank 1 got"
+    assert_preempted_at(run_dir, stopped)
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_under_torchrun_sigterm_to_the_agent_stops_fsdp_ranks_and_the_same_command_resumes_exactly(reference) -> None:
+    """SIGTERM to torchrun (what a scheduler sends the job): the agent forwards it to each
+    worker's process group (DataLoader workers included) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT;
+    the FSDP ranks save one checkpoint together; the same torchrun command resumes it exactly."""
+    root, train = reference["root"], reference["train"]
+    extra = ("train.parallel=fsdp", "data.num_workers=1")
+
+    def torchrun(run_dir: Path) -> subprocess.Popen[str]:
+        launcher, args = torchrun_command(train, run_dir, *extra)
+        return start(args, root / "cache", launcher)
+
+    code, _, err = finish(torchrun(root / "torchrun-reference"))
+    assert code == 0, err[-3000:]
+    run_dir = root / "torchrun-sigterm"
+    process = torchrun(run_dir)
+    wait_until(lambda: bool(logged_steps(run_dir)), process, "the first metrics line")
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code == 1 and "SignalException" in err, err[-3000:]  # torchrun re-raises the signal it got
+    stopped = stopped_step(err)
+    assert "exited unexpectedly" not in err
+    assert_preempted_at(run_dir, stopped)
+    code, _, err = finish(torchrun(run_dir))
+    assert code == 0 and f"resumed at step {stopped}" in err, err[-3000:]
+    reference_summary = json.loads((root / "torchrun-reference" / "summary.json").read_text())
+    assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == reference_summary["final_loss"]
+    assert metrics(run_dir) == metrics(root / "torchrun-reference")
