@@ -34,7 +34,7 @@ from vlmask import parallel, rundir
 from vlmask.build import build_components
 from vlmask.caches import CaptionEmbeddingCache
 from vlmask.config import Recipe, RecipeError
-from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
+from vlmask.data_loading import EpochBatches, SeededItems, WorkerSignals, collate_of, infinite, worker_init
 from vlmask.data_requirements import fill_data
 from vlmask.hookspecs import RunInfo
 from vlmask.kinds import DecodingDataset
@@ -121,6 +121,8 @@ class TrainData:
         self.batches = (self.dataset.plan(train.batch_size, seed, rank, world_size) if streamed  # type: ignore[attr-defined]
                         else EpochBatches(len(self.dataset), train.batch_size, seed, rank, world_size))
         workers = data.num_workers
+        #: The preemption signals the loader's workers ignore until released (vlmask.data_loading).
+        self.worker_signals = WorkerSignals(signal_numbers(train.preempt_signals) if workers > 0 else ())
         self.loader = DataLoader(
             self.dataset if streamed else SeededItems(self.dataset),
             batch_sampler=None if streamed else self.batches,
@@ -130,7 +132,7 @@ class TrainData:
             collate_fn=collate_of(self.dataset),
             pin_memory=process.device.type == "cuda",
             persistent_workers=workers > 0 and not streamed,
-            worker_init_fn=functools.partial(worker_init, ignore=signal_numbers(train.preempt_signals)),
+            worker_init_fn=functools.partial(worker_init, signals=self.worker_signals),
             prefetch_factor=4 if workers > 0 else None,
         )
         self.accumulate = train.accumulate
@@ -357,6 +359,7 @@ class Trainer:
         """Unregister this run's components from the run's plugin manager, remove the feature
         hooks and unlock the run directory (what ``__exit__`` calls)."""
         self.train_step.close()
+        self.data.worker_signals.release()  # the loader's workers end on SIGTERM again
         self._release_run_dir()
 
     # ---------------------------------------------------------------- the loop

@@ -73,12 +73,6 @@ def signal_numbers(names: Sequence[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(signal.Signals[name]) for name in names))
 
 
-def ignore_signals(numbers: Sequence[int]) -> None:
-    """Ignore these signals in this process (a DataLoader worker: the main process decides)."""
-    for number in numbers:
-        signal.signal(number, signal.SIG_IGN)
-
-
 class Preempted(BaseException):
     """Raised by ``Trainer.train`` after every rank saved the step a preemption signal stopped.
 

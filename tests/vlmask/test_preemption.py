@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlmask.checkpoint import latest_checkpoint, load_state, load_tensors
-from vlmask.data_loading import worker_init
+from vlmask.data_loading import WorkerSignals, worker_init
 from vlmask.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, signal_numbers
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -161,9 +161,34 @@ class SignalsItself(Dataset):
 def test_dataloader_workers_ignore_the_preemption_signals() -> None:
     """Without it a worker dies of the SIGTERM and the main process fails with "DataLoader worker
     ... exited unexpectedly" instead of finishing its step and saving."""
+    signals = WorkerSignals(signal_numbers(["SIGTERM", "SIGUSR1"]))
     loader = DataLoader(SignalsItself(), num_workers=1, multiprocessing_context="fork",
-                        worker_init_fn=functools.partial(worker_init, ignore=signal_numbers(["SIGTERM", "SIGUSR1"])))
+                        worker_init_fn=functools.partial(worker_init, signals=signals))
     assert [int(b) for b in loader] == [0, 1, 2, 3]
+    signals.release()
+
+
+EXITS_WITH_LIVE_WORKERS = """
+import functools, sys
+from torch.utils.data import DataLoader
+from vlmask.data_loading import WorkerSignals, worker_init
+from vlmask.preemption import signal_numbers
+
+signals = WorkerSignals(signal_numbers(["SIGTERM", "SIGUSR1"]))
+loader = DataLoader(list(range(4)), num_workers=1, persistent_workers=True, multiprocessing_context=sys.argv[1],
+                    worker_init_fn=functools.partial(worker_init, signals=signals))
+assert [int(b) for b in loader] == [0, 1, 2, 3]
+print("trained")  # the loader and its worker live on: Python's exit ends the worker with SIGTERM
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_a_process_exits_while_its_dataloader_workers_live(context: str) -> None:
+    """multiprocessing's exit hook SIGTERMs, then joins, daemonic workers: a worker that ignored
+    SIGTERM for good would hang it (a library caller, an uncaught error keeping the loader)."""
+    result = subprocess.run([sys.executable, "-c", EXITS_WITH_LIVE_WORKERS, context], capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "trained" in result.stdout, result.stderr[-3000:]
 
 
 def test_an_unknown_signal_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
