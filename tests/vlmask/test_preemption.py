@@ -70,7 +70,16 @@ def wait_until(condition: Callable[[], bool], process: subprocess.Popen[str], wh
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=TIMEOUT_S)
+    """Wait for the process; past the timeout kill it, its session and torchrun's workers (they
+    have sessions of their own), and fail."""
+    try:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for pid in workers_of(process.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"still running after {TIMEOUT_S} s (ranks that disagree wait for each other):\n{err[-3000:]}")
     return process.returncode, out, err
 
 
