@@ -247,7 +247,7 @@ class Trainer:
     #: The log window the checkpoint a run resumed from kept (``LogWindow.state``; None: empty).
     resumed_window: dict[str, Any] | None = None
     #: The steps since the last metrics line (while training; saved with each checkpoint).
-    window: "LogWindow | None" = None
+    window: LogWindow | None = None
 
     def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None) -> None:
         self.recipe = recipe
