@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vlmask.config import RecipeError, load_recipe
 from vlmask.plugins import PluginError, Plugins, default_plugins
+from vlmask.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from vlmask.rundir import RunDirBusy, RunDirMismatch, RunDirNotShared
 
 console = Console(stderr=True, soft_wrap=True)
@@ -116,8 +117,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 fields = {"loss": f"{metrics['loss']:.4f}", "rate": f"{metrics['clips_per_s']:.1f}"}
             bar.update(task, completed=step, **fields)
 
+        # vlmask.preemption: a preemption signal stops every rank at a step, saved. The watch is
+        # installed here, not inside train(), so that no default handler comes back between the
+        # save and the exit: after a preemption its signals are ignored while the process exits
+        watch = PreemptionWatch(settings(recipe, "train").preempt_signals)
         with trainer:
-            summary = trainer.train(progress)
+            watch.install()
+            try:
+                summary = trainer.train(progress, preemption=watch)
+            except Preempted:
+                watch.hold()  # exiting for the preemption: later signals are ignored
+                from vlmask.step import leave_processes
+
+                leave_processes()
+                raise
+            finally:
+                watch.restore()  # the handlers of before the run again (nothing to restore after hold)
     if rank0:
         from vlmask.flops import record_train_flops
 
@@ -373,6 +388,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     except PluginError as exc:
         console.print(f"[red]plugin error:[/] {escape(str(exc))}", highlight=False)
         return 2
+    except Preempted as exc:  # every rank saved the step it stopped at; the scheduler requeues (README, "Preemption")
+        if exc.rank == 0:
+            console.print(exc.line(), markup=False, highlight=False, soft_wrap=True)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         console.print("interrupted; the last checkpoint is kept and `vlmask run` with the same run.dir resumes it")
         return 130

@@ -8,9 +8,13 @@ resumed: stopping and resuming a run replays exactly the same batches.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import random
+import signal
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,8 +80,45 @@ def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
     return dataset.collate if isinstance(dataset, CollatingDataset) else sys.modules[type(dataset).__module__].collate
 
 
-def worker_init(_: int) -> None:
+class WorkerSignals:
+    """The preemption signals (``vlmask.preemption``) a run's DataLoader workers ignore until
+    released, made in the main process before the workers start (:func:`worker_init`).
+
+    A scheduler may signal every process of a job (torchrun's agent ``killpg``s each worker's
+    process group; SLURM signals every process of a step): a worker that died of it would make
+    the main process fail with "DataLoader worker ... exited unexpectedly" instead of finishing
+    its step and saving. But the main process itself ends its workers with SIGTERM when it exits
+    (``multiprocessing``'s exit hook terminates, then joins, daemonic children), so a worker that
+    always ignored SIGTERM would hang it there. Hence the flag in shared memory: :meth:`release`
+    (at the main process's exit, before ``multiprocessing``'s hook, or when the run is closed)
+    turns the signals back into what they were, and one that arrives then ends the worker."""
+
+    def __init__(self, numbers: Sequence[int]) -> None:
+        self.numbers = tuple(numbers)
+        self.released = multiprocessing.RawValue("b", 0)  # shared with the workers (fork and spawn)
+        if self.numbers:
+            atexit.register(self.release)  # registered after multiprocessing's own hook, so it runs before it
+
+    def release(self) -> None:
+        self.released.value = 1
+
+    def install(self) -> None:
+        """In a worker: its signals ignored while :attr:`released` is not set."""
+        for number in self.numbers:
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.released.value:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def worker_init(_: int, signals: WorkerSignals | None = None) -> None:
+    """A DataLoader worker's set-up: one torch thread, and the run's preemption signals ignored
+    until the main process releases them (:class:`WorkerSignals`)."""
     torch.set_num_threads(1)
+    if signals is not None:
+        signals.install()
 
 
 def infinite(loader: Any, sampler: EpochBatches, epoch: int, start_batch: int) -> Iterator[Any]:

@@ -11,6 +11,7 @@ reopened with ``vlmask.runs.open_run``, not with a Trainer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -32,13 +33,14 @@ from vlmask import parallel, rundir, sharded
 from vlmask.build import build_components
 from vlmask.caches import CaptionEmbeddingCache
 from vlmask.config import Recipe, RecipeError
-from vlmask.data_loading import EpochBatches, SeededItems, collate_of, infinite, worker_init
+from vlmask.data_loading import EpochBatches, SeededItems, WorkerSignals, collate_of, infinite, worker_init
 from vlmask.data_requirements import fill_data
 from vlmask.hookspecs import RunInfo
 from vlmask.kinds import DecodingDataset
 from vlmask.launch import in_turn
 from vlmask.paths import cache_dir
 from vlmask.plugins import Plugins, default_plugins, run_manager
+from vlmask.preemption import Preempted, PreemptionWatch, signal_name, signal_numbers
 from vlmask.provenance import git_commit, versions
 from vlmask.schedules import lr_at  # noqa: F401  (a public name of this module before vlmask.step)
 from vlmask.schema import build, settings, top_settings, validate
@@ -116,6 +118,8 @@ class TrainData:
         self.batches = (self.dataset.plan(train.batch_size, seed, rank, world_size) if streamed  # type: ignore[attr-defined]
                         else EpochBatches(len(self.dataset), train.batch_size, seed, rank, world_size))
         workers = data.num_workers
+        #: The preemption signals the loader's workers ignore until released (vlmask.data_loading).
+        self.worker_signals = WorkerSignals(signal_numbers(train.preempt_signals) if workers > 0 else ())
         self.loader = DataLoader(
             self.dataset if streamed else SeededItems(self.dataset),
             batch_sampler=None if streamed else self.batches,
@@ -125,7 +129,7 @@ class TrainData:
             collate_fn=collate_of(self.dataset),
             pin_memory=process.device.type == "cuda",
             persistent_workers=workers > 0 and not streamed,
-            worker_init_fn=worker_init,
+            worker_init_fn=functools.partial(worker_init, signals=self.worker_signals),
             prefetch_factor=4 if workers > 0 else None,
         )
         self.accumulate = train.accumulate
@@ -188,6 +192,35 @@ class TrainData:
                 **({"read": str(self.read), "filled": self.filled} if self.filled else {})}
 
 
+@dataclasses.dataclass
+class LogWindow:
+    """The steps since the last ``metrics.jsonl`` line: the sum of each logged value (device
+    tensors, no sync per step) and how many steps. Checkpoints keep it (``state.pt``'s
+    ``log_window``), so a run resumed between two log steps (a preemption, ``ckpt_every`` not a
+    multiple of ``log_every``) writes the same next line as a run never stopped."""
+
+    sums: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    count: int = 0
+
+    def add(self, logged: dict[str, Tensor]) -> None:
+        for k, v in logged.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / self.count).item() for k, v in self.sums.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "sums": {k: v.detach().cpu() for k, v in self.sums.items()}}
+
+    @classmethod
+    def resumed(cls, state: Any, device: torch.device) -> "LogWindow":
+        """The window a checkpoint kept (none in checkpoints of older runs: an empty one)."""
+        if not isinstance(state, dict) or not state.get("count"):
+            return cls()
+        return cls({k: v.to(device) for k, v in state["sums"].items()}, int(state["count"]))
+
+
 class Trainer:
     """Trains a recipe: ``with Trainer(recipe) as trainer: trainer.train()``.
 
@@ -204,6 +237,10 @@ class Trainer:
     last_loss: Tensor | None = None
     #: The last step's loss as recorded in the checkpoint a run resumed from (None in older checkpoints).
     resumed_last_loss: float | None = None
+    #: The log window the checkpoint a run resumed from kept (``LogWindow.state``; None: empty).
+    resumed_window: dict[str, Any] | None = None
+    #: The steps since the last metrics line (while training; saved with each checkpoint).
+    window: LogWindow | None = None
 
     def __init__(self, recipe: Recipe, plugins: Plugins | None = None, console: Any = None) -> None:
         self.recipe = recipe
@@ -316,6 +353,7 @@ class Trainer:
         """Unregister this run's components from the run's plugin manager, remove the feature
         hooks and unlock the run directory (what ``__exit__`` calls)."""
         self.train_step.close()
+        self.data.worker_signals.release()  # the loader's workers end on SIGTERM again
         self._release_run_dir()
 
     # ---------------------------------------------------------------- the loop
@@ -323,8 +361,23 @@ class Trainer:
         """Move a loader batch to the device and attach its cached caption embeddings."""
         return self.data.prepare(batch)
 
-    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-        """Train to ``total_steps``; returns the summary (also written to ``summary.json``)."""
+    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None,
+              preemption: PreemptionWatch | None = None) -> dict[str, Any]:
+        """Train to ``total_steps``; returns the summary (also written to ``summary.json``).
+
+        A preemption signal (``train.preempt_signals``, ``vlmask.preemption``) stops every rank
+        after the step it is taking: they save that step (unless just saved) and this raises
+        :class:`vlmask.preemption.Preempted`; ``summary.json`` is not written (the run is not
+        finished), ``metrics.jsonl`` keeps its lines. The signals are watched by ``preemption``
+        when given (``vlmask run`` installs it and keeps it while the process exits), else by a
+        watch installed for this call only, whose previous handlers are restored when it returns
+        or raises."""
+        if preemption is not None:
+            return self._train(progress, preemption)
+        with PreemptionWatch(settings(self.recipe, "train").preempt_signals) as watch:
+            return self._train(progress, watch)
+
+    def _train(self, progress: Callable[[int, dict[str, float]], None] | None, watch: PreemptionWatch) -> dict[str, Any]:
         train_step = self.train_step
         main = train_step.rank == 0
         if main:
@@ -337,8 +390,8 @@ class Trainer:
         step = self.start_step
         epoch, start_batch = divmod(step * data.accumulate, data.batches.batches_per_epoch)
         batches: Iterator[Batch] = infinite(data.loader, data.batches, epoch, start_batch)
-        sums: dict[str, Tensor] = {}
-        count, t_log = 0, time.perf_counter()
+        window = self.window = LogWindow.resumed(self.resumed_window, train_step.device)
+        timed, t_log = 0, time.perf_counter()  # steps this process took in the log window, for clips/s
         train_cfg = train_step.train_cfg
         clips_per_step = train_cfg.batch_size * train_step.world_size * data.accumulate
         last: dict[str, float] = {}
@@ -347,8 +400,12 @@ class Trainer:
         load_failures: dict[int, tuple[int, str, str]] = {}  # clips that failed to decode while training
         guard = rundir.NonFiniteGuard(train_step.device, start_step=step)  # on the device: no sync per step
         features = train_step.features
+        saved = -1  # the step this process saved last
         try:
             while step < self.total_steps:
+                stop = watch.agreed(train_step.world_size)  # every rank, every step: after a signal all stop here
+                if stop:
+                    self._preempt(step, stop, saved, guard)
                 micro = [data.prepare(next(batches)) for _ in range(data.accumulate)]
                 for failure in (f for part in micro for f in part.extra.get("load_failures", ())):
                     load_failures[failure[0]] = tuple(failure)
@@ -358,15 +415,14 @@ class Trainer:
                 step += 1
                 guard.observe(logged["loss"], {k: logged[k] for k in train_step.loss_weights if k in logged})
                 self.last_loss = logged["loss"]
-                for k, v in logged.items():
-                    sums[k] = sums[k] + v.float() if k in sums else v.float()
-                count += 1
+                window.add(logged)
+                timed += 1
                 if log_step:
                     guard.check(noticed_at=step, kept=self._last_checkpoint())
                     now = time.perf_counter()
-                    rate = count * clips_per_step / (now - t_log)
+                    rate = timed * clips_per_step / (now - t_log)
                     rates.append(rate)
-                    last = {"step": step, **{k: (v / count).item() for k, v in sums.items()}}
+                    last = {"step": step, **window.means()}
                     last["lr"] = train_step.optimizer.param_groups[0]["lr"]
                     last["clips_per_s"] = rate
                     last.update(features.diagnostics())
@@ -376,10 +432,12 @@ class Trainer:
                         metrics_file.write(json.dumps(last) + "\n")
                         metrics_file.flush()
                         hooks.vlmask_step_end(step=step, metrics=last, run=train_step.run)
-                    sums, count, t_log = {}, 0, time.perf_counter()
+                    window = self.window = LogWindow()
+                    timed, t_log = 0, time.perf_counter()
                 if step % train_cfg.ckpt_every == 0 or step == self.total_steps:
                     guard.check(noticed_at=step, kept=self._last_checkpoint())  # never save after a bad step
                     self.save(step)
+                    saved = step
                 if progress is not None and main:
                     progress(step, last)
         finally:
@@ -414,6 +472,18 @@ class Trainer:
         if self.last_loss is not None:
             return float(self.last_loss)
         return self.resumed_last_loss
+
+    def _preempt(self, step: int, signum: int, saved: int, guard: rundir.NonFiniteGuard) -> None:
+        """Stop for a preemption signal the ranks agreed on at ``step``: save that step unless this
+        process saved it already or trained nothing, wait until every rank has (under FSDP saving
+        is a collective, and torchrun stops the other workers as soon as one exits), then raise
+        :class:`Preempted` naming the checkpoint a rerun resumes from."""
+        if step > self.start_step and saved != step:
+            guard.check(noticed_at=step, kept=self._last_checkpoint())  # never save after a bad step
+            self.save(step)
+        if self.train_step.world_size > 1:
+            dist.barrier()
+        raise Preempted(step, signal_name(signum), self._last_checkpoint(), self.rank)
 
     def _last_checkpoint(self) -> Path | None:
         return ckpt.latest_checkpoint(self.run_dir / "checkpoints", report=False)
@@ -506,6 +576,7 @@ class Trainer:
             **({"rng_by_rank": rngs} if len(rngs) > 1 else {}),
             "total_steps": self.total_steps,
             "last_loss": float(self.last_loss) if self.last_loss is not None else self.resumed_last_loss,
+            "log_window": (self.window or LogWindow()).state(),  # the steps since the last metrics line
             **self.clock.state(),  # wall_s, clips_per_s: summary.json's figures survive a resume at the end
         }
 
@@ -525,6 +596,7 @@ class Trainer:
         self.resumed_from = path
         last_loss = state.get("last_loss")  # absent in checkpoints of older runs
         self.resumed_last_loss = float(last_loss) if isinstance(last_loss, (int, float)) else None
+        self.resumed_window = state.get("log_window")  # absent in checkpoints of older runs
         self.clock = rundir.TrainingClock.resumed(state)
 
     def describe(self) -> str:

@@ -448,8 +448,9 @@ def truncate_metrics_after(path: str | Path, step: int, warn: Warn | None = None
 
 #: Keys that may differ between the run directory's ``config.yaml`` and a re-run: where the run is
 #: (it is the same directory), how data is loaded (not what), and what ``vlmask eval`` / ``finetune``
-#: read (they do not change training). ``record`` is vlmask's own record, not the recipe.
-MAY_DIFFER: tuple[str, ...] = ("record", "run", "data.num_workers", "evaluation", "finetune")
+#: read (they do not change training), and which signals stop a run for a requeue
+#: (``train.preempt_signals``). ``record`` is vlmask's own record, not the recipe.
+MAY_DIFFER: tuple[str, ...] = ("record", "run", "data.num_workers", "train.preempt_signals", "evaluation", "finetune")
 
 GROWABLE = "train.max_steps"
 

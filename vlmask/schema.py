@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from vlmask.config import Recipe, RecipeError
 from vlmask.kinds import (DATA_REQUIREMENTS, DATASET_VIEWS, REQUIREMENTS, RequirementError, missing_members, offers_context,
                           requirements_of)
+from vlmask.preemption import DEFAULT_SIGNALS, signal_problem
 from vlmask.registry import Registry, RegistryError, factory_defaults
 from vlmask.stages import stage_problems
 from vlmask.sections import (
@@ -64,6 +65,8 @@ class TrainSettings:
     # auto (sharded under fsdp with several processes, else full) | full (full tensors, gathered on rank 0)
     # | sharded (each rank writes its shards through torch.distributed.checkpoint; needs parallel fsdp)
     checkpoint_format: str = "auto"
+    # signals that stop the run at a step boundary with a checkpoint and exit code 75 (vlmask.preemption); [] disables
+    preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
 
 
 @dataclass
@@ -433,6 +436,9 @@ def check_rules(config: dict[str, Any], recipe: Recipe, registry: Registry) -> l
         problems.append(f"{where('train.checkpoint_format')}: key train.checkpoint_format: sharded checkpoints need "
                         f"train.parallel=fsdp (got {train.get('parallel', 'ddp')!r}, set by {where('train.parallel')}); "
                         "DDP writes full checkpoints (checkpoint_format auto or full)")
+    signals_problem = signal_problem(train.get("preempt_signals", list(DEFAULT_SIGNALS)))
+    if signals_problem:
+        problems.append(f"{where('train.preempt_signals')}: key train.preempt_signals: {signals_problem}")
     if isinstance(optim.get("min_lr"), (int, float)) and isinstance(optim.get("lr"), (int, float)) and optim["min_lr"] > optim["lr"]:
         problems.append(f"{where('optim.min_lr')}: key optim.min_lr: {optim['min_lr']} is above optim.lr={optim['lr']} "
                         f"({where('optim.lr')})")

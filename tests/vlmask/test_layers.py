@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).parents[2] / "vlmask"
 #: Bottom to top. A module may import modules of its own layer or of a layer below.
 LAYERS: list[tuple[str, set[str]]] = [
     ("types, provenance, schedules, small io", {"vlmask", "types", "provenance", "schedules", "paths", "metrics",
-                                                "diagnostics", "statistics", "pictures", "io", "launch"}),
+                                                "diagnostics", "statistics", "pictures", "io", "launch", "preemption"}),
     ("config, registry, hooks, plugins, schema, kinds", {"config", "registry", "hookspecs", "plugins", "schema", "sections", "kinds", "features", "stages",
                                                          "records"}),
     ("checkpoint, parallel, data loading, engine-owned caches, run directories",
