@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pluggy
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset

@@ -169,5 +169,6 @@ def test_the_sbatch_template_parses_and_runs_vlmask_under_srun():
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert "python -m vlmask run recipes/paper/fils.yaml" in srun and "--kill-on-bad-exit=1" in srun
     assert (root / "recipes" / "paper" / "fils.yaml").is_file()
-    assert "requeue when vlmask exits with the preemption code (README, Preemption)" in text
+    # preemption (README, "Preemption"): USR1 passed on to the tasks, requeue on vlmask's exit code 75
+    assert "trap 'requeue=1; kill -USR1" in text and '[ "$code" = 75 ]' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert "torchrun --nnodes" in text and "--rdzv-backend c10d" in text, "the torchrun-per-node variant"

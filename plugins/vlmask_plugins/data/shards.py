@@ -514,4 +514,4 @@ def _seed_everything(seed: int) -> None:
 
 
 __all__ = ["FORMAT", "INDEX", "ShardReport", "VideoShardsDataset", "rank_positions", "resolve_shards", "sample_seed",
-           "scan_shard", "write_shards", "io"]
+           "scan_shard", "write_shards"]
