@@ -216,6 +216,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow  # two torchrun FSDP runs, ~15 s alone, 40 s under load; test_sharded.py kills a sharded write in the default suite
 def test_a_sharded_run_killed_mid_checkpoint_resumes_and_a_truncated_shard_is_one_line(tmp_path, tiny_synth, tiny_scale,
                                                                                          isolated_cache):
     run_dir = tmp_path / "run"

@@ -212,6 +212,7 @@ def test_a_full_checkpoint_resumes_under_two_fsdp_processes_exactly_then_writes_
     assert sharded.is_sharded(resumed / "checkpoints" / "step_00000004")
 
 
+@pytest.mark.slow  # two more runs; 2->2 and 1->2 stay in the default suite
 def test_a_sharded_checkpoint_resumes_in_one_process_as_its_full_copy_does(runs):
     """2 -> 1: step 2 of the two FSDP processes resumed by one process reads the same state as
     the same checkpoint consolidated to the full format: steps 3 and 4 equal (a run of another
